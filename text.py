@@ -1,0 +1,159 @@
+"""Text in and out of the model: chat prompts, incremental detokenization, stop strings."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+REPLACEMENT = "\ufffd"
+# How many prompt tokens the detokenizer decodes along with the first new tokens, so that
+# tokenizers which drop a word's leading space at the start of a decode keep it.
+_CONTEXT_TOKENS = 4
+
+
+@dataclass(frozen=True)
+class Message:
+    """One chat message; role is system, user or assistant."""
+
+    role: str
+    content: str
+
+
+class PromptTooLong(Exception):
+    """The prompt alone does not fit the model's context."""
+
+    def __init__(self, prompt_tokens: int, context_length: int) -> None:
+        super().__init__(
+            f"This model's maximum context length is {context_length} tokens; the prompt has {prompt_tokens} tokens."
+        )
+        self.prompt_tokens = prompt_tokens
+        self.context_length = context_length
+
+
+def chatglm_messages(system: str | None, history: Sequence[tuple[str, str]], query: str) -> list[Message]:
+    """History rounds become user/assistant messages, then the new query."""
+    messages = [Message("system", system)] if system else []
+    for user, assistant in history:
+        messages += [Message("user", user), Message("assistant", assistant)]
+    messages.append(Message("user", query))
+    return messages
+
+
+def encode_chat(tokenizer: Any, messages: Sequence[Message]) -> list[int]:
+    """Token ids for a chat, ending where the assistant's answer starts.
+
+    Uses the tokenizer's chat template. Without one, the documented fallback is
+    `{system}\\n\\n` then `User: {text}\\nAssistant: {text}\\n\\n` per round, ending `Assistant:`.
+    """
+    if getattr(tokenizer, "chat_template", None):
+        rendered = tokenizer.apply_chat_template(
+            [{"role": m.role, "content": m.content} for m in messages], tokenize=False, add_generation_prompt=True
+        )
+        # the template already writes any BOS it wants
+        return list(tokenizer(rendered, add_special_tokens=False)["input_ids"])
+    return list(tokenizer(fallback_prompt(messages))["input_ids"])
+
+
+def fallback_prompt(messages: Sequence[Message]) -> str:
+    """The plain prompt format for models without a chat template."""
+    parts: list[str] = []
+    for m in messages:
+        if m.role == "system":
+            parts.append(f"{m.content}\n\n")
+        elif m.role == "user":
+            parts.append(f"User: {m.content}\n")
+        else:
+            parts.append(f"Assistant: {m.content}\n\n")
+    return "".join(parts) + "Assistant:"
+
+
+def fit_chat(tokenizer: Any, messages: Sequence[Message], context_length: int, reserve: int) -> tuple[list[int], int]:
+    """Encode the chat, dropping the oldest user/assistant rounds until prompt + reserve fits.
+
+    Returns the ids and how many leading non-system messages were dropped. The system message
+    and the last message are never dropped; if they alone exceed the context, PromptTooLong.
+    """
+    system = [m for m in messages[:1] if m.role == "system"]
+    rest = list(messages[len(system) :])
+    dropped = 0
+    while True:
+        ids = encode_chat(tokenizer, system + rest[dropped:])
+        if len(ids) + reserve <= context_length or len(rest) - dropped <= 1:
+            break
+        # drop a whole round (user + assistant) so the chat still alternates
+        dropped += 2 if len(rest) - dropped > 2 else 1
+    if len(ids) >= context_length:
+        raise PromptTooLong(len(ids), context_length)
+    return ids, dropped
+
+
+class IncrementalDecoder:
+    """Turns a growing list of token ids into text deltas that never split a character.
+
+    Decodes a small window of ids and emits only once the window's text grows and does not
+    end in U+FFFD, i.e. once the bytes of a multi-byte character have all arrived.
+    """
+
+    def __init__(self, tokenizer: Any, prompt_ids: Sequence[int]) -> None:
+        self._tokenizer = tokenizer
+        self._ids = list(prompt_ids[-_CONTEXT_TOKENS:])
+        self._prefix = 0  # start of the decode window
+        self._read = len(self._ids)  # end of the text already emitted
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        return str(self._tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False))
+
+    def push(self, token_id: int) -> str:
+        """Add one token; return the new complete text (possibly empty)."""
+        self._ids.append(token_id)
+        before = self._decode(self._ids[self._prefix : self._read])
+        after = self._decode(self._ids[self._prefix :])
+        if len(after) <= len(before) or after.endswith(REPLACEMENT):
+            return ""
+        self._prefix, self._read = self._read, len(self._ids)
+        return after[len(before) :]
+
+    def flush(self) -> str:
+        """Text still held at the end; an unfinished character at the very end is dropped."""
+        before = self._decode(self._ids[self._prefix : self._read])
+        after = self._decode(self._ids[self._prefix :])
+        self._prefix = self._read = len(self._ids)
+        return after[len(before) :].rstrip(REPLACEMENT)
+
+
+class StopMatcher:
+    """Holds back text that could still become a stop string, so none ever reaches a client."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self._stops = [s for s in stops if s]
+        self._pending = ""
+
+    def push(self, text: str) -> tuple[str, bool]:
+        """Add text; return (text safe to emit, whether a stop string was found)."""
+        if not self._stops:
+            return text, False
+        self._pending += text
+        hits = [i for i in (self._pending.find(s) for s in self._stops) if i >= 0]
+        if hits:
+            out, self._pending = self._pending[: min(hits)], ""
+            return out, True
+        hold = self._partial_suffix()
+        cut = len(self._pending) - hold
+        out, self._pending = self._pending[:cut], self._pending[cut:]
+        return out, False
+
+    def _partial_suffix(self) -> int:
+        """Length of the longest end of pending text that is a proper prefix of a stop string."""
+        best = 0
+        for stop in self._stops:
+            for n in range(min(len(stop) - 1, len(self._pending)), best, -1):
+                if self._pending.endswith(stop[:n]):
+                    best = n
+                    break
+        return best
+
+    def flush(self) -> str:
+        """The held text, once generation has ended without a stop string."""
+        out, self._pending = self._pending, ""
+        return out

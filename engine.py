@@ -157,14 +157,14 @@ def prefill(lm: LoadedModel, prompt: list[int]) -> tuple[torch.Tensor, Any]:
     ids = torch.tensor([prompt], device=lm.device)  # [1, S]
     extra = {"logits_to_keep": 1} if lm.accepts_logits_to_keep else {}
     out = lm.model(input_ids=ids, use_cache=True, **extra)
-    return out.logits[0, -1].float(), out.past_key_values  # [V]
+    return out.logits[0, -1].float(), out.cache  # [V]
 
 
 def decode_one(lm: LoadedModel, token: int, cache: Any) -> tuple[torch.Tensor, Any]:
     """Feed one token through the cache; return its next-token logits [V] and the cache."""
     ids = torch.tensor([[token]], device=lm.device)  # [1, 1]
-    out = lm.model(input_ids=ids, past_key_values=cache, use_cache=True)
-    return out.logits[0, -1].float(), out.past_key_values  # [V]
+    out = lm.model(input_ids=ids, cache=cache, use_cache=True)
+    return out.logits[0, -1].float(), out.cache  # [V]
 
 
 def sample(logits: torch.Tensor, seq: _Sequence, eos: frozenset[int]) -> int:

@@ -1,0 +1,191 @@
+"""Fixtures: tiny random models built on the fly, apps over them, and live servers started through the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from common import ServerConfig
+from engine import Engine, EngineConfig
+from loader import LoadedModel, ModelConfig, load_model
+from server import create_app
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Enough text for a byte-level BPE to learn some merges; Chinese and emoji mostly stay split
+# across byte tokens, which is what the streaming tests need.
+CORPUS = [
+    "Hello world, this is a tiny test model for the streaming chat server.",
+    "The quick brown fox jumps over the lazy dog. Paris is the capital of France.",
+    "你好，世界！今天天气很好。我们一起去公园散步吧。",
+    "流式输出必须正确处理中文字符和表情符号 😀🚀🌍🎉",
+    "def hello():\n    return 'world'\n",
+    "Numbers: 1 2 3 4 5 6 7 8 9 10. Emoji: 👍👌🔥✨",
+]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+TINY_CONTEXT = 256
+
+
+def build_tiny_model(folder: Path, *, chat_template: bool = True, seed: int = 0) -> Path:
+    """A random 2-layer Llama and a trained byte-level BPE tokenizer, saved like any HF model."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=384,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    bpe.train_from_iterator(CORPUS * 4, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    if chat_template:
+        tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(folder)
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=TINY_CONTEXT,
+        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tiny_dir: Path) -> LoadedModel:
+    return load_model(ModelConfig(path=tiny_dir, device="cpu"))
+
+
+@pytest.fixture(scope="session")
+def plain_lm(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
+    """A tiny model whose tokenizer has no chat template (the fallback prompt format)."""
+    folder = build_tiny_model(tmp_path_factory.mktemp("plain"), chat_template=False)
+    return load_model(ModelConfig(path=folder, device="cpu"))
+
+
+MakeClient = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]
+
+
+@pytest.fixture
+def make_client(aiohttp_client: Any, tiny_lm: LoadedModel) -> MakeClient:
+    """An aiohttp test client over a fresh engine; keyword args go to ServerConfig/EngineConfig."""
+
+    async def make(lm: LoadedModel | None = None, **kwargs: Any) -> TestClient[web.Request, web.Application]:
+        engine_keys = set(EngineConfig.__dataclass_fields__)
+        engine_config = EngineConfig(**{k: v for k, v in kwargs.items() if k in engine_keys})
+        server_config = ServerConfig(**{k: v for k, v in kwargs.items() if k not in engine_keys})
+        app = create_app(server_config, Engine(lm or tiny_lm, engine_config))
+        client: TestClient[web.Request, web.Application] = await aiohttp_client(app)
+        return client
+
+    return make
+
+
+# ---- live servers through the real CLI -----------------------------------------------------------
+
+
+@dataclass
+class LiveServer:
+    url: str
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    def get(self, path: str) -> Any:
+        with urllib.request.urlopen(self.url + path, timeout=10) as r:
+            return json.load(r)
+
+    def post(self, path: str, body: dict[str, Any]) -> Any:
+        req = urllib.request.Request(self.url + path, data=json.dumps(body).encode(), method="POST")
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return json.load(r)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_server(args: list[str], log: Path, timeout: float = 240.0) -> LiveServer:
+    """`python server.py ARGS` on a free port; returns once /health answers 200."""
+    port = free_port()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, str(ROOT / "server.py"), "--port", str(port), *args],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    server = LiveServer(f"http://127.0.0.1:{port}", process, log)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited {process.returncode}: {log.read_text()[-3000:]}")
+        try:
+            if server.get("/health")["status"] == "ok":
+                return server
+        except OSError:
+            time.sleep(0.2)
+    process.kill()
+    raise TimeoutError("server did not become healthy")
+
+
+def stop_server(server: LiveServer) -> None:
+    server.process.terminate()
+    try:
+        server.process.wait(20)
+    except subprocess.TimeoutExpired:
+        server.process.kill()
+        server.process.wait()
+
+
+@pytest.fixture(scope="session")
+def tiny_server(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    log = tmp_path_factory.mktemp("logs") / "tiny_server.log"
+    server = start_server(["--model", str(tiny_dir), "--served-model-name", "tiny", "--device", "cpu"], log)
+    yield server
+    stop_server(server)
+
+
+@pytest.fixture(scope="session")
+def bundled_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    """The bundled SmolLM2-135M, served exactly as `python server.py` serves it."""
+    server = start_server(["--device", "cpu"], tmp_path_factory.mktemp("logs") / "bundled_server.log")
+    yield server
+    stop_server(server)

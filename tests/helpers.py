@@ -1,0 +1,42 @@
+"""Parsing what the server sends, strictly: a malformed frame fails the test."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+
+def parse_frames(body: bytes) -> list[tuple[str | None, str]]:
+    """Split an event stream into (event, data) frames; comments are dropped, anything else is an error."""
+    text = body.decode("utf-8")
+    assert text.endswith("\n\n"), "stream must end with a complete frame"
+    frames = []
+    for block in text[:-2].split("\n\n"):
+        lines = block.split("\n")
+        if all(line.startswith(":") for line in lines):
+            continue
+        event = None
+        if lines[0].startswith("event: "):
+            event = lines.pop(0)[len("event: ") :]
+        assert len(lines) == 1 and lines[0].startswith("data: "), f"bad frame {block!r}"
+        frames.append((event, lines[0][len("data: ") :]))
+    return frames
+
+
+def delta_frames(body: bytes) -> list[dict[str, Any]]:
+    """The JSON of every `event: delta` frame of a ChatGLM stream."""
+    frames = parse_frames(body)
+    assert all(event == "delta" for event, _ in frames)
+    return [json.loads(data) for _, data in frames]
+
+
+async def wait_until(condition: Callable[[], bool], within: float = 5.0) -> float:
+    """Poll a cheap condition; return the seconds it took, fail after `within` seconds."""
+    start = time.monotonic()
+    while not condition():
+        assert time.monotonic() - start < within, "condition not reached in time"
+        await asyncio.sleep(0.01)
+    return time.monotonic() - start

@@ -1,0 +1,202 @@
+"""The ChatGLM web-stream API (`/chat`, `/stream`, `/clear`, `/health`) end to end on the tiny model."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from common import ENGINE
+from tests.conftest import TINY_CONTEXT, MakeClient
+from tests.helpers import delta_frames, wait_until
+
+
+async def test_chat_answers_and_extends_history(make_client: MakeClient) -> None:
+    client = await make_client()
+    resp = await client.post("/chat", json={"query": "你好", "history": [["hi", "hello"]], "max_tokens": 8})
+    assert resp.status == 200
+    body = await resp.json()
+    assert body["success"] is True
+    assert body["query"] == "你好"
+    assert isinstance(body["response"], str)
+    assert body["history"] == [["hi", "hello"], ["你好", body["response"]]]
+    assert body["finish_reason"] in ("stop", "length")
+    u = body["usage"]
+    assert 0 < u["completion_tokens"] <= 8 and u["total_tokens"] == u["prompt_tokens"] + u["completion_tokens"]
+
+
+async def test_stream_frames_concatenate_to_the_final_response(make_client: MakeClient) -> None:
+    client = await make_client()
+    resp = await client.post("/stream", json={"query": "讲个故事 😀", "max_tokens": 40, "temperature": 0.9, "seed": 7})
+    assert resp.status == 200
+    assert resp.headers["Content-Type"].startswith("text/event-stream")
+    assert resp.headers["X-Accel-Buffering"] == "no"
+    frames = delta_frames(await resp.read())
+    *partial, last = frames
+    assert partial and all(f["finished"] is False for f in partial)
+    assert last["finished"] is True and last["delta"] == ""
+    assert "".join(f["delta"] for f in frames) == last["response"]
+    running = ""
+    for f in partial:
+        running += f["delta"]
+        assert f["response"] == running
+    assert last["query"] == "讲个故事 😀"
+    assert last["history"] == [["讲个故事 😀", last["response"]]]
+    assert last["usage"]["completion_tokens"] <= 40
+
+
+async def test_stream_and_chat_agree_under_greedy(make_client: MakeClient) -> None:
+    client = await make_client()
+    body = {"query": "What is the capital of France?", "temperature": 0, "max_tokens": 20}
+    first = await (await client.post("/chat", json=body)).json()
+    second = await (await client.post("/chat", json=body)).json()
+    streamed = delta_frames(await (await client.post("/stream", json=body)).read())[-1]
+    assert first["response"] == second["response"] == streamed["response"]
+    assert first["usage"] == streamed["usage"]
+
+
+async def test_seed_makes_sampling_reproducible(make_client: MakeClient) -> None:
+    client = await make_client()
+
+    async def answer(seed: int) -> str:
+        body = {"query": "hello", "temperature": 1.0, "top_p": 1.0, "max_tokens": 24, "seed": seed}
+        return (await (await client.post("/chat", json=body)).json())["response"]
+
+    a, b, c = await answer(1), await answer(1), await answer(2)
+    assert a == b
+    assert a != c
+
+
+async def test_max_tokens_caps_the_answer(make_client: MakeClient) -> None:
+    client = await make_client()
+    body = await (await client.post("/chat", json={"query": "hi", "max_tokens": 5, "ignore_eos": True})).json()
+    assert body["finish_reason"] == "length"
+    assert body["usage"]["completion_tokens"] == 5
+
+
+async def test_max_length_counts_prompt_and_answer(make_client: MakeClient) -> None:
+    client = await make_client()
+    body = await (await client.post("/chat", json={"query": "hi", "max_length": 40, "ignore_eos": True})).json()
+    assert body["finish_reason"] == "length"
+    assert body["usage"]["total_tokens"] == 40
+
+
+async def test_long_history_is_trimmed_oldest_first(make_client: MakeClient) -> None:
+    client = await make_client()
+    history = [[f"old question {i} " * 5, f"old answer {i} " * 5] for i in range(30)]
+    resp = await client.post("/chat", json={"query": "new", "history": history, "max_tokens": 16})
+    assert resp.status == 200
+    body = await resp.json()
+    assert body["usage"]["prompt_tokens"] + 16 <= TINY_CONTEXT
+    assert body["history"][:-1] == history  # the client's history comes back whole
+
+
+async def test_query_too_long_for_the_context_is_400(make_client: MakeClient) -> None:
+    client = await make_client()
+    resp = await client.post("/stream", json={"query": "word " * 400})
+    assert resp.status == 400
+    error = (await resp.json())["error"]
+    assert error["param"] == "query" and "maximum context length" in error["message"]
+
+
+async def test_system_prompt_reaches_the_model(make_client: MakeClient) -> None:
+    client = await make_client()
+    plain = await (await client.post("/chat", json={"query": "hi", "max_tokens": 1})).json()
+    system = await (
+        await client.post("/chat", json={"query": "hi", "system": "You are terse.", "max_tokens": 1})
+    ).json()
+    assert system["usage"]["prompt_tokens"] > plain["usage"]["prompt_tokens"]
+
+
+BAD_BODIES = [
+    (b"{not json", None),
+    (b"[1, 2]", None),
+    (json.dumps({}).encode(), "query"),
+    (json.dumps({"query": ""}).encode(), "query"),
+    (json.dumps({"query": 3}).encode(), "query"),
+    (json.dumps({"query": "q", "history": "x"}).encode(), "history"),
+    (json.dumps({"query": "q", "history": [["only one"]]}).encode(), "history"),
+    (json.dumps({"query": "q", "history": [[1, 2]]}).encode(), "history"),
+    (json.dumps({"query": "q", "temperature": "hot"}).encode(), "temperature"),
+    (json.dumps({"query": "q", "temperature": -1}).encode(), "temperature"),
+    (json.dumps({"query": "q", "top_p": 0}).encode(), "top_p"),
+    (json.dumps({"query": "q", "top_p": 1.5}).encode(), "top_p"),
+    (json.dumps({"query": "q", "top_k": 1.5}).encode(), "top_k"),
+    (json.dumps({"query": "q", "max_tokens": 0}).encode(), "max_tokens"),
+    (json.dumps({"query": "q", "max_tokens": True}).encode(), "max_tokens"),
+    (json.dumps({"query": "q", "max_length": -5}).encode(), "max_length"),
+    (json.dumps({"query": "q", "repetition_penalty": 0}).encode(), "repetition_penalty"),
+    (json.dumps({"query": "q", "system": ["x"]}).encode(), "system"),
+]
+
+
+@pytest.mark.parametrize("route", ["/chat", "/stream"])
+@pytest.mark.parametrize(("raw", "field"), BAD_BODIES, ids=[f"{f}-{i}" for i, (_, f) in enumerate(BAD_BODIES)])
+async def test_bad_input_is_a_400_naming_the_field(
+    make_client: MakeClient, route: str, raw: bytes, field: str | None
+) -> None:
+    client = await make_client()
+    resp = await client.post(route, data=raw, headers={"Content-Type": "application/json"})
+    assert resp.status == 400
+    assert resp.headers["Content-Type"].startswith("application/json")
+    error = (await resp.json())["error"]
+    assert error["param"] == field
+    if field:
+        assert field in error["message"]
+    ok = await client.post("/chat", json={"query": "still there?", "max_tokens": 2})
+    assert ok.status == 200
+
+
+@pytest.mark.parametrize(("method", "path", "status"), [("GET", "/nowhere", 404), ("PUT", "/chat", 405)])
+async def test_unknown_routes_get_json_errors(make_client: MakeClient, method: str, path: str, status: int) -> None:
+    client = await make_client()
+    resp = await client.request(method, path)
+    assert resp.status == status
+    assert (await resp.json())["error"]["message"]
+
+
+async def test_disconnect_stops_generation_and_frees_the_engine(make_client: MakeClient) -> None:
+    client = await make_client()
+    engine = client.app[ENGINE]
+    resp = await client.post("/stream", json={"query": "go on", "max_tokens": 200, "ignore_eos": True})
+    assert (await resp.content.readuntil(b"\n\n")).startswith(b"event: delta")
+    assert engine.counts[0] == 1
+    resp.close()  # the client goes away mid-stream
+    await wait_until(lambda: engine.counts == (0, 0), within=2.0)
+    after = await client.post("/chat", json={"query": "next", "max_tokens": 3, "ignore_eos": True})
+    assert (await after.json())["usage"]["completion_tokens"] == 3
+
+
+async def test_clear_is_harmless_and_leaves_streams_alone(make_client: MakeClient) -> None:
+    client = await make_client()
+    resp = await client.post("/stream", json={"query": "go", "max_tokens": 30, "ignore_eos": True})
+    await resp.content.readuntil(b"\n\n")
+    for method in ("GET", "POST"):
+        cleared = await client.request(method, "/clear")
+        assert cleared.status == 200 and await cleared.json() == {"success": True}
+    rest = delta_frames(await resp.read())
+    assert rest[-1]["finished"] is True and rest[-1]["usage"]["completion_tokens"] == 30
+
+
+async def test_health_reports_model_and_load(make_client: MakeClient) -> None:
+    client = await make_client()
+    body: dict[str, Any] = await (await client.get("/health")).json()
+    assert body["status"] == "ok"
+    assert body["device"] == "cpu" and body["dtype"] == "float32"
+    assert (body["running"], body["waiting"]) == (0, 0)
+
+
+async def test_full_queue_is_a_429_with_retry_after(make_client: MakeClient) -> None:
+    client = await make_client(max_batch_size=1, max_queue=1)
+    body = {"query": "long", "max_tokens": 200, "ignore_eos": True}
+    first = await client.post("/stream", json=body)
+    await first.content.readuntil(b"\n\n")  # running now
+    second = await client.post("/stream", json=body)  # waits in the queue
+    await wait_until(lambda: client.app[ENGINE].counts == (1, 1))
+    third = await client.post("/chat", json=body)
+    assert third.status == 429
+    assert third.headers["Retry-After"]
+    assert (await third.json())["error"]["type"] == "rate_limit_error"
+    first.close()
+    second.close()

@@ -1,0 +1,44 @@
+"""The command line: clear start-up errors, and a real server answering over HTTP."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, LiveServer
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "server.py"), *args], capture_output=True, text=True, timeout=120, cwd=ROOT
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--model", "/no/such/model"], "no such file or directory"),
+        (["--model", str(ROOT / "server.py")], "must be a .gguf"),
+        (["--model", str(ROOT)], "no config.json"),
+        (["--quantize", "4"], "--quantize 4 is not supported yet"),
+        (["--device", "tpu"], "expected cpu"),
+    ],
+    ids=["missing", "not-gguf", "not-hf-dir", "quantize", "device"],
+)
+def test_start_up_errors_are_clear(args: list[str], message: str, tiny_dir: Path) -> None:
+    if args[0] in ("--quantize", "--device"):
+        args = ["--model", str(tiny_dir), *args]
+    result = run_cli(*args)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_live_server_serves_both_apis(tiny_server: LiveServer) -> None:
+    assert tiny_server.get("/health")["model"] == "tiny"
+    body = tiny_server.post("/chat", {"query": "hello", "max_tokens": 4, "ignore_eos": True})
+    assert body["usage"]["completion_tokens"] == 4
+    assert tiny_server.get("/v1/models")["data"][0]["id"] == "tiny"

@@ -1,0 +1,177 @@
+"""OpenAI Chat Completions, driven by the official `openai` SDK against live servers."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import openai
+import pytest
+
+from common import ENGINE
+from tests.conftest import LiveServer, MakeClient
+from tests.helpers import parse_frames, wait_until
+
+MESSAGES: list[Any] = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Tell me a story."}]
+
+
+@pytest.fixture(scope="module")
+def client(tiny_server: LiveServer) -> openai.OpenAI:
+    return openai.OpenAI(base_url=tiny_server.url + "/v1", api_key="unused", max_retries=0)
+
+
+def greedy(client: openai.OpenAI, **kwargs: Any) -> Any:
+    args: dict[str, Any] = {"model": "tiny", "messages": MESSAGES, "temperature": 0, "max_tokens": 24}
+    return client.chat.completions.create(**{**args, **kwargs})
+
+
+def test_models_list(client: openai.OpenAI) -> None:
+    assert [m.id for m in client.models.list()] == ["tiny"]
+
+
+def test_non_streaming_answer_and_usage(client: openai.OpenAI) -> None:
+    done = greedy(client)
+    assert done.id.startswith("chatcmpl-") and done.object == "chat.completion" and done.model == "tiny"
+    (choice,) = done.choices
+    assert choice.index == 0 and choice.message.role == "assistant"
+    assert isinstance(choice.message.content, str)
+    assert choice.finish_reason in ("stop", "length")
+    assert done.usage is not None
+    assert 0 < done.usage.completion_tokens <= 24
+    assert done.usage.total_tokens == done.usage.prompt_tokens + done.usage.completion_tokens
+
+
+def test_streaming_equals_non_streaming_and_reports_usage(client: openai.OpenAI) -> None:
+    done = greedy(client)
+    chunks = list(greedy(client, stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == done.choices[0].message.content
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finish == [done.choices[0].finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage == done.usage
+
+
+def test_max_tokens_gives_length(client: openai.OpenAI) -> None:
+    done = greedy(client, max_tokens=7, extra_body={"ignore_eos": True})
+    assert done.choices[0].finish_reason == "length"
+    assert done.usage is not None and done.usage.completion_tokens == 7
+    newer = greedy(client, max_tokens=None, max_completion_tokens=5, extra_body={"ignore_eos": True})
+    assert newer.usage is not None and newer.usage.completion_tokens == 5
+
+
+def test_min_tokens_gives_the_exact_length(client: openai.OpenAI) -> None:
+    done = greedy(client, max_tokens=12, extra_body={"min_tokens": 12})
+    assert done.usage is not None and done.usage.completion_tokens == 12
+
+
+def test_stop_removes_the_stop_string_and_the_rest(client: openai.OpenAI) -> None:
+    full = greedy(client, max_tokens=40, extra_body={"ignore_eos": True}).choices[0].message.content
+    # a stop string taken from the middle of the greedy answer: the answer must end right before it
+    stop = next(full[i : i + 2] for i in range(6, len(full) - 2) if full[i : i + 2].strip())
+    cut = full.index(stop)
+    done = greedy(client, max_tokens=40, stop=[stop, "never-appears"], extra_body={"ignore_eos": True})
+    assert done.choices[0].message.content == full[:cut]
+    assert done.choices[0].finish_reason == "stop"
+    streamed = greedy(client, max_tokens=40, stop=stop, stream=True, extra_body={"ignore_eos": True})
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == full[:cut]
+
+
+def test_n_choices(client: openai.OpenAI) -> None:
+    done = greedy(client, n=3, temperature=1.0, seed=3, max_tokens=8)
+    assert [c.index for c in done.choices] == [0, 1, 2]
+    assert done.usage is not None and done.usage.completion_tokens <= 24
+    chunks = list(greedy(client, n=2, stream=True, max_tokens=4))
+    assert {c.choices[0].index for c in chunks if c.choices} == {0, 1}
+
+
+def test_seed_reproduces_sampling(client: openai.OpenAI) -> None:
+    def sample(seed: int) -> str | None:
+        return greedy(client, temperature=1.0, seed=seed, max_tokens=24).choices[0].message.content
+
+    assert sample(11) == sample(11)
+    assert sample(11) != sample(12)
+
+
+def test_text_parts_are_accepted(client: openai.OpenAI) -> None:
+    parts = [{"role": "user", "content": [{"type": "text", "text": "Tell me "}, {"type": "text", "text": "a story."}]}]
+    plain = [{"role": "user", "content": "Tell me a story."}]
+    answer = greedy(client, messages=parts).choices[0].message.content
+    assert answer == greedy(client, messages=plain).choices[0].message.content
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "param"),
+    [
+        ({"temperature": 5}, "temperature"),
+        ({"messages": []}, "messages"),
+        ({"messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role"),
+        ({"n": 9}, "n"),
+        ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"max_tokens": 0}, "max_tokens"),
+    ],
+    ids=["temperature", "no-messages", "role", "n", "stop", "max_tokens"],
+)
+def test_bad_requests_raise_bad_request_error(client: openai.OpenAI, kwargs: dict[str, Any], param: str) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        greedy(client, **kwargs)
+    assert info.value.status_code == 400
+    assert info.value.param == param
+
+
+def test_prompt_over_the_context_is_400(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError, match="maximum context length"):
+        greedy(client, messages=[{"role": "user", "content": "word " * 400}])
+
+
+def test_unknown_model_is_404(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.NotFoundError) as info:
+        greedy(client, model="gpt-4")
+    assert info.value.code == "model_not_found"
+
+
+async def test_async_client_streams(tiny_server: LiveServer) -> None:
+    client = openai.AsyncOpenAI(base_url=tiny_server.url + "/v1", api_key="unused", max_retries=0)
+    args: dict[str, Any] = {"model": "tiny", "messages": MESSAGES, "temperature": 0, "max_tokens": 16}
+    done = await client.chat.completions.create(**args)
+    text = ""
+    async for chunk in await client.chat.completions.create(**args, stream=True):
+        text += chunk.choices[0].delta.content or "" if chunk.choices else ""
+    assert text == done.choices[0].message.content
+    await client.close()
+
+
+async def test_raw_sse_framing(make_client: MakeClient) -> None:
+    client = await make_client()
+    body = {"messages": MESSAGES, "max_tokens": 5, "stream": True, "stream_options": {"include_usage": True}}
+    resp = await client.post("/v1/chat/completions", json=body)
+    assert resp.headers["Content-Type"] == "text/event-stream; charset=utf-8"
+    raw = await resp.read()
+    assert b"event:" not in raw
+    frames = parse_frames(raw)
+    assert all(event is None for event, _ in frames)
+    assert raw.endswith(b"data: [DONE]\n\n")
+    chunks = [json.loads(data) for _, data in frames[:-1]]
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert len({c["id"] for c in chunks}) == 1
+    assert chunks[-1]["usage"]["completion_tokens"] <= 5
+
+
+async def test_stream_disconnect_stops_generation(make_client: MakeClient) -> None:
+    client = await make_client()
+    engine = client.app[ENGINE]
+    body = {"messages": MESSAGES, "max_tokens": 200, "stream": True, "ignore_eos": True}
+    resp = await client.post("/v1/chat/completions", json=body)
+    await resp.content.readuntil(b"\n\n")
+    await resp.content.readuntil(b"\n\n")
+    resp.close()
+    await wait_until(lambda: engine.counts == (0, 0), within=2.0)
+
+
+def test_bundled_model_through_the_sdk(bundled_server: LiveServer) -> None:
+    client = openai.OpenAI(base_url=bundled_server.url + "/v1", api_key="unused", max_retries=0)
+    model = client.models.list().data[0].id
+    done = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "What is the capital of France?"}], temperature=0
+    )
+    assert "Paris" in (done.choices[0].message.content or "")

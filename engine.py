@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from batch import KVBatch, batchable
 from loader import LoadedModel
 from text import IncrementalDecoder, StopMatcher
 
@@ -43,7 +44,7 @@ class SamplingParams:
 class EngineConfig:
     """Scheduling limits of the worker."""
 
-    max_batch_size: int = 8  # requests decoded in turn; the rest wait
+    max_batch_size: int = 8  # requests decoded together in one forward pass; the rest wait
     max_queue: int = 64  # waiting requests before 429
 
 
@@ -144,7 +145,6 @@ class _Sequence:
     decoder: IncrementalDecoder
     stops: StopMatcher
     tokens: list[int] = field(default_factory=list)
-    cache: Any = None
     seen: torch.Tensor | None = None  # [V] bool: tokens of prompt + output, for repetition_penalty
     counts: torch.Tensor | None = None  # [V] float: output token counts, for presence/frequency
 
@@ -160,11 +160,12 @@ def prefill(lm: LoadedModel, prompt: list[int]) -> tuple[torch.Tensor, Any]:
     return out.logits[0, -1].float(), out.cache  # [V]
 
 
-def decode_one(lm: LoadedModel, token: int, cache: Any) -> tuple[torch.Tensor, Any]:
-    """Feed one token through the cache; return its next-token logits [V] and the cache."""
-    ids = torch.tensor([[token]], device=lm.device)  # [1, 1]
-    out = lm.model(input_ids=ids, cache=cache, use_cache=True)
-    return out.logits[0, -1].float(), out.cache  # [V]
+def decode_step(lm: LoadedModel, batch: KVBatch, tokens: list[int]) -> torch.Tensor:
+    """Feed each row of the batch its last token; return next-token logits [B, V]."""
+    out = lm.model(**batch.step_inputs(tokens))
+    batch.cache = out.cache
+    logits: torch.Tensor = out.logits[:, -1].float()  # [B, V]
+    return logits
 
 
 def sample(logits: torch.Tensor, seq: _Sequence, eos: frozenset[int]) -> int:
@@ -205,7 +206,9 @@ class Engine:
         self.config = config or EngineConfig()
         self._inbox: queue.Queue[_Sequence | None] = queue.Queue()
         self._waiting: deque[_Sequence] = deque()
-        self._running: list[_Sequence] = []
+        self._running: list[_Sequence] = []  # row i of self._batch is self._running[i]
+        self._batch = KVBatch()
+        self._batchable = True  # until a prefill shows a cache that cannot be batched
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self._ids = count(1)
@@ -266,10 +269,10 @@ class Engine:
             with torch.inference_mode():
                 while not self._stopping.is_set():
                     self._take_new(block=not self._running and not self._waiting)
+                    self._drop_cancelled()
                     self._admit()
-                    # one step for each running sequence, in turn, so all of them progress
-                    for seq in list(self._running):
-                        self._step(seq)
+                    if self._running:
+                        self._decode()
         except Exception:
             log.exception("engine worker crashed")
         finally:
@@ -289,42 +292,74 @@ class Engine:
         except queue.Empty:
             pass
 
+    def _drop_cancelled(self) -> None:
+        keep = [i for i, seq in enumerate(self._running) if not seq.handle.cancelled]
+        for seq in self._running:
+            if seq.handle.cancelled:
+                self._retire(seq, Failed("cancelled", "cancelled"))
+        self._keep(keep)
+
+    def _keep(self, rows: list[int]) -> None:
+        self._batch.keep(rows)  # frees the KV cache of the rows that left
+        self._running = [self._running[i] for i in rows]
+
     def _admit(self) -> None:
+        """Prefill waiting requests into free slots; each gets its first token right away."""
         while self._waiting and len(self._running) < self.config.max_batch_size:
+            if self._running and not self._batchable:
+                return  # this model's cache cannot be batched: one request at a time
             seq = self._waiting.popleft()
             with self._lock:
                 self._pending -= 1
-                if not seq.handle.cancelled:
-                    self._active += 1
-            if not seq.handle.cancelled:
-                self._running.append(seq)
-
-    def _retire(self, seq: _Sequence, event: Finished | Failed) -> None:
-        self._running.remove(seq)
-        seq.cache = None  # free the KV cache now, not when the handle is collected
-        with self._lock:
-            self._active -= 1
-        seq.handle.put(event)
-
-    def _step(self, seq: _Sequence) -> None:
-        if seq.handle.cancelled:
-            self._retire(seq, Failed("cancelled", "cancelled"))
-            return
-        lm = self.model
-        try:
-            if seq.cache is None:
-                logits, seq.cache = prefill(lm, seq.prompt)
+                if seq.handle.cancelled:
+                    continue
+                self._active += 1
+            try:
+                logits, cache = prefill(self.model, seq.prompt)
+                self._batchable = batchable(cache)
                 vocab = logits.shape[-1]
                 seq.counts = torch.zeros(vocab, device=logits.device)
                 seq.seen = torch.zeros(vocab, dtype=torch.bool, device=logits.device)
                 seq.seen[[t for t in seq.prompt if t < vocab]] = True
-            else:
-                logits, seq.cache = decode_one(lm, seq.tokens[-1], seq.cache)
-            token = sample(logits, seq, lm.eos_token_ids)
-        except Exception as exc:  # a broken request must not take the others down
-            log.exception("generation failed for request %s", seq.handle.id)
-            self._retire(seq, Failed(f"generation failed: {exc}"))
+                token = sample(logits, seq, self.model.eos_token_ids)
+            except Exception as exc:  # a broken request must not take the others down
+                log.exception("prefill failed for request %s", seq.handle.id)
+                self._retire(seq, Failed(f"generation failed: {exc}"))
+                continue
+            if self._advance(seq, token):
+                self._batch.add(cache, len(seq.prompt))
+                self._running.append(seq)
+
+    def _decode(self) -> None:
+        """One forward pass over every running request, then each samples its own token."""
+        try:
+            logits = decode_step(self.model, self._batch, [seq.tokens[-1] for seq in self._running])
+        except Exception as exc:
+            log.exception("decode step failed")
+            for seq in self._running:
+                self._retire(seq, Failed(f"generation failed: {exc}"))
+            self._keep([])
             return
+        keep = []
+        for i, seq in enumerate(self._running):
+            try:
+                token = sample(logits[i], seq, self.model.eos_token_ids)
+            except Exception as exc:
+                log.exception("sampling failed for request %s", seq.handle.id)
+                self._retire(seq, Failed(f"generation failed: {exc}"))
+                continue
+            if self._advance(seq, token):
+                keep.append(i)
+        self._keep(keep)
+
+    def _retire(self, seq: _Sequence, event: Finished | Failed) -> None:
+        with self._lock:
+            self._active -= 1
+        seq.handle.put(event)
+
+    def _advance(self, seq: _Sequence, token: int) -> bool:
+        """Record a sampled token and stream its text; False once the sequence has finished."""
+        lm = self.model
         seq.tokens.append(token)
         assert seq.counts is not None and seq.seen is not None
         seq.counts[token] += 1
@@ -345,5 +380,7 @@ class Engine:
             out += seq.stops.flush()
         if out:
             seq.handle.put(Delta(out))
-        if reason is not None:
-            self._retire(seq, Finished(reason, len(seq.prompt), len(seq.tokens)))
+        if reason is None:
+            return True
+        self._retire(seq, Finished(reason, len(seq.prompt), len(seq.tokens)))
+        return False

@@ -47,3 +47,14 @@ def test_history_reaches_the_model(bundled_server: LiveServer) -> None:
     assert "Ada" not in alone["response"]
     assert "Ada" in remembered["response"]
     assert remembered["history"] == [*history, ["Repeat my name.", remembered["response"]]]
+
+
+def test_greedy_answers_do_not_depend_on_batching(bundled_server: LiveServer) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    queries = ["What is the capital of France?", "Name three colors.", "Write a haiku about rain.", "Say hi."]
+    bodies = [{"query": q, "temperature": 0, "max_tokens": 24} for q in queries]
+    alone = [bundled_server.post("/chat", b)["response"] for b in bodies]
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        together = list(pool.map(lambda b: bundled_server.post("/chat", b)["response"], bodies))
+    assert together == alone

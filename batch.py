@@ -1,0 +1,90 @@
+"""The KV cache of a decode batch: rows join after their own prefill and leave when done.
+
+Rows are left-padded to a common length; an attention mask hides the padding and explicit
+position ids keep every row's positions its own, so a row decodes the same tokens in a batch
+as alone.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers.cache_utils import DynamicLayer
+
+
+def batchable(cache: Any) -> bool:
+    """Only plain growing layers can be padded and merged (sliding-window layers cannot)."""
+    layers: list[Any] = getattr(cache, "layers", None) or []
+    return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+
+
+def _pad_left(t: torch.Tensor, n: int) -> torch.Tensor:
+    """[B, H, T, D] → [B, H, n + T, D] with zeros in front."""
+    if n == 0:
+        return t
+    return torch.cat([t.new_zeros((*t.shape[:2], n, t.shape[3])), t], dim=2)
+
+
+class KVBatch:
+    """A DynamicCache [B, H, T, D] per layer, its mask [B, T], and each row's next position."""
+
+    def __init__(self) -> None:
+        self.cache: Any = None
+        self.mask: torch.Tensor | None = None  # [B, T] long: 1 real, 0 padding
+        self.positions: list[int] = []  # per row: position of the next token fed
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def add(self, cache: Any, length: int) -> None:
+        """Append one prefilled sequence's cache [1, H, length, D] as the last row."""
+        device = cache.layers[0].keys.device
+        row_mask = torch.ones((1, length), dtype=torch.long, device=device)
+        if self.cache is None or self.mask is None:
+            self.cache, self.mask = cache, row_mask
+        else:
+            width = self.mask.shape[1]
+            grow, pad = max(0, length - width), max(0, width - length)
+            for mine, theirs in zip(self.cache.layers, cache.layers, strict=True):
+                mine.keys = torch.cat([_pad_left(mine.keys, grow), _pad_left(theirs.keys, pad)], dim=0)
+                mine.values = torch.cat([_pad_left(mine.values, grow), _pad_left(theirs.values, pad)], dim=0)
+            self.mask = torch.cat(
+                [
+                    torch.cat([self.mask.new_zeros((len(self), grow)), self.mask], dim=1),
+                    torch.cat([row_mask.new_zeros((1, pad)), row_mask], dim=1),
+                ]
+            )
+        self.positions.append(length)
+
+    def keep(self, rows: list[int]) -> None:
+        """Drop every row not in `rows` (in order), then the padding columns no row needs any more."""
+        if len(rows) == len(self):
+            return
+        if not rows:
+            self.cache, self.mask, self.positions = None, None, []
+            return
+        assert self.mask is not None
+        index = torch.tensor(rows, device=self.mask.device)
+        mask = self.mask.index_select(0, index)
+        start = int(mask.any(dim=0).long().argmax())  # first column some row still uses
+        for layer in self.cache.layers:
+            layer.keys = layer.keys.index_select(0, index)[:, :, start:]
+            layer.values = layer.values.index_select(0, index)[:, :, start:]
+        self.mask = mask[:, start:]
+        self.positions = [self.positions[i] for i in rows]
+
+    def step_inputs(self, tokens: list[int]) -> dict[str, Any]:
+        """Model inputs that feed each row its next token: ids [B, 1], positions [B, 1], mask [B, T + 1]."""
+        assert self.mask is not None
+        device = self.mask.device
+        self.mask = torch.cat([self.mask, self.mask.new_ones((len(self), 1))], dim=1)
+        inputs = {
+            "input_ids": torch.tensor(tokens, device=device).unsqueeze(1),
+            "position_ids": torch.tensor(self.positions, device=device).unsqueeze(1),
+            "attention_mask": self.mask,
+            "cache": self.cache,
+            "use_cache": True,
+        }
+        self.positions = [p + 1 for p in self.positions]
+        return inputs

@@ -1,0 +1,319 @@
+"""Serving benchmark: the real server over HTTP next to transformers `generate` in-process, same model, same run.
+
+    .venv/bin/pip install -r bench/requirements.txt
+    .venv/bin/python bench/serve_bench.py                 # bundled model, CPU
+    .venv/bin/python bench/serve_bench.py --url http://127.0.0.1:8000/v1 --model NAME   # any OpenAI-compatible server
+
+Writes bench/results/serve_bench.json and bench/results/serve_bench.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+PROMPT = "Write a long story about a lighthouse keeper who finds a message in a bottle."
+
+
+@dataclass
+class Result:
+    """One streamed request, as the client saw it."""
+
+    ttft: float  # seconds from send to first content
+    itls: list[float]  # seconds between content chunks
+    tokens: int  # completion tokens (from usage)
+    total: float  # seconds from send to the end
+
+
+@dataclass
+class Run:
+    name: str
+    concurrency: int
+    wall: float
+    results: list[Result] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        ttfts = [r.ttft for r in self.results]
+        itls = [x for r in self.results for x in r.itls]
+        per_request = [(r.tokens - 1) / (r.total - r.ttft) for r in self.results if r.tokens > 1 and r.total > r.ttft]
+        return {
+            "name": self.name,
+            "concurrency": self.concurrency,
+            "requests": len(self.results),
+            "ttft_p50_ms": 1000 * pct(ttfts, 50),
+            "ttft_p95_ms": 1000 * pct(ttfts, 95),
+            "itl_p50_ms": 1000 * pct(itls, 50),
+            "itl_p95_ms": 1000 * pct(itls, 95),
+            "per_request_decode_tok_s": statistics.mean(per_request) if per_request else 0.0,
+            "aggregate_tok_s": sum(r.tokens for r in self.results) / self.wall,
+        }
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+async def one_request(session: aiohttp.ClientSession, url: str, model: str, prompt: str, tokens: int) -> Result:
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": tokens,
+        "min_tokens": tokens,
+        "ignore_eos": True,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    start = time.perf_counter()
+    first = last = 0.0
+    itls: list[float] = []
+    count = 0
+    async with session.post(url + "/chat/completions", json=body) as resp:
+        resp.raise_for_status()
+        async for line in resp.content:
+            if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
+                continue
+            chunk = json.loads(line[6:])
+            now = time.perf_counter()
+            if chunk.get("usage"):
+                count = chunk["usage"]["completion_tokens"]
+            if chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
+                if first == 0.0:
+                    first = now
+                else:
+                    itls.append(now - last)
+                last = now
+    return Result(first - start, itls, count, last - start)
+
+
+async def closed_loop(url: str, model: str, concurrency: int, tokens: int, name: str) -> Run:
+    """`concurrency` identical requests at once."""
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1800)) as session:
+        await one_request(session, url, model, PROMPT, 4)  # warm-up
+        start = time.perf_counter()
+        results = await asyncio.gather(*(one_request(session, url, model, PROMPT, tokens) for _ in range(concurrency)))
+        return Run(name, concurrency, time.perf_counter() - start, list(results))
+
+
+async def poisson(url: str, model: str, rate: float, count: int, seed: int = 0) -> Run:
+    """Requests of mixed prompt and output lengths arriving at `rate` per second."""
+    rng = random.Random(seed)
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1800)) as session:
+        tasks = []
+        start = time.perf_counter()
+        for _ in range(count):
+            prompt = PROMPT + " Add details." * rng.randint(0, 30)
+            tasks.append(asyncio.create_task(one_request(session, url, model, prompt, rng.choice([16, 32, 64, 128]))))
+            await asyncio.sleep(rng.expovariate(rate))
+        results = await asyncio.gather(*tasks)
+        return Run(f"poisson {rate}/s", count, time.perf_counter() - start, list(results))
+
+
+async def late_joiner(url: str, model: str, running: int, tokens: int) -> dict[str, float]:
+    """TTFT of one request sent while `running` others are decoding, and their step time."""
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1800)) as session:
+        background = [asyncio.create_task(one_request(session, url, model, PROMPT, tokens * 4)) for _ in range(running)]
+        await asyncio.sleep(0)
+        # let all of them finish their prefill and decode for a while
+        await asyncio.sleep(max(2.0, running * 0.2))
+        late = await one_request(session, url, model, PROMPT, 8)
+        rest = await asyncio.gather(*background)
+    steps = [x for r in rest for x in r.itls]
+    return {"late_ttft_ms": 1000 * late.ttft, "batch_step_p50_ms": 1000 * pct(steps, 50)}
+
+
+# ---- in-process limit ---------------------------------------------------------------------------
+
+
+def in_process(model_path: Path | None, device: str, tokens: int, batches: list[int]) -> dict[str, Any]:
+    """transformers `generate` on the same model and dtype: prefill time and decode speed per batch size."""
+    import torch
+
+    from loader import ModelConfig, load_model
+    from text import Message, encode_chat
+
+    lm = load_model(ModelConfig(model_path, device))
+    ids = encode_chat(lm.tokenizer, [Message("user", PROMPT)])
+    out: dict[str, Any] = {"prompt_tokens": len(ids), "model": lm.name, "dtype": lm.dtype}
+    with torch.inference_mode():
+        one = torch.tensor([ids], device=lm.device)
+        lm.model(one)  # warm-up
+        prefills = []
+        for _ in range(5):
+            t = time.perf_counter()
+            lm.model(one)
+            prefills.append(time.perf_counter() - t)
+        out["prefill_ms"] = 1000 * statistics.median(prefills)
+        for b in batches:
+            batch = one.repeat(b, 1)
+            kwargs = {"max_new_tokens": tokens, "min_new_tokens": tokens, "do_sample": False}
+            lm.model.generate(batch, attention_mask=torch.ones_like(batch), **{**kwargs, "max_new_tokens": 4})
+            t = time.perf_counter()
+            lm.model.generate(batch, attention_mask=torch.ones_like(batch), **kwargs)
+            total = time.perf_counter() - t
+            out[f"batch{b}"] = {
+                "total_s": total,
+                "aggregate_tok_s": b * tokens / total,
+                "decode_tok_s_per_seq": (tokens - 1) / (total - out["prefill_ms"] / 1000),
+            }
+    del lm
+    return out
+
+
+# ---- server process ----------------------------------------------------------------------------
+
+
+def start_server(args: list[str]) -> tuple[subprocess.Popen[bytes], str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "server.py"), "--port", str(port), "--log-level", "WARNING", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    import urllib.request
+
+    for _ in range(600):
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2) as r:
+                if json.load(r)["status"] == "ok":
+                    return proc, url + "/v1"
+        except OSError:
+            time.sleep(0.5)
+    proc.kill()
+    raise SystemExit("server did not start")
+
+
+def served_model(url: str) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(url + "/models", timeout=10) as r:
+        return str(json.load(r)["data"][0]["id"])
+
+
+async def measure(url: str, model: str, args: argparse.Namespace) -> list[dict[str, Any]]:
+    runs = []
+    for c in args.concurrency:
+        runs.append((await closed_loop(url, model, c, args.tokens, f"closed c={c}")).summary())
+        print(json.dumps(runs[-1]), flush=True)
+    runs.append((await poisson(url, model, args.rate, args.poisson_requests)).summary())
+    print(json.dumps(runs[-1]), flush=True)
+    return runs
+
+
+def chart(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    closed = [r for r in report["server"] if r["name"].startswith("closed")]
+    xs = [r["concurrency"] for r in closed]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    a.plot(xs, [r["aggregate_tok_s"] for r in closed], "o-", label="server (batched)")
+    if report.get("server_batch1"):
+        one = report["server_batch1"]
+        a.plot([one["concurrency"]], [one["aggregate_tok_s"]], "s", label="server --max-batch-size 1")
+    ip = report.get("in_process")
+    if ip:
+        ks = [int(k[5:]) for k in ip if k.startswith("batch")]
+        a.plot(ks, [ip[f"batch{k}"]["aggregate_tok_s"] for k in ks], "x--", label="in-process generate")
+    a.set(xlabel="concurrent streams", ylabel="tokens/s (aggregate)", xscale="log", title="Throughput")
+    a.legend()
+    b.plot(xs, [r["ttft_p50_ms"] for r in closed], "o-", label="TTFT p50")
+    b.plot(xs, [r["ttft_p95_ms"] for r in closed], "o--", label="TTFT p95")
+    b.set(xlabel="concurrent streams", ylabel="ms", xscale="log", title="Time to first token")
+    b.legend()
+    fig.suptitle(f"{report['model']} on {report['device']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--url", help="benchmark this OpenAI-compatible base URL instead of starting our server")
+    p.add_argument("--model", help="model name for --url (default: the first of /models)")
+    p.add_argument("--model-path", type=Path, help="our server's --model (default: the bundled model)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--tokens", type=int, default=64, help="fixed output length of closed-loop requests")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    p.add_argument("--rate", type=float, default=2.0, help="Poisson arrivals per second")
+    p.add_argument("--poisson-requests", type=int, default=24)
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    args = p.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    report: dict[str, Any] = {"command": " ".join(sys.argv), "device": args.device}
+    top = max(args.concurrency)
+
+    if args.url:
+        model = args.model or served_model(args.url)
+        report.update(model=model, url=args.url, server=asyncio.run(measure(args.url, model, args)))
+    else:
+        report["in_process"] = in_process(args.model_path, args.device, args.tokens, sorted({1, top}))
+        print(json.dumps(report["in_process"]), flush=True)
+        report["model"] = report["in_process"]["model"]
+        base = [*(["--model", str(args.model_path)] if args.model_path else []), "--device", args.device]
+        proc, url = start_server([*base, "--max-batch-size", str(top), "--max-queue", "256"])
+        try:
+            model = served_model(url)
+            report["server"] = asyncio.run(measure(url, model, args))
+            report["late_joiner"] = asyncio.run(late_joiner(url, model, top - 1, args.tokens))
+            print(json.dumps(report["late_joiner"]), flush=True)
+        finally:
+            proc.terminate()
+            proc.wait()
+        proc, url = start_server([*base, "--max-batch-size", "1", "--max-queue", "256"])
+        try:
+            report["server_batch1"] = asyncio.run(
+                closed_loop(url, model, top, args.tokens, f"batch1 c={top}")
+            ).summary()
+            print(json.dumps(report["server_batch1"]), flush=True)
+        finally:
+            proc.terminate()
+            proc.wait()
+        report["ratios"] = ratios(report, top)
+        print(json.dumps(report["ratios"], indent=1))
+    (args.out / "serve_bench.json").write_text(json.dumps(report, indent=1))
+    chart(report, args.out / "serve_bench.png")
+    print(f"wrote {args.out / 'serve_bench.json'} and {args.out / 'serve_bench.png'}")
+
+
+def ratios(report: dict[str, Any], top: int) -> dict[str, float]:
+    ip = report["in_process"]
+    runs = {r["concurrency"]: r for r in report["server"] if r["name"].startswith("closed")}
+    late = report["late_joiner"]
+    return {
+        "single_stream_decode_vs_in_process": runs[1]["per_request_decode_tok_s"]
+        / ip["batch1"]["decode_tok_s_per_seq"],
+        "single_stream_ttft_minus_prefill_ms": runs[1]["ttft_p50_ms"] - ip["prefill_ms"],
+        f"c{top}_aggregate_vs_in_process_batch{top}": runs[top]["aggregate_tok_s"]
+        / ip[f"batch{top}"]["aggregate_tok_s"],
+        f"c{top}_batched_vs_max_batch_size_1": runs[top]["aggregate_tok_s"]
+        / report["server_batch1"]["aggregate_tok_s"],
+        "late_joiner_ttft_minus_prefill_in_steps": (late["late_ttft_ms"] - ip["prefill_ms"])
+        / late["batch_step_p50_ms"],
+    }
+
+
+if __name__ == "__main__":
+    main()

@@ -99,7 +99,7 @@ class RequestHandle:
 
     def __init__(self, request_id: int, loop: asyncio.AbstractEventLoop) -> None:
         self.id = request_id
-        self._loop = loop
+        self.loop = loop
         self._queue: asyncio.Queue[Delta | Finished | Failed] = asyncio.Queue()
         self._cancelled = threading.Event()
         self.done = False
@@ -112,12 +112,9 @@ class RequestHandle:
     def cancelled(self) -> bool:
         return self._cancelled.is_set()
 
-    def put(self, event: Delta | Finished | Failed) -> None:
-        """Worker thread → event loop; the only way results cross threads."""
-        try:
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
-        except RuntimeError:  # the loop is closed: nobody is listening any more
-            self.cancel()
+    def deliver(self, event: Delta | Finished | Failed) -> None:
+        """Hand an event to the consumer; runs on the event loop."""
+        self._queue.put_nowait(event)
 
     async def events(self, keepalive: float = 15.0) -> AsyncIterator[Event]:
         """Yield events until Finished or Failed; KeepAlive after `keepalive` idle seconds."""
@@ -147,6 +144,12 @@ class _Sequence:
     tokens: list[int] = field(default_factory=list)
     seen: torch.Tensor | None = None  # [V] bool: tokens of prompt + output, for repetition_penalty
     counts: torch.Tensor | None = None  # [V] float: output token counts, for presence/frequency
+
+
+def _deliver(items: list[tuple[RequestHandle, Delta | Finished | Failed]]) -> None:
+    """Runs on the event loop: fan a step's events out to the requests' queues."""
+    for handle, event in items:
+        handle.deliver(event)
 
 
 # ---- pure model steps (gpt-fast style) --------------------------------------------------------
@@ -209,6 +212,7 @@ class Engine:
         self._running: list[_Sequence] = []  # row i of self._batch is self._running[i]
         self._batch = KVBatch()
         self._batchable = True  # until a prefill shows a cache that cannot be batched
+        self._outbox: list[tuple[RequestHandle, Delta | Finished | Failed]] = []
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self._ids = count(1)
@@ -271,16 +275,38 @@ class Engine:
                     self._take_new(block=not self._running and not self._waiting)
                     self._drop_cancelled()
                     self._admit()
+                    self._flush()  # first tokens go out before the next decode step
                     if self._running:
                         self._decode()
+                        self._flush()
         except Exception:
             log.exception("engine worker crashed")
         finally:
             self._stopping.set()
             self._take_new(block=False)
             for seq in [*self._running, *self._waiting]:
-                seq.handle.put(Failed("the server is shutting down", "unavailable"))
+                self._emit(seq.handle, Failed("the server is shutting down", "unavailable"))
+            self._flush()
             log.info("engine worker stopped")
+
+    def _emit(self, handle: RequestHandle, event: Delta | Finished | Failed) -> None:
+        self._outbox.append((handle, event))
+
+    def _flush(self) -> None:
+        """Send the step's events across threads in one call per event loop, not one per token.
+
+        Fewer wake-ups of the loop thread means less contention for the GIL with the model's step.
+        """
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestHandle, Delta | Finished | Failed]]] = {}
+        for handle, event in self._outbox:
+            by_loop.setdefault(handle.loop, []).append((handle, event))
+        self._outbox.clear()
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # the loop is closed: nobody is listening any more
+                for handle, _ in items:
+                    handle.cancel()
 
     def _take_new(self, block: bool) -> None:
         try:
@@ -355,7 +381,7 @@ class Engine:
     def _retire(self, seq: _Sequence, event: Finished | Failed) -> None:
         with self._lock:
             self._active -= 1
-        seq.handle.put(event)
+        self._emit(seq.handle, event)
 
     def _advance(self, seq: _Sequence, token: int) -> bool:
         """Record a sampled token and stream its text; False once the sequence has finished."""
@@ -379,7 +405,7 @@ class Engine:
         elif reason is not None:
             out += seq.stops.flush()
         if out:
-            seq.handle.put(Delta(out))
+            self._emit(seq.handle, Delta(out))
         if reason is None:
             return True
         self._retire(seq, Finished(reason, len(seq.prompt), len(seq.tokens)))

@@ -177,6 +177,7 @@ def create_app(config: ServerConfig, engine: Engine) -> web.Application:
     app.router.add_route("POST", "/clear", clear)
     app.router.add_get("/health", health)
     app.router.add_get("/", index)
+    app.router.add_static("/static/", STATIC, show_index=False, follow_symlinks=False)
     openai_api.add_routes(app)
     return app
 

@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import hmac
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
 
 from engine import Engine, EngineStopped, QueueFull, SamplingParams
+from metrics import Metrics, RequestStats
 from schema import InvalidField, Sampling, parse_json
 from sse import dumps
+
+log = logging.getLogger("access")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -21,11 +30,33 @@ class ServerConfig:
     served_model_names: tuple[str, ...] = ()  # empty: the model's own name
     default_max_tokens: int = 1024
     keepalive: float = 15.0  # seconds of silence before a `: ping` comment
-    max_body_bytes: int = 1 << 20
+    max_body_bytes: int = 1 << 20  # larger bodies get 413
+    api_key: str | None = None  # when set, API routes need `Authorization: Bearer <key>`
+    metrics_need_key: bool = True  # /metrics follows the API key unless this is False
+    cors_origins: tuple[str, ...] = ("*",)
+    max_prompt_tokens: int | None = None  # None: the model's context length
+    max_tokens_limit: int = 8192  # ceiling for a request's max_tokens
+    max_connections: int = 256  # requests in flight at once before 429
+    shutdown_timeout: float = 30.0  # seconds running generations get to finish on SIGTERM
+
+
+class Lifecycle:
+    """Mutable server state the middlewares share: requests in flight, shutting down."""
+
+    def __init__(self) -> None:
+        self.in_flight = 0
+        self.shutting_down = False
+        self.started = time.time()
 
 
 CONFIG = web.AppKey("config", ServerConfig)
 ENGINE = web.AppKey("engine", Engine)
+METRICS = web.AppKey("metrics", Metrics)
+LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
+STATS = web.RequestKey("stats", RequestStats)
+REQUEST_ID = web.RequestKey("request_id", str)
+OPEN_PATHS = frozenset({"/", "/health", "/openapi.json"})
+UNCOUNTED = frozenset({"/health", "/metrics"})  # probes never count against the connection limit
 
 
 # ---- errors ------------------------------------------------------------------------------------
@@ -71,6 +102,85 @@ async def json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
         return error_response(exc.status, exc.reason, headers=headers)
 
 
+@web.middleware
+async def request_context(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Request id, the connection limit, refusal while shutting down, one log line and metrics per request."""
+    app, life = request.app, request.app[LIFECYCLE]
+    request[REQUEST_ID] = request.headers.get("X-Request-ID", "")[:128] or uuid.uuid4().hex
+    request[STATS] = stats = RequestStats()
+    counted = request.path not in UNCOUNTED
+    response: web.StreamResponse
+    if life.shutting_down and counted:
+        response = error_response(503, "the server is shutting down")
+    elif counted and life.in_flight >= app[CONFIG].max_connections:
+        response = error_response(429, "too many requests in flight; retry later", headers={"Retry-After": "1"})
+    else:
+        life.in_flight += counted
+        try:
+            response = await handler(request)
+        finally:
+            life.in_flight -= counted
+    duration = time.perf_counter() - stats.started
+    route = request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"
+    app[METRICS].requests.labels(route, str(response.status)).inc()
+    if stats.completion_tokens:
+        app[METRICS].e2e.observe(duration)
+    ttft = f"{stats.ttft:.3f}" if stats.ttft is not None else "-"
+    log.info(
+        "id=%s %s %s status=%s prompt=%d completion=%d ttft=%s duration=%.3f",
+        request[REQUEST_ID],
+        request.method,
+        request.path,
+        response.status,
+        stats.prompt_tokens,
+        stats.completion_tokens,
+        ttft,
+        duration,
+    )
+    return response
+
+
+async def echo_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    """on_response_prepare: headers, also of streams, carry the request id."""
+    if REQUEST_ID in request:
+        response.headers["X-Request-ID"] = request[REQUEST_ID]
+
+
+@web.middleware
+async def require_key(request: web.Request, handler: Any) -> web.StreamResponse:
+    """`Authorization: Bearer KEY` on API routes when --api-key is set; compared in constant time."""
+    config = request.app[CONFIG]
+    path = request.path
+    is_open = (
+        config.api_key is None
+        or request.method == "OPTIONS"  # CORS preflights carry no credentials
+        or path in OPEN_PATHS
+        or path.startswith("/static/")
+        or (path == "/metrics" and not config.metrics_need_key)
+    )
+    if not is_open:
+        sent = request.headers.get("Authorization", "")
+        scheme, _, key = sent.partition(" ")
+        assert config.api_key is not None
+        if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(), config.api_key.encode()):
+            return error_response(401, "missing or wrong API key", headers={"WWW-Authenticate": "Bearer"})
+    response: web.StreamResponse = await handler(request)
+    return response
+
+
+def check_limits(config: ServerConfig, max_tokens: int | None, prompt_tokens: int, prompt_param: str) -> None:
+    """The server's ceilings on answer and prompt length: 400 naming the limit."""
+    if max_tokens is not None and max_tokens > config.max_tokens_limit:
+        raise InvalidField(
+            "max_tokens", f"'max_tokens' is {max_tokens}; this server allows at most {config.max_tokens_limit}"
+        )
+    if config.max_prompt_tokens is not None and prompt_tokens > config.max_prompt_tokens:
+        raise InvalidField(
+            prompt_param,
+            f"the prompt has {prompt_tokens} tokens; this server allows at most {config.max_prompt_tokens}",
+        )
+
+
 async def read_json(request: web.Request) -> dict[str, Any]:
     """The request body as a JSON object (413 past the size limit, via aiohttp)."""
     return parse_json(await request.read())
@@ -99,6 +209,22 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
     }
+
+
+async def peeked(events: AsyncIterator[T]) -> tuple[T, AsyncIterator[T]]:
+    """The first event, and an iterator that yields it again followed by the rest.
+
+    Streams prepare their response only once something has happened, so a request that fails before
+    its first token (a queue timeout) still gets a plain JSON error with the right status.
+    """
+    first = await anext(events)
+
+    async def again() -> AsyncIterator[T]:
+        yield first
+        async for event in events:
+            yield event
+
+    return first, again()
 
 
 def client_gone(request: web.Request) -> bool:

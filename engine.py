@@ -9,7 +9,7 @@ import random
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from itertools import count
 from typing import Any
@@ -46,6 +46,7 @@ class EngineConfig:
 
     max_batch_size: int = 8  # requests decoded together in one forward pass; the rest wait
     max_queue: int = 64  # waiting requests before 429
+    queue_timeout: float | None = None  # seconds a request may wait for a slot before it fails (503)
 
 
 # ---- what the worker sends to a request's queue -------------------------------------------
@@ -65,6 +66,7 @@ class Finished:
     reason: str
     prompt_tokens: int
     completion_tokens: int
+    queue_s: float = 0.0  # time spent waiting for a batch slot
 
 
 @dataclass(frozen=True)
@@ -142,6 +144,8 @@ class _Sequence:
     decoder: IncrementalDecoder
     stops: StopMatcher
     tokens: list[int] = field(default_factory=list)
+    submitted: float = field(default_factory=time.monotonic)
+    queue_s: float = 0.0
     seen: torch.Tensor | None = None  # [V] bool: tokens of prompt + output, for repetition_penalty
     counts: torch.Tensor | None = None  # [V] float: output token counts, for presence/frequency
 
@@ -204,8 +208,14 @@ def sample(logits: torch.Tensor, seq: _Sequence, eos: frozenset[int]) -> int:
 class Engine:
     """Owns the worker thread. `submit` on the event loop; the worker does all model work."""
 
-    def __init__(self, model: LoadedModel, config: EngineConfig | None = None) -> None:
-        self.model = model
+    def __init__(self, model: LoadedModel | Callable[[], LoadedModel], config: EngineConfig | None = None) -> None:
+        # a callable is run on the worker thread, so the server answers (503) while the model loads
+        self._model = model if isinstance(model, LoadedModel) else None
+        self._load = None if isinstance(model, LoadedModel) else model
+        self.load_error: BaseException | None = None
+        self.ready = threading.Event()
+        if self._model is not None:
+            self.ready.set()
         self.config = config or EngineConfig()
         self._inbox: queue.Queue[_Sequence | None] = queue.Queue()
         self._waiting: deque[_Sequence] = deque()
@@ -220,6 +230,13 @@ class Engine:
         self._active = 0
         self._lock = threading.Lock()
         self.started_at = time.time()
+
+    @property
+    def model(self) -> LoadedModel:
+        """The loaded model; EngineStopped while it is still loading."""
+        if self._model is None:
+            raise EngineStopped("the model is still loading" if self.load_error is None else "the model failed to load")
+        return self._model
 
     # -- event-loop side
 
@@ -239,7 +256,8 @@ class Engine:
 
     @property
     def running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        """True while the worker runs with a loaded model."""
+        return self.ready.is_set() and self._thread is not None and self._thread.is_alive()
 
     @property
     def counts(self) -> tuple[int, int]:
@@ -270,12 +288,20 @@ class Engine:
     def _work(self) -> None:
         log.info("engine worker started")
         try:
+            if self._model is None and self._load is not None:
+                try:
+                    self._model = self._load()
+                except BaseException as exc:
+                    self.load_error = exc
+                    raise
+                finally:
+                    self.ready.set()
             with torch.inference_mode():
                 while not self._stopping.is_set():
                     self._take_new(block=not self._running and not self._waiting)
                     self._drop_cancelled()
+                    self._expire_waiting()
                     self._admit()
-                    self._flush()  # first tokens go out before the next decode step
                     if self._running:
                         self._decode()
                         self._flush()
@@ -325,6 +351,18 @@ class Engine:
                 self._retire(seq, Failed("cancelled", "cancelled"))
         self._keep(keep)
 
+    def _expire_waiting(self) -> None:
+        timeout = self.config.queue_timeout
+        if timeout is None:
+            return
+        now = time.monotonic()
+        while self._waiting and now - self._waiting[0].submitted > timeout:
+            seq = self._waiting.popleft()
+            with self._lock:
+                self._pending -= 1
+            self._emit(seq.handle, Failed(f"waited over {timeout:g} s for a free slot", "unavailable"))
+        self._flush()
+
     def _keep(self, rows: list[int]) -> None:
         self._batch.keep(rows)  # frees the KV cache of the rows that left
         self._running = [self._running[i] for i in rows]
@@ -340,6 +378,7 @@ class Engine:
                 if seq.handle.cancelled:
                     continue
                 self._active += 1
+            seq.queue_s = time.monotonic() - seq.submitted
             try:
                 logits, cache = prefill(self.model, seq.prompt)
                 self._batchable = batchable(cache)
@@ -355,6 +394,7 @@ class Engine:
             if self._advance(seq, token):
                 self._batch.add(cache, len(seq.prompt))
                 self._running.append(seq)
+            self._flush()  # its first token goes out now, not after the other prefills
 
     def _decode(self) -> None:
         """One forward pass over every running request, then each samples its own token."""
@@ -408,5 +448,5 @@ class Engine:
             self._emit(seq.handle, Delta(out))
         if reason is None:
             return True
-        self._retire(seq, Finished(reason, len(seq.prompt), len(seq.tokens)))
+        self._retire(seq, Finished(reason, len(seq.prompt), len(seq.tokens), seq.queue_s))
         return False

@@ -94,18 +94,23 @@ def model_name(path: Path) -> str:
     return path.stem if path.is_file() else path.resolve().name
 
 
-def load_model(config: ModelConfig) -> LoadedModel:
-    """Load tokenizer and model from a local path; never touches the network."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+def preflight(config: ModelConfig) -> tuple[Path, str]:
+    """The checks that need no loading: model path, quantization, device. Returns (path, device)."""
     path = config.path if config.path is not None else bundled_model_path()
     check_model_path(path)
     if config.quantize not in (16, 8, 4):
         raise ModelLoadError(f"--quantize {config.quantize}: expected 16, 8 or 4")
     if config.quantize != 16:
         raise ModelLoadError(f"--quantize {config.quantize} is not supported yet; use --quantize 16")
-    device = resolve_device(config.device)
+    return path, resolve_device(config.device)
+
+
+def load_model(config: ModelConfig) -> LoadedModel:
+    """Load tokenizer and model from a local path; never touches the network."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path, device = preflight(config)
 
     if path.is_file():
         folder, extra = str(path.parent), {"gguf_file": path.name}

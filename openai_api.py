@@ -12,7 +12,20 @@ from typing import Any
 
 from aiohttp import web
 
-from common import CONFIG, ENGINE, client_gone, error_response, read_json, sampling_params, served_names, usage
+from common import (
+    CONFIG,
+    ENGINE,
+    METRICS,
+    STATS,
+    check_limits,
+    client_gone,
+    error_response,
+    peeked,
+    read_json,
+    sampling_params,
+    served_names,
+    usage,
+)
 from engine import Delta, Event, Failed, Finished, KeepAlive, RequestHandle
 from schema import CompletionRequest, parse_completion
 from sse import ClientGone, EventStream, dumps
@@ -50,7 +63,8 @@ def start(request: web.Request, req: CompletionRequest) -> tuple[list[RequestHan
             f"However, your messages resulted in {len(ids)} tokens."
         )
         return error_response(400, message, "messages", "context_length_exceeded")
-    room = lm.context_length - len(ids)
+    check_limits(config, req.sampling.max_tokens, len(ids), "messages")
+    room = min(lm.context_length - len(ids), config.max_tokens_limit)
     params = sampling_params(req.sampling, min(req.sampling.max_tokens or config.default_max_tokens, room), 1.0, 1.0)
     handles: list[RequestHandle] = []
     try:
@@ -65,16 +79,17 @@ def start(request: web.Request, req: CompletionRequest) -> tuple[list[RequestHan
     return handles, req.model or names[0]
 
 
-async def merge(handles: list[RequestHandle], keepalive: float) -> AsyncIterator[tuple[int, Event]]:
-    """Events of several choices as they come, tagged with the choice index."""
+async def merge(request: web.Request, handles: list[RequestHandle]) -> AsyncIterator[tuple[int, Event]]:
+    """Events of several choices as they come, tagged with the choice index, timed into the metrics."""
+    keepalive, metrics, stats = request.app[CONFIG].keepalive, request.app[METRICS], request[STATS]
     if len(handles) == 1:
-        async for event in handles[0].events(keepalive):
+        async for event in metrics.observe(handles[0].events(keepalive), stats):
             yield 0, event
         return
     merged: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
 
     async def pump(i: int, handle: RequestHandle) -> None:
-        async for event in handle.events(keepalive):
+        async for event in metrics.observe(handle.events(keepalive), stats):
             merged.put_nowait((i, event))
 
     tasks = [asyncio.create_task(pump(i, h)) for i, h in enumerate(handles)]
@@ -111,7 +126,7 @@ async def _complete(request: web.Request, handles: list[RequestHandle], base: di
     texts = [""] * len(handles)
     reasons = [""] * len(handles)
     prompt_tokens = completion_tokens = 0
-    async for i, event in merge(handles, request.app[CONFIG].keepalive):
+    async for i, event in merge(request, handles):
         if isinstance(event, KeepAlive) and client_gone(request):
             return error_response(499, "client closed the request")
         if isinstance(event, Delta):
@@ -141,10 +156,13 @@ async def _stream(
     out = EventStream()
     prompt_tokens = completion_tokens = 0
     try:
+        (_, first), events = await peeked(merge(request, handles))
+        if isinstance(first, Failed) and first.type == "unavailable":
+            return error_response(503, first.message)  # e.g. queue timeout: nothing was sent yet
         await out.prepare(request)
         for i in range(len(handles)):
             await out.send_json(_chunk(base, i, {"role": "assistant", "content": ""}))
-        async for i, event in merge(handles, request.app[CONFIG].keepalive):
+        async for i, event in events:
             if isinstance(event, KeepAlive):
                 await out.ping()
             elif isinstance(event, Delta):

@@ -1,125 +1,43 @@
-"""aiohttp app factory, the ChatGLM web-stream routes, health, and the command line."""
+"""aiohttp app factory, the operational routes (health, metrics, clear, OpenAPI, web UI), and the command line."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
+import os
+import signal
 import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
+import aiohttp_cors
 from aiohttp import web
 
+import chatglm_api
 import openai_api
 from common import (
     CONFIG,
     ENGINE,
+    LIFECYCLE,
+    METRICS,
+    Lifecycle,
     ServerConfig,
-    client_gone,
-    error_response,
+    echo_request_id,
     json_errors,
-    read_json,
-    sampling_params,
+    request_context,
+    require_key,
     served_names,
-    usage,
 )
-from engine import Delta, Engine, EngineConfig, Failed, Finished, KeepAlive, RequestHandle
-from loader import LoadedModel, ModelConfig, ModelLoadError, load_model
-from schema import ChatRequest, InvalidField, parse_chat
-from sse import ClientGone, EventStream, dumps
-from text import PromptTooLong, chatglm_messages, fit_chat
+from engine import Engine, EngineConfig, EngineStopped
+from loader import ModelConfig, ModelLoadError, load_model, preflight
+from metrics import Metrics
+from openapi import build_spec
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
-
-
-# ---- ChatGLM web-stream API ---------------------------------------------------------------------
-
-# the original ChatGLM-6B `chat()` defaults
-CHATGLM_TEMPERATURE = 0.95
-CHATGLM_TOP_P = 0.7
-
-
-def start_chat(request: web.Request, req: ChatRequest) -> tuple[RequestHandle, int]:
-    """Fit the history into the context and submit; returns the handle and the prompt size."""
-    engine, config = request.app[ENGINE], request.app[CONFIG]
-    lm = engine.model
-    messages = chatglm_messages(req.system, req.history, req.query)
-    limit, reserve = lm.context_length, req.sampling.max_tokens or config.default_max_tokens
-    field = "query"
-    if req.sampling.max_tokens is None and req.max_length is not None:
-        limit, reserve, field = min(lm.context_length, req.max_length), 1, "max_length"
-    try:
-        ids, dropped = fit_chat(lm.tokenizer, messages, limit, reserve)
-    except PromptTooLong as exc:
-        raise InvalidField(field, str(exc)) from exc
-    if dropped:
-        log.info("dropped %d oldest history messages to fit the context", dropped)
-    max_new = min(reserve if field == "query" else limit - len(ids), lm.context_length - len(ids))
-    params = sampling_params(req.sampling, max_new, CHATGLM_TEMPERATURE, CHATGLM_TOP_P)
-    return engine.submit(ids, params), len(ids)
-
-
-def final_frame(req: ChatRequest, response: str, done: Finished) -> dict[str, Any]:
-    return {
-        "query": req.query,
-        "response": response,
-        "history": [*map(list, req.history), [req.query, response]],
-        "finish_reason": done.reason,
-        "usage": usage(done.prompt_tokens, done.completion_tokens),
-    }
-
-
-async def chat(request: web.Request) -> web.Response:
-    """POST /chat: the whole answer in one JSON object."""
-    req = parse_chat(await read_json(request))
-    handle, _ = start_chat(request, req)
-    text: list[str] = []
-    try:
-        async for event in handle.events(request.app[CONFIG].keepalive):
-            if isinstance(event, KeepAlive) and client_gone(request):
-                break
-            if isinstance(event, Delta):
-                text.append(event.text)
-            elif isinstance(event, Failed):
-                status = 503 if event.type == "unavailable" else 500
-                return error_response(status, event.message)
-            elif isinstance(event, Finished):
-                return web.json_response({**final_frame(req, "".join(text), event), "success": True}, dumps=dumps)
-    finally:
-        handle.cancel()
-    return error_response(499, "client closed the request")
-
-
-async def stream(request: web.Request) -> web.StreamResponse:
-    """POST /stream: `event: delta` frames, the last one with `finished: true`."""
-    req = parse_chat(await read_json(request))
-    handle, _ = start_chat(request, req)
-    out = EventStream()
-    response = ""
-    try:
-        await out.prepare(request)
-        async for event in handle.events(request.app[CONFIG].keepalive):
-            if isinstance(event, KeepAlive):
-                await out.ping()
-            elif isinstance(event, Delta):
-                response += event.text
-                await out.send_json({"delta": event.text, "response": response, "finished": False}, "delta")
-            elif isinstance(event, Finished):
-                frame = {"delta": "", **final_frame(req, response, event), "finished": True}
-                await out.send_json(frame, "delta")
-            else:
-                error = {"message": event.message, "type": event.type}
-                frame = {"delta": "", "response": response, "finished": True, "finish_reason": "error", "error": error}
-                await out.send_json(frame, "delta")
-    except ClientGone:
-        log.info("client went away from request %s", handle.id)
-    finally:
-        handle.cancel()  # no-op once finished; stops the worker within a step otherwise
-    await out.close()
-    return out.response
+API_KEY_ENV = "CHAT_API_KEY"
 
 
 async def clear(request: web.Request) -> web.Response:
@@ -135,21 +53,38 @@ async def clear(request: web.Request) -> web.Response:
 
 
 async def health(request: web.Request) -> web.Response:
-    """GET /health: 200 when the engine runs, 503 otherwise."""
-    engine = request.app[ENGINE]
+    """GET /health: 200 when the model is loaded and the engine runs; 503 while loading or shutting down."""
+    engine, life = request.app[ENGINE], request.app[LIFECYCLE]
     running, waiting = engine.counts
-    lm = engine.model
-    body = {
-        "status": "ok" if engine.running else "unavailable",
-        "model": served_names(request.app)[0],
-        "device": lm.device,
-        "dtype": lm.dtype,
-        "context_length": lm.context_length,
-        "running": running,
-        "waiting": waiting,
-        "uptime_s": round(time.time() - engine.started_at, 1),
-    }
-    return web.json_response(body, status=200 if engine.running else 503)
+    body: dict[str, object] = {"running": running, "waiting": waiting, "uptime_s": round(time.time() - life.started, 1)}
+    try:
+        lm = engine.model
+    except EngineStopped as exc:
+        return web.json_response({"status": "loading", "message": str(exc), **body}, status=503)
+    ok = engine.running and not life.shutting_down
+    status = "ok" if ok else ("shutting_down" if life.shutting_down else "unavailable")
+    body.update(
+        status=status,
+        model=served_names(request.app)[0],
+        device=lm.device,
+        dtype=lm.dtype,
+        context_length=lm.context_length,
+    )
+    return web.json_response(body, status=200 if ok else 503)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """GET /metrics: Prometheus text format."""
+    return web.Response(body=request.app[METRICS].export(), content_type="text/plain", charset="utf-8")
+
+
+async def openapi_json(request: web.Request) -> web.Response:
+    """GET /openapi.json."""
+    try:
+        names = served_names(request.app)
+    except EngineStopped:
+        names = ("(loading)",)
+    return web.json_response(build_spec(names))
 
 
 async def index(request: web.Request) -> web.FileResponse:
@@ -161,9 +96,13 @@ async def index(request: web.Request) -> web.FileResponse:
 
 def create_app(config: ServerConfig, engine: Engine) -> web.Application:
     """Build the application; the engine's worker thread lives as long as the app."""
-    app = web.Application(middlewares=[json_errors], client_max_size=config.max_body_bytes)
+    app = web.Application(
+        middlewares=[request_context, require_key, json_errors], client_max_size=config.max_body_bytes
+    )
     app[CONFIG] = config
     app[ENGINE] = engine
+    app[METRICS] = Metrics(engine)
+    app[LIFECYCLE] = Lifecycle()
 
     async def engine_lifetime(app: web.Application) -> AsyncIterator[None]:
         engine.start()
@@ -171,37 +110,93 @@ def create_app(config: ServerConfig, engine: Engine) -> web.Application:
         engine.stop()
 
     app.cleanup_ctx.append(engine_lifetime)
-    app.router.add_post("/chat", chat)
-    app.router.add_post("/stream", stream)
+    app.on_shutdown.append(drain)
+    app.on_response_prepare.append(echo_request_id)
+    app.router.add_get("/", index)
+    app.router.add_static("/static/", STATIC, show_index=False, follow_symlinks=False)
     app.router.add_route("GET", "/clear", clear)
     app.router.add_route("POST", "/clear", clear)
     app.router.add_get("/health", health)
-    app.router.add_get("/", index)
-    app.router.add_static("/static/", STATIC, show_index=False, follow_symlinks=False)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/openapi.json", openapi_json)
+    chatglm_api.add_routes(app)
     openai_api.add_routes(app)
+
+    # CORS without credentials, so pages served elsewhere (like the original project's UI) can call the API
+    everything = aiohttp_cors.ResourceOptions(  # type: ignore[no-untyped-call]
+        allow_credentials=False, expose_headers="*", allow_headers="*"
+    )
+    cors = aiohttp_cors.setup(app, defaults={origin: everything for origin in config.cors_origins})
+    for route in list(app.router.routes()):
+        if not isinstance(route.resource, web.StaticResource):
+            cors.add(route)
     return app
+
+
+async def drain(app: web.Application) -> None:
+    """on_shutdown: refuse new requests, let running ones finish for a while, then end the rest.
+
+    Requests still running after `shutdown_timeout` get a final error frame when the engine stops.
+    """
+    app[LIFECYCLE].shutting_down = True
+    engine, timeout = app[ENGINE], app[CONFIG].shutdown_timeout
+    deadline = time.monotonic() + timeout
+    # the counts live on the worker thread; there is no asyncio event to wait on
+    while engine.counts != (0, 0) and time.monotonic() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(0.05)
+    if engine.counts != (0, 0):
+        log.warning("shutdown: ending %d unfinished requests", sum(engine.counts))
+    await asyncio.get_running_loop().run_in_executor(None, engine.stop)
+
+
+async def watch_loading(app: web.Application) -> AsyncIterator[None]:
+    """Stop the server with an error if the model fails to load in the background."""
+    engine = app[ENGINE]
+
+    async def wait() -> None:
+        await asyncio.get_running_loop().run_in_executor(None, engine.ready.wait)
+        if engine.load_error is not None:
+            log.error("could not load the model: %s", engine.load_error)
+            os.kill(os.getpid(), signal.SIGTERM)
+        else:
+            log.info("model loaded; serving on http://%s:%d", app[CONFIG].host, app[CONFIG].port)
+
+    task = asyncio.create_task(wait())
+    yield
+    task.cancel()
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Streaming chat server for ChatGLM and Hugging Face chat models.")
-    p.add_argument("--model", type=Path, help="local HF model directory or .gguf file (default: bundled SmolLM2-135M)")
-    p.add_argument("--device", help="cpu, a CUDA index (0) or cuda:N (default: cuda:0 if present, else cpu)")
-    p.add_argument("--quantize", type=int, default=16, choices=(16, 8, 4), help="16: fp16 on CUDA, own dtype on CPU")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8800)
-    p.add_argument("--served-model-name", action="append", default=[], help="name clients use (repeatable)")
-    p.add_argument("--default-max-tokens", type=int, default=1024, help="answer length when a request sets none")
-    p.add_argument("--max-batch-size", type=int, default=8, help="requests generating at once")
-    p.add_argument("--max-queue", type=int, default=64, help="waiting requests before 429")
-    p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    a = p.add_argument
+    a("--model", type=Path, help="local HF model directory or .gguf file (default: bundled SmolLM2-135M)")
+    a("--device", help="cpu, a CUDA index (0) or cuda:N (default: cuda:0 if present, else cpu)")
+    a("--quantize", type=int, default=16, choices=(16, 8, 4), help="16: fp16 on CUDA, own dtype on CPU")
+    a("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    a("--port", type=int, default=8800)
+    a("--served-model-name", action="append", default=[], help="name clients use (repeatable)")
+    a("--default-max-tokens", type=int, default=1024, help="answer length when a request sets none")
+    a("--max-batch-size", type=int, default=8, help="requests decoded together in one forward pass")
+    a("--max-queue", type=int, default=64, help="requests waiting for a slot before 429")
+    a("--queue-timeout", type=float, default=600.0, help="seconds a request may wait for a slot before 503")
+    a("--api-key", default=os.environ.get(API_KEY_ENV), help=f"require this bearer key (or set ${API_KEY_ENV})")
+    a("--metrics-no-key", action="store_true", help="serve /metrics without the API key")
+    a("--cors-origins", default="*", help="comma-separated origins allowed by CORS (default: *)")
+    a("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
+    a("--max-prompt-tokens", type=int, help="longer prompts get 400 (default: the model's context)")
+    a("--max-tokens-limit", type=int, default=8192, help="a request's max_tokens above this gets 400")
+    a("--max-connections", type=int, default=256, help="requests in flight before 429")
+    a("--shutdown-timeout", type=float, default=30.0, help="seconds running answers get to finish on SIGTERM")
+    a("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    model_config = ModelConfig(args.model, args.device, args.quantize)
     try:
-        lm: LoadedModel = load_model(ModelConfig(args.model, args.device, args.quantize))
+        preflight(model_config)  # the mistakes a user can fix, before anything starts
     except ModelLoadError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -210,9 +205,26 @@ def main(argv: list[str] | None = None) -> int:
         port=args.port,
         served_model_names=tuple(args.served_model_name),
         default_max_tokens=args.default_max_tokens,
+        max_body_bytes=args.max_body_bytes,
+        api_key=args.api_key or None,
+        metrics_need_key=not args.metrics_no_key,
+        cors_origins=tuple(o.strip() for o in args.cors_origins.split(",") if o.strip()),
+        max_prompt_tokens=args.max_prompt_tokens,
+        max_tokens_limit=args.max_tokens_limit,
+        max_connections=args.max_connections,
+        shutdown_timeout=args.shutdown_timeout,
     )
-    engine = Engine(lm, EngineConfig(max_batch_size=args.max_batch_size, max_queue=args.max_queue))
-    web.run_app(create_app(config, engine), host=config.host, port=config.port)
+    engine_config = EngineConfig(
+        max_batch_size=args.max_batch_size, max_queue=args.max_queue, queue_timeout=args.queue_timeout
+    )
+    engine = Engine(lambda: load_model(model_config), engine_config)  # loads on the worker: /health says 503 meanwhile
+    app = create_app(config, engine)
+    app.cleanup_ctx.append(watch_loading)
+    # aiohttp's own wait is only for handlers to write their last frame: `drain` already waited for the answers
+    web.run_app(app, host=config.host, port=config.port, shutdown_timeout=5.0, print=None)
+    if engine.load_error is not None:
+        print(f"error: cannot load the model: {engine.load_error}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -42,7 +42,7 @@ CHAT_TEMPLATE = (
 TINY_CONTEXT = 256
 
 
-def build_tiny_model(folder: Path, *, chat_template: bool = True, seed: int = 0) -> Path:
+def build_tiny_model(folder: Path, *, chat_template: bool = True, seed: int = 0, context: int = TINY_CONTEXT) -> Path:
     """A random 2-layer Llama and a trained byte-level BPE tokenizer, saved like any HF model."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -69,7 +69,7 @@ def build_tiny_model(folder: Path, *, chat_template: bool = True, seed: int = 0)
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=TINY_CONTEXT,
+        max_position_embeddings=context,
         eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=None,

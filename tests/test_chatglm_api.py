@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -192,11 +193,12 @@ async def test_full_queue_is_a_429_with_retry_after(make_client: MakeClient) -> 
     body = {"query": "long", "max_tokens": 200, "ignore_eos": True}
     first = await client.post("/stream", json=body)
     await first.content.readuntil(b"\n\n")  # running now
-    second = await client.post("/stream", json=body)  # waits in the queue
+    # waits in the queue; its headers come with its first token
+    second = asyncio.create_task(client.post("/stream", json=body))
     await wait_until(lambda: client.app[ENGINE].counts == (1, 1))
     third = await client.post("/chat", json=body)
     assert third.status == 429
     assert third.headers["Retry-After"]
     assert (await third.json())["error"]["type"] == "rate_limit_error"
     first.close()
-    second.close()
+    (await second).close()

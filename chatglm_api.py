@@ -1,0 +1,126 @@
+"""The original ChatGLM web-stream API: `POST /chat` and `POST /stream` (`event: delta` frames)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from aiohttp import web
+
+from common import (
+    CONFIG,
+    ENGINE,
+    METRICS,
+    STATS,
+    check_limits,
+    client_gone,
+    error_response,
+    peeked,
+    read_json,
+    sampling_params,
+    usage,
+)
+from engine import Delta, Event, Failed, Finished, KeepAlive, RequestHandle
+from schema import ChatRequest, InvalidField, parse_chat
+from sse import ClientGone, EventStream, dumps
+from text import PromptTooLong, chatglm_messages, fit_chat
+
+log = logging.getLogger(__name__)
+
+# the original ChatGLM-6B `chat()` defaults
+CHATGLM_TEMPERATURE = 0.95
+CHATGLM_TOP_P = 0.7
+
+
+def start_chat(request: web.Request, req: ChatRequest) -> RequestHandle:
+    """Fit the history into the context and submit."""
+    engine, config = request.app[ENGINE], request.app[CONFIG]
+    lm = engine.model
+    messages = chatglm_messages(req.system, req.history, req.query)
+    limit, reserve = lm.context_length, req.sampling.max_tokens or config.default_max_tokens
+    field = "query"
+    if req.sampling.max_tokens is None and req.max_length is not None:
+        limit, reserve, field = min(lm.context_length, req.max_length), 1, "max_length"
+    try:
+        ids, dropped = fit_chat(lm.tokenizer, messages, limit, reserve)
+    except PromptTooLong as exc:
+        raise InvalidField(field, str(exc)) from exc
+    if dropped:
+        log.info("dropped %d oldest history messages to fit the context", dropped)
+    check_limits(config, req.sampling.max_tokens, len(ids), "query")
+    max_new = min(reserve if field == "query" else limit - len(ids), lm.context_length - len(ids))
+    params = sampling_params(req.sampling, min(max_new, config.max_tokens_limit), CHATGLM_TEMPERATURE, CHATGLM_TOP_P)
+    return engine.submit(ids, params)
+
+
+def final_frame(req: ChatRequest, response: str, done: Finished) -> dict[str, Any]:
+    return {
+        "query": req.query,
+        "response": response,
+        "history": [*map(list, req.history), [req.query, response]],
+        "finish_reason": done.reason,
+        "usage": usage(done.prompt_tokens, done.completion_tokens),
+    }
+
+
+def events_of(request: web.Request, handle: RequestHandle) -> Any:
+    """The handle's events, timed into the metrics and the request's log line."""
+    return request.app[METRICS].observe(handle.events(request.app[CONFIG].keepalive), request[STATS])
+
+
+async def chat(request: web.Request) -> web.Response:
+    """POST /chat: the whole answer in one JSON object."""
+    req = parse_chat(await read_json(request))
+    handle = start_chat(request, req)
+    text: list[str] = []
+    try:
+        async for event in events_of(request, handle):
+            if isinstance(event, KeepAlive) and client_gone(request):
+                break
+            if isinstance(event, Delta):
+                text.append(event.text)
+            elif isinstance(event, Failed):
+                return error_response(503 if event.type == "unavailable" else 500, event.message)
+            elif isinstance(event, Finished):
+                return web.json_response({**final_frame(req, "".join(text), event), "success": True}, dumps=dumps)
+    finally:
+        handle.cancel()
+    return error_response(499, "client closed the request")
+
+
+async def stream(request: web.Request) -> web.StreamResponse:
+    """POST /stream: `event: delta` frames, the last one with `finished: true`."""
+    req = parse_chat(await read_json(request))
+    handle = start_chat(request, req)
+    out = EventStream()
+    response = ""
+    try:
+        first, events = await peeked(events_of(request, handle))
+        if isinstance(first, Failed) and first.type == "unavailable":
+            return error_response(503, first.message)  # e.g. queue timeout: nothing was sent yet
+        await out.prepare(request)
+        event: Event
+        async for event in events:
+            if isinstance(event, KeepAlive):
+                await out.ping()
+            elif isinstance(event, Delta):
+                response += event.text
+                await out.send_json({"delta": event.text, "response": response, "finished": False}, "delta")
+            elif isinstance(event, Finished):
+                frame = {"delta": "", **final_frame(req, response, event), "finished": True}
+                await out.send_json(frame, "delta")
+            else:
+                error = {"message": event.message, "type": event.type}
+                frame = {"delta": "", "response": response, "finished": True, "finish_reason": "error", "error": error}
+                await out.send_json(frame, "delta")
+    except ClientGone:
+        log.info("client went away from request %s", handle.id)
+    finally:
+        handle.cancel()  # no-op once finished; stops the worker within a step otherwise
+    await out.close()
+    return out.response
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post("/chat", chat)
+    app.router.add_post("/stream", stream)

@@ -1,0 +1,91 @@
+"""Start-up and shutdown: 503 while the model loads, and a SIGTERM that lets finished answers finish."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from common import ENGINE
+from loader import LoadedModel
+from tests.conftest import MakeClient, build_tiny_model, start_server
+from tests.helpers import wait_until
+
+
+async def test_health_is_503_while_the_model_loads(make_client: MakeClient, tiny_lm: LoadedModel) -> None:
+    gate = threading.Event()
+
+    def slow_load() -> LoadedModel:
+        gate.wait(30)
+        return tiny_lm
+
+    client = await make_client(slow_load)
+    health = await client.get("/health")
+    assert health.status == 503 and (await health.json())["status"] == "loading"
+    for method, path, body in [("POST", "/chat", {"query": "hi"}), ("GET", "/v1/models", None)]:
+        resp = await client.request(method, path, json=body)
+        assert resp.status == 503, path
+    gate.set()
+    await wait_until(lambda: client.app[ENGINE].running)
+    health = await client.get("/health")
+    assert health.status == 200 and (await health.json())["status"] == "ok"
+
+
+def read_stream(port: int, body: dict[str, Any], first: threading.Event, out: list[dict[str, Any]]) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    conn.request("POST", "/stream", json.dumps(body), {"Content-Type": "application/json"})
+    response = conn.getresponse()
+    data = b""
+    for line in response:
+        data += line
+        if line.startswith(b"data: "):
+            first.set()
+    out.extend(json.loads(line[6:]) for line in data.split(b"\n") if line.startswith(b"data: "))
+    conn.close()
+
+
+def test_sigterm_finishes_short_answers_and_ends_long_ones(tmp_path: Path) -> None:
+    model = build_tiny_model(tmp_path / "model", context=8192)
+    server = start_server(
+        ["--model", str(model), "--device", "cpu", "--shutdown-timeout", "1.5", "--max-batch-size", "8"],
+        tmp_path / "server.log",
+    )
+    port = int(server.url.rsplit(":", 1)[1])
+    short = {"query": "short", "max_tokens": 40, "ignore_eos": True}
+    long = {"query": "long", "max_tokens": 7000, "ignore_eos": True}
+    streams: list[tuple[dict[str, Any], threading.Event, list[dict[str, Any]], threading.Thread]] = []
+    for body in [short, long] * 4:
+        started, frames = threading.Event(), []
+        thread = threading.Thread(target=read_stream, args=(port, body, started, frames))
+        thread.start()
+        streams.append((body, started, frames, thread))
+    for _, started, _, _ in streams:
+        assert started.wait(30)
+    sent = time.monotonic()
+    server.process.send_signal(signal.SIGTERM)
+    assert server.process.wait(20) == 0
+    assert time.monotonic() - sent < 1.5 + 8
+    for body, _, frames, thread in streams:
+        thread.join(10)
+        last = frames[-1]
+        assert last["finished"] is True, "the stream lost its final frame"
+        assert "".join(f["delta"] for f in frames) == last["response"]
+        if body is short:
+            assert last["finish_reason"] == "length" and last["usage"]["completion_tokens"] == 40
+        else:
+            assert last["finish_reason"] == "error" and "shutting down" in last["error"]["message"]
+    log = (tmp_path / "server.log").read_text()
+    assert "Traceback" not in log
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_idle_server_exits_cleanly(tmp_path: Path, tiny_dir: Path, sig: signal.Signals) -> None:
+    server = start_server(["--model", str(tiny_dir), "--device", "cpu"], tmp_path / "server.log")
+    server.process.send_signal(sig)
+    assert server.process.wait(20) == 0

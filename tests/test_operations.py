@@ -1,0 +1,277 @@
+"""Operations: auth, CORS, limits, metrics, request ids, OpenAPI, and behaviour under load, faults and disconnects."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import gc
+import json
+import random
+from typing import Any
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from common import ENGINE
+from loader import LoadedModel
+from tests.conftest import MakeClient
+from tests.helpers import delta_frames, wait_until
+
+KEY = "s3cret-key"
+PROTECTED = [
+    ("POST", "/chat", {"query": "hi", "max_tokens": 2}),
+    ("POST", "/stream", {"query": "hi", "max_tokens": 2}),
+    ("GET", "/clear", None),
+    ("GET", "/v1/models", None),
+    ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}),
+    ("GET", "/metrics", None),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "body"), PROTECTED, ids=[p for _, p, _ in PROTECTED])
+async def test_api_key_guards_every_api_route(make_client: MakeClient, method: str, path: str, body: Any) -> None:
+    client = await make_client(api_key=KEY)
+    for headers, status in [
+        ({}, 401),
+        ({"Authorization": "Bearer wrong"}, 401),
+        ({"Authorization": f"Bearer {KEY}"}, 200),
+    ]:
+        resp = await client.request(method, path, json=body, headers=headers)
+        assert resp.status == status, (headers, await resp.text())
+        if status == 401:
+            error = (await resp.json())["error"]
+            assert error["type"] == "authentication_error"
+            assert resp.headers["WWW-Authenticate"] == "Bearer"
+        await resp.read()
+
+
+async def test_page_and_health_stay_open_and_metrics_can_be_opened(make_client: MakeClient) -> None:
+    client = await make_client(api_key=KEY, metrics_need_key=False)
+    for path in ("/", "/static/app.js", "/health", "/metrics"):
+        assert (await client.get(path)).status == 200, path
+
+
+async def test_cors_preflight_and_headers(make_client: MakeClient) -> None:
+    client = await make_client(api_key=KEY)
+    preflight = await client.options(
+        "/v1/chat/completions",
+        headers={
+            "Origin": "http://elsewhere.example",
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization,content-type",
+        },
+    )
+    assert preflight.status == 200
+    assert preflight.headers["Access-Control-Allow-Origin"] in ("*", "http://elsewhere.example")
+    assert "authorization" in preflight.headers["Access-Control-Allow-Headers"].lower()
+    resp = await client.post(
+        "/chat",
+        json={"query": "hi", "max_tokens": 1},
+        headers={"Origin": "http://elsewhere.example", "Authorization": f"Bearer {KEY}"},
+    )
+    assert resp.headers["Access-Control-Allow-Origin"] in ("*", "http://elsewhere.example")
+
+
+async def test_cors_origins_flag_limits_origins(make_client: MakeClient) -> None:
+    client = await make_client(cors_origins=("http://good.example",))
+    good = await client.post("/chat", json={"query": "hi", "max_tokens": 1}, headers={"Origin": "http://good.example"})
+    assert good.headers["Access-Control-Allow-Origin"] == "http://good.example"
+    bad = await client.post("/chat", json={"query": "hi", "max_tokens": 1}, headers={"Origin": "http://bad.example"})
+    assert "Access-Control-Allow-Origin" not in bad.headers
+
+
+async def test_body_too_large_is_413(make_client: MakeClient) -> None:
+    client = await make_client(max_body_bytes=1000)
+    resp = await client.post("/chat", json={"query": "x" * 5000})
+    assert resp.status == 413
+    assert (await resp.json())["error"]["message"]
+
+
+async def test_prompt_and_max_tokens_ceilings(make_client: MakeClient) -> None:
+    client = await make_client(max_prompt_tokens=20, max_tokens_limit=8)
+    long = await client.post("/chat", json={"query": "many words " * 20})
+    assert long.status == 400
+    assert "20" in (await long.json())["error"]["message"]
+    greedy = await client.post(
+        "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 9}
+    )
+    error = (await greedy.json())["error"]
+    assert greedy.status == 400 and error["param"] == "max_tokens" and "8" in error["message"]
+    ok = await client.post("/chat", json={"query": "hi", "max_tokens": 8})
+    assert ok.status == 200
+
+
+async def test_connection_limit_is_a_429(make_client: MakeClient) -> None:
+    client = await make_client(max_connections=1)
+    first = await client.post("/stream", json={"query": "a", "max_tokens": 200, "ignore_eos": True})
+    await first.content.readuntil(b"\n\n")
+    second = await client.post("/chat", json={"query": "b", "max_tokens": 1})
+    assert second.status == 429 and second.headers["Retry-After"]
+    first.close()
+
+
+async def test_queue_timeout_is_a_503(make_client: MakeClient) -> None:
+    client = await make_client(max_batch_size=1, queue_timeout=0.2)
+    first = await client.post("/stream", json={"query": "a", "max_tokens": 200, "ignore_eos": True})
+    await first.content.readuntil(b"\n\n")
+    for route in ("/chat", "/stream"):
+        late = await client.post(route, json={"query": "b", "max_tokens": 1})
+        assert late.status == 503, await late.text()
+    first.close()
+
+
+async def test_request_id_is_echoed_and_generated(make_client: MakeClient) -> None:
+    client = await make_client()
+    mine = await client.post("/stream", json={"query": "hi", "max_tokens": 2}, headers={"X-Request-ID": "abc-123"})
+    assert mine.headers["X-Request-ID"] == "abc-123"
+    other = await client.get("/health")
+    assert len(other.headers["X-Request-ID"]) >= 8
+
+
+async def test_metrics_count_requests_tokens_and_latency(make_client: MakeClient) -> None:
+    client = await make_client()
+    await (await client.post("/stream", json={"query": "hi", "max_tokens": 5, "ignore_eos": True})).read()
+    await (await client.post("/chat", json={"query": ""})).read()
+    text = await (await client.get("/metrics")).text()
+    assert 'chat_requests_total{route="/stream",status="200"} 1.0' in text
+    assert 'chat_requests_total{route="/chat",status="400"} 1.0' in text
+    assert "chat_generation_tokens_total 5.0" in text
+    assert "chat_time_to_first_token_seconds_count 1.0" in text
+    assert "chat_inter_token_latency_seconds_count" in text and "chat_queue_time_seconds_count 1.0" in text
+    assert "chat_e2e_latency_seconds_count" in text
+    assert "chat_requests_running 0.0" in text and "chat_requests_waiting 0.0" in text
+
+
+async def test_openapi_describes_every_route(make_client: MakeClient) -> None:
+    client = await make_client()
+    spec = await (await client.get("/openapi.json")).json()
+    documented = {(m.upper(), p) for p, ops in spec["paths"].items() for m in ops}
+    for method, path, _ in PROTECTED:
+        assert (method, path) in documented
+    assert ("GET", "/health") in documented
+    assert spec["components"]["schemas"]["ChatRequest"]["required"] == ["query"]
+
+
+# ---- under load ---------------------------------------------------------------------------------
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+async def test_64_concurrent_streams_several_rounds(make_client: MakeClient) -> None:
+    client = await make_client(max_batch_size=16, max_queue=128)
+
+    async def one(i: int) -> None:
+        body = {"query": f"load {i} 你好", "max_tokens": 4 + i % 12, "temperature": 0.8, "seed": i}
+        resp = await client.post("/stream", json=body)
+        assert resp.status == 200
+        frames = delta_frames(await resp.read())
+        assert frames[-1]["finished"] is True and frames[-1]["finish_reason"] in ("stop", "length")
+        assert "".join(f["delta"] for f in frames) == frames[-1]["response"]
+
+    sizes = []
+    for _ in range(4):
+        await asyncio.gather(*(one(i) for i in range(64)))
+        gc.collect()
+        sizes.append(rss_bytes())
+    assert client.app[ENGINE].counts == (0, 0)
+    assert sizes[-1] - sizes[0] < 64 * 2**20, f"memory grew across rounds: {sizes}"
+
+
+async def test_disconnect_storm(make_client: MakeClient) -> None:
+    client = await make_client(max_batch_size=16, max_queue=128)
+    engine = client.app[ENGINE]
+    rng = random.Random(0)
+
+    async def drop() -> None:
+        resp = await client.post("/stream", json={"query": "storm", "max_tokens": 200, "ignore_eos": True})
+        for _ in range(rng.randint(0, 5)):
+            await resp.content.readuntil(b"\n\n")
+        resp.close()
+
+    await asyncio.gather(*(drop() for _ in range(100)))
+    await wait_until(lambda: engine.counts == (0, 0), within=2.0)
+    after = await client.post("/chat", json={"query": "fine?", "max_tokens": 3, "ignore_eos": True})
+    assert (await after.json())["usage"]["completion_tokens"] == 3
+
+
+class RaisesOnMarker(torch.nn.Module):
+    """The tiny model, except that a prompt containing the marker token breaks its forward pass."""
+
+    def __init__(self, model: Any, marker: int) -> None:
+        super().__init__()
+        self.model = model
+        self.marker = marker
+
+    def forward(self, **kwargs: Any) -> Any:
+        if (kwargs["input_ids"] == self.marker).any() and kwargs["input_ids"].shape[1] > 1:
+            raise RuntimeError("injected fault")
+        return self.model(**kwargs)
+
+
+async def test_a_fault_ends_only_its_own_stream(make_client: MakeClient, tiny_lm: LoadedModel) -> None:
+    marker = tiny_lm.tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    faulty = dataclasses.replace(tiny_lm, model=RaisesOnMarker(tiny_lm.model, marker))
+    client = await make_client(faulty, max_batch_size=8)
+    body = {"query": "fine", "max_tokens": 60, "ignore_eos": True}
+    healthy = [await client.post("/stream", json=body) for _ in range(3)]
+    for resp in healthy:
+        await resp.content.readuntil(b"\n\n")  # all three are decoding in one batch
+    broken = await client.post("/stream", json={"query": "boom <|endoftext|>", "max_tokens": 5})
+    last = delta_frames(await broken.read())[-1]
+    assert last["finished"] is True and last["finish_reason"] == "error"
+    assert "injected fault" in last["error"]["message"]
+    for resp in healthy:
+        frames = delta_frames(await resp.read())
+        assert frames[-1]["finish_reason"] == "length" and frames[-1]["usage"]["completion_tokens"] == 60
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
+    max_leaves=12,
+)
+FIELDS = [
+    "query",
+    "history",
+    "system",
+    "max_length",
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "messages",
+    "model",
+    "n",
+    "stop",
+    "stream",
+    "seed",
+    "stream_options",
+    "repetition_penalty",
+    "min_tokens",
+]
+BODIES = st.dictionaries(st.sampled_from(FIELDS), JSON_VALUES, max_size=6) | JSON_VALUES
+
+
+@pytest.mark.parametrize("route", ["/chat", "/stream", "/v1/chat/completions"])
+async def test_fuzzed_bodies_never_cause_a_5xx(make_client: MakeClient, route: str) -> None:
+    client = await make_client()
+    bad: list[Any] = []
+
+    @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+    @given(BODIES)
+    def collect(body: Any) -> None:
+        bad.append(body)
+
+    collect()
+    for body in bad:
+        resp = await asyncio.wait_for(client.post(route, data=json.dumps(body)), 30)
+        assert resp.status < 500, (body, await resp.text())
+        if resp.status >= 400:
+            assert "error" in await resp.json()
+        else:
+            await resp.read()

@@ -61,7 +61,7 @@ def test_sigterm_finishes_short_answers_and_ends_long_ones(tmp_path: Path) -> No
     long = {"query": "long", "max_tokens": 7000, "ignore_eos": True}
     streams: list[tuple[dict[str, Any], threading.Event, list[dict[str, Any]], threading.Thread]] = []
     for body in [short, long] * 4:
-        started, frames = threading.Event(), []
+        started, frames = threading.Event(), list[dict[str, Any]]()
         thread = threading.Thread(target=read_stream, args=(port, body, started, frames))
         thread.start()
         streams.append((body, started, frames, thread))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
@@ -95,6 +97,23 @@ def plain_lm(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
     """A tiny model whose tokenizer has no chat template (the fallback prompt format)."""
     folder = build_tiny_model(tmp_path_factory.mktemp("plain"), chat_template=False)
     return load_model(ModelConfig(path=folder, device="cpu"))
+
+
+class Slow(torch.nn.Module):
+    """A model 20 ms slower per forward pass, so a long request surely outlasts a test's next steps."""
+
+    def __init__(self, model: Any) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, **kwargs: Any) -> Any:
+        time.sleep(0.02)
+        return self.model(**kwargs)
+
+
+@pytest.fixture(scope="session")
+def slow_lm(tiny_lm: LoadedModel) -> LoadedModel:
+    return dataclasses.replace(tiny_lm, model=Slow(tiny_lm.model))
 
 
 MakeClient = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]

@@ -6,6 +6,7 @@ import asyncio
 from typing import Any
 
 from common import ENGINE
+from loader import LoadedModel
 from tests.conftest import MakeClient
 from tests.helpers import delta_frames, wait_until
 
@@ -82,8 +83,8 @@ async def test_each_request_keeps_its_own_parameters(make_client: MakeClient) ->
         assert (t["response"], t["usage"], t["finish_reason"]) == (a["response"], a["usage"], a["finish_reason"])
 
 
-async def test_cancel_inside_a_batch_frees_the_slot(make_client: MakeClient) -> None:
-    client = await make_client(max_batch_size=2, max_queue=4)
+async def test_cancel_inside_a_batch_frees_the_slot(make_client: MakeClient, slow_lm: LoadedModel) -> None:
+    client = await make_client(slow_lm, max_batch_size=2, max_queue=4)
     engine = client.app[ENGINE]
     body = {"query": "x", "max_tokens": 200, "ignore_eos": True}
     leaving = await client.post("/stream", json=body)

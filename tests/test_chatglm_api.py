@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from common import ENGINE
+from loader import LoadedModel
 from tests.conftest import TINY_CONTEXT, MakeClient
 from tests.helpers import delta_frames, wait_until
 
@@ -188,8 +189,8 @@ async def test_health_reports_model_and_load(make_client: MakeClient) -> None:
     assert (body["running"], body["waiting"]) == (0, 0)
 
 
-async def test_full_queue_is_a_429_with_retry_after(make_client: MakeClient) -> None:
-    client = await make_client(max_batch_size=1, max_queue=1)
+async def test_full_queue_is_a_429_with_retry_after(make_client: MakeClient, slow_lm: LoadedModel) -> None:
+    client = await make_client(slow_lm, max_batch_size=1, max_queue=1)
     body = {"query": "long", "max_tokens": 200, "ignore_eos": True}
     first = await client.post("/stream", json=body)
     await first.content.readuntil(b"\n\n")  # running now

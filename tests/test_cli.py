@@ -42,3 +42,19 @@ def test_live_server_serves_both_apis(tiny_server: LiveServer) -> None:
     body = tiny_server.post("/chat", {"query": "hello", "max_tokens": 4, "ignore_eos": True})
     assert body["usage"]["completion_tokens"] == 4
     assert tiny_server.get("/v1/models")["data"][0]["id"] == "tiny"
+
+
+def test_api_key_from_the_environment(tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import urllib.error
+
+    from tests.conftest import start_server, stop_server
+
+    monkeypatch.setenv("CHAT_API_KEY", "from-env")
+    server = start_server(["--model", str(tiny_dir), "--device", "cpu"], tmp_path / "server.log")
+    try:
+        with pytest.raises(urllib.error.HTTPError) as info:
+            server.get("/v1/models")
+        assert info.value.code == 401
+        info.value.close()
+    finally:
+        stop_server(server)

@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import gc
 import json
+import logging
 import random
 from typing import Any
 
@@ -14,7 +15,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from common import ENGINE
+from common import ENGINE, LIFECYCLE
 from loader import LoadedModel
 from tests.conftest import MakeClient
 from tests.helpers import delta_frames, wait_until
@@ -103,8 +104,8 @@ async def test_prompt_and_max_tokens_ceilings(make_client: MakeClient) -> None:
     assert ok.status == 200
 
 
-async def test_connection_limit_is_a_429(make_client: MakeClient) -> None:
-    client = await make_client(max_connections=1)
+async def test_connection_limit_is_a_429(make_client: MakeClient, slow_lm: LoadedModel) -> None:
+    client = await make_client(slow_lm, max_connections=1)
     first = await client.post("/stream", json={"query": "a", "max_tokens": 200, "ignore_eos": True})
     await first.content.readuntil(b"\n\n")
     second = await client.post("/chat", json={"query": "b", "max_tokens": 1})
@@ -112,8 +113,8 @@ async def test_connection_limit_is_a_429(make_client: MakeClient) -> None:
     first.close()
 
 
-async def test_queue_timeout_is_a_503(make_client: MakeClient) -> None:
-    client = await make_client(max_batch_size=1, queue_timeout=0.2)
+async def test_queue_timeout_is_a_503(make_client: MakeClient, slow_lm: LoadedModel) -> None:
+    client = await make_client(slow_lm, max_batch_size=1, queue_timeout=0.2)
     first = await client.post("/stream", json={"query": "a", "max_tokens": 200, "ignore_eos": True})
     await first.content.readuntil(b"\n\n")
     for route in ("/chat", "/stream"):
@@ -275,3 +276,24 @@ async def test_fuzzed_bodies_never_cause_a_5xx(make_client: MakeClient, route: s
             assert "error" in await resp.json()
         else:
             await resp.read()
+
+
+async def test_shutting_down_refuses_new_requests(make_client: MakeClient) -> None:
+    client = await make_client()
+    client.app[LIFECYCLE].shutting_down = True
+    resp = await client.post("/chat", json={"query": "hi"})
+    assert resp.status == 503 and "shutting down" in (await resp.json())["error"]["message"]
+    health = await client.get("/health")
+    assert health.status == 503 and (await health.json())["status"] == "shutting_down"
+
+
+async def test_one_log_line_per_request(make_client: MakeClient, caplog: pytest.LogCaptureFixture) -> None:
+    client = await make_client()
+    caplog.set_level(logging.INFO, logger="access")
+    resp = await client.post("/stream", json={"query": "hi", "max_tokens": 3, "ignore_eos": True})
+    await resp.read()
+    lines = [r.getMessage() for r in caplog.records if r.name == "access"]
+    assert len(lines) == 1
+    line = lines[0]
+    assert f"id={resp.headers['X-Request-ID']}" in line and "POST /stream status=200" in line
+    assert "completion=3" in line and "ttft=0." in line and "duration=" in line

@@ -339,6 +339,10 @@ function init() {
   $("open-settings").addEventListener("click", () => openSettings());
   $("toggle-theme").addEventListener("click", cycleTheme);
   $("toggle-sidebar").addEventListener("click", () => $("sidebar").classList.toggle("open"));
+  // on a phone the open sidebar covers the menu button: a tap beside it closes it
+  document.querySelector(".main").addEventListener("click", (event) => {
+    if (event.target.id !== "toggle-sidebar") $("sidebar").classList.remove("open");
+  });
   for (const key of FIELDS) $(`set-${key}`).addEventListener("change", readSettings);
   for (const key of ["temperature", "top_p"]) $(`set-${key}`).addEventListener("input", readSettings);
   $("reset-settings").addEventListener("click", () => {

@@ -26,6 +26,17 @@ def _pad_left(t: torch.Tensor, n: int) -> torch.Tensor:
     return torch.cat([t.new_zeros((*t.shape[:2], n, t.shape[3])), t], dim=2)
 
 
+def select_rows(cache: Any, rows: list[int]) -> Any:
+    """Keep only `rows` of a freshly prefilled cache (in place; returns it)."""
+    if len(rows) == cache.layers[0].keys.shape[0]:
+        return cache
+    index = torch.tensor(rows, device=cache.layers[0].keys.device)
+    for layer in cache.layers:
+        layer.keys = layer.keys.index_select(0, index)
+        layer.values = layer.values.index_select(0, index)
+    return cache
+
+
 class KVBatch:
     """A DynamicCache [B, H, T, D] per layer, its mask [B, T], and each row's next position."""
 
@@ -37,14 +48,12 @@ class KVBatch:
     def __len__(self) -> int:
         return len(self.positions)
 
-    def add(self, cache: Any, length: int) -> None:
-        """Append one prefilled sequence's cache [1, H, length, D] as the last row."""
-        device = cache.layers[0].keys.device
-        row_mask = torch.ones((1, length), dtype=torch.long, device=device)
+    def add(self, cache: Any, mask: torch.Tensor) -> None:
+        """Append prefilled sequences: their cache [b, H, S, D] per layer and mask [b, S] become the last rows."""
         if self.cache is None or self.mask is None:
-            self.cache, self.mask = cache, row_mask
+            self.cache, self.mask = cache, mask
         else:
-            width = self.mask.shape[1]
+            width, length = self.mask.shape[1], mask.shape[1]
             grow, pad = max(0, length - width), max(0, width - length)
             for mine, theirs in zip(self.cache.layers, cache.layers, strict=True):
                 mine.keys = torch.cat([_pad_left(mine.keys, grow), _pad_left(theirs.keys, pad)], dim=0)
@@ -52,10 +61,10 @@ class KVBatch:
             self.mask = torch.cat(
                 [
                     torch.cat([self.mask.new_zeros((len(self), grow)), self.mask], dim=1),
-                    torch.cat([row_mask.new_zeros((1, pad)), row_mask], dim=1),
+                    torch.cat([mask.new_zeros((mask.shape[0], pad)), mask], dim=1),
                 ]
             )
-        self.positions.append(length)
+        self.positions.extend(int(n) for n in mask.sum(dim=1))
 
     def keep(self, rows: list[int]) -> None:
         """Drop every row not in `rows` (in order), then the padding columns no row needs any more."""

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from batch import KVBatch, batchable
+from batch import KVBatch, batchable, select_rows
 from loader import LoadedModel
 from text import IncrementalDecoder, StopMatcher
 
@@ -159,12 +159,32 @@ def _deliver(items: list[tuple[RequestHandle, Delta | Finished | Failed]]) -> No
 # ---- pure model steps (gpt-fast style) --------------------------------------------------------
 
 
-def prefill(lm: LoadedModel, prompt: list[int]) -> tuple[torch.Tensor, Any]:
-    """Run the prompt; return the last position's logits [V] and the KV cache."""
-    ids = torch.tensor([prompt], device=lm.device)  # [1, S]
-    extra = {"logits_to_keep": 1} if lm.accepts_logits_to_keep else {}
+def prefill(lm: LoadedModel, prompts: list[list[int]]) -> tuple[torch.Tensor, Any, torch.Tensor]:
+    """Run prompts together, left-padded; return last-position logits [B, V], the KV cache and its mask [B, S]."""
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[p[0]] * (width - len(p)) + p for p in prompts], device=lm.device)  # [B, S]
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=lm.device)  # [B, S]
+    extra: dict[str, Any] = {"logits_to_keep": 1} if lm.accepts_logits_to_keep else {}
+    if len(prompts) > 1:  # a lone prompt needs no mask: the plain causal path is the fastest
+        extra.update(attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0))
     out = lm.model(input_ids=ids, use_cache=True, **extra)
-    return out.logits[0, -1].float(), out.cache  # [V]
+    logits: torch.Tensor = out.logits[:, -1].float()  # [B, V]
+    return logits, out.cache, mask
+
+
+def prefill_groups(prompts: list[list[int]], waste: float = 1.25) -> list[list[int]]:
+    """Indices of prompts to prefill together: similar lengths, so padding costs at most `waste`."""
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    groups: list[list[int]] = []
+    for i in order:
+        group = groups[-1] if groups else None
+        if group is not None and len(prompts[i]) * (len(group) + 1) <= waste * (
+            sum(len(prompts[j]) for j in group) + len(prompts[i])
+        ):
+            group.append(i)
+        else:
+            groups.append([i])
+    return groups
 
 
 def decode_step(lm: LoadedModel, batch: KVBatch, tokens: list[int]) -> torch.Tensor:
@@ -368,10 +388,11 @@ class Engine:
         self._running = [self._running[i] for i in rows]
 
     def _admit(self) -> None:
-        """Prefill waiting requests into free slots; each gets its first token right away."""
-        while self._waiting and len(self._running) < self.config.max_batch_size:
-            if self._running and not self._batchable:
-                return  # this model's cache cannot be batched: one request at a time
+        """Prefill waiting requests into free slots, together where they can; each gets its first token at once."""
+        new: list[_Sequence] = []
+        while self._waiting and len(self._running) + len(new) < self.config.max_batch_size:
+            if (self._running or new) and not self._batchable:
+                break  # this model's cache cannot be batched: one request at a time
             seq = self._waiting.popleft()
             with self._lock:
                 self._pending -= 1
@@ -379,22 +400,50 @@ class Engine:
                     continue
                 self._active += 1
             seq.queue_s = time.monotonic() - seq.submitted
+            new.append(seq)
+        for group in prefill_groups([seq.prompt for seq in new]):
+            self._prefill([new[i] for i in group])
+
+    def _prefill(self, seqs: list[_Sequence]) -> None:
+        try:
+            logits, cache, mask = prefill(self.model, [seq.prompt for seq in seqs])
+        except Exception as exc:
+            if len(seqs) > 1:  # find the broken request: alone, only it fails
+                for seq in seqs:
+                    self._prefill([seq])
+                return
+            log.exception("prefill failed for request %s", seqs[0].handle.id)
+            self._retire(seqs[0], Failed(f"generation failed: {exc}"))
+            self._flush()
+            return
+        self._batchable = batchable(cache)
+        if not self._batchable and len(seqs) > 1:
+            # this model's cache cannot be batched after all: the first goes alone, the rest wait their turn
+            for seq in reversed(seqs[1:]):
+                with self._lock:
+                    self._active -= 1
+                    self._pending += 1
+                self._waiting.appendleft(seq)
+            self._prefill(seqs[:1])
+            return
+        keep = []
+        for i, seq in enumerate(seqs):
+            vocab = logits.shape[-1]
+            seq.counts = torch.zeros(vocab, device=logits.device)
+            seq.seen = torch.zeros(vocab, dtype=torch.bool, device=logits.device)
+            seq.seen[[t for t in seq.prompt if t < vocab]] = True
             try:
-                logits, cache = prefill(self.model, seq.prompt)
-                self._batchable = batchable(cache)
-                vocab = logits.shape[-1]
-                seq.counts = torch.zeros(vocab, device=logits.device)
-                seq.seen = torch.zeros(vocab, dtype=torch.bool, device=logits.device)
-                seq.seen[[t for t in seq.prompt if t < vocab]] = True
-                token = sample(logits, seq, self.model.eos_token_ids)
-            except Exception as exc:  # a broken request must not take the others down
-                log.exception("prefill failed for request %s", seq.handle.id)
+                token = sample(logits[i], seq, self.model.eos_token_ids)
+            except Exception as exc:
+                log.exception("sampling failed for request %s", seq.handle.id)
                 self._retire(seq, Failed(f"generation failed: {exc}"))
                 continue
             if self._advance(seq, token):
-                self._batch.add(cache, len(seq.prompt))
-                self._running.append(seq)
-            self._flush()  # its first token goes out now, not after the other prefills
+                keep.append(i)
+        if keep:
+            self._batch.add(select_rows(cache, keep), mask[keep])
+            self._running.extend(seqs[i] for i in keep)
+        self._flush()  # first tokens go out now, not after the other prefills
 
     def _decode(self) -> None:
         """One forward pass over every running request, then each samples its own token."""

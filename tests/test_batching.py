@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import threading
 from typing import Any
+
+import torch
 
 from common import ENGINE
 from loader import LoadedModel
@@ -115,3 +119,38 @@ async def test_32_requests_through_a_batch_of_4(make_client: MakeClient) -> None
     alone_client = await make_client(max_batch_size=1)
     for body, result in list(zip(bodies, results, strict=True))[::7]:
         assert (await chat(alone_client, body))["response"] == result["response"]
+
+
+class RecordsPrefills(torch.nn.Module):
+    """The tiny model, noting the batch size of every prefill (a forward pass over more than one position)."""
+
+    def __init__(self, model: Any) -> None:
+        super().__init__()
+        self.model = model
+        self.prefill_sizes: list[int] = []
+        self.gate = threading.Event()  # the first prefill waits for it
+
+    def forward(self, **kwargs: Any) -> Any:
+        if kwargs["input_ids"].shape[1] > 1:
+            if not self.prefill_sizes:
+                self.gate.wait(30)
+            self.prefill_sizes.append(kwargs["input_ids"].shape[0])
+        return self.model(**kwargs)
+
+
+async def test_requests_arriving_together_are_prefilled_together(make_client: MakeClient, tiny_lm: LoadedModel) -> None:
+    queries = ["question number one", "question two", "the third question", "q four", "fifth question here"]
+    bodies = [{"query": q, "temperature": 0, "max_tokens": 12, "ignore_eos": True} for q in queries]
+    alone_client = await make_client(max_batch_size=1)
+    alone = [(await chat(alone_client, b))["response"] for b in bodies]
+    recorder = RecordsPrefills(tiny_lm.model)
+    client = await make_client(dataclasses.replace(tiny_lm, model=recorder), max_batch_size=8)
+    # a first request holds the worker in its prefill until all the others are waiting
+    first = asyncio.create_task(chat(client, {"query": "first", "max_tokens": 2}))
+    await wait_until(lambda: client.app[ENGINE].counts == (1, 0))
+    together = asyncio.gather(*(chat(client, b) for b in bodies))
+    await wait_until(lambda: client.app[ENGINE].counts == (1, len(bodies)))
+    recorder.gate.set()
+    await first
+    assert [r["response"] for r in await together] == alone
+    assert max(recorder.prefill_sizes) > 1, f"no prefill was shared: {recorder.prefill_sizes}"

@@ -104,13 +104,17 @@ async def one_request(session: aiohttp.ClientSession, url: str, model: str, prom
     return Result(first - start, itls, count, last - start)
 
 
-async def closed_loop(url: str, model: str, concurrency: int, tokens: int, name: str) -> Run:
-    """`concurrency` identical requests at once."""
+async def closed_loop(url: str, model: str, concurrency: int, tokens: int, name: str, rounds: int = 1) -> Run:
+    """`concurrency` identical requests at once, `rounds` times in a row."""
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1800)) as session:
         await one_request(session, url, model, PROMPT, 4)  # warm-up
+        results: list[Result] = []
         start = time.perf_counter()
-        results = await asyncio.gather(*(one_request(session, url, model, PROMPT, tokens) for _ in range(concurrency)))
-        return Run(name, concurrency, time.perf_counter() - start, list(results))
+        for _ in range(rounds):
+            results += await asyncio.gather(
+                *(one_request(session, url, model, PROMPT, tokens) for _ in range(concurrency))
+            )
+        return Run(name, concurrency, time.perf_counter() - start, results)
 
 
 async def poisson(url: str, model: str, rate: float, count: int, seed: int = 0) -> Run:
@@ -214,7 +218,9 @@ def served_model(url: str) -> str:
 async def measure(url: str, model: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     runs = []
     for c in args.concurrency:
-        runs.append((await closed_loop(url, model, c, args.tokens, f"closed c={c}")).summary())
+        # a single stream is repeated so that its percentiles mean something
+        rounds = 5 if c == 1 else 1
+        runs.append((await closed_loop(url, model, c, args.tokens, f"closed c={c}", rounds)).summary())
         print(json.dumps(runs[-1]), flush=True)
     runs.append((await poisson(url, model, args.rate, args.poisson_requests)).summary())
     print(json.dumps(runs[-1]), flush=True)

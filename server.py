@@ -220,8 +220,9 @@ def main(argv: list[str] | None = None) -> int:
     engine = Engine(lambda: load_model(model_config), engine_config)  # loads on the worker: /health says 503 meanwhile
     app = create_app(config, engine)
     app.cleanup_ctx.append(watch_loading)
-    # aiohttp's own wait is only for handlers to write their last frame: `drain` already waited for the answers
-    web.run_app(app, host=config.host, port=config.port, shutdown_timeout=5.0, print=None)
+    # aiohttp's own wait is only for handlers to write their last frame: `drain` already waited for the answers;
+    # its access log is off: `request_context` writes one line per request with the request id
+    web.run_app(app, host=config.host, port=config.port, shutdown_timeout=5.0, print=None, access_log=None)
     if engine.load_error is not None:
         print(f"error: cannot load the model: {engine.load_error}", file=sys.stderr)
         return 1

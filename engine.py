@@ -426,20 +426,12 @@ class Engine:
                 self._waiting.appendleft(seq)
             self._prefill(seqs[:1])
             return
-        keep = []
-        for i, seq in enumerate(seqs):
-            vocab = logits.shape[-1]
+        vocab = logits.shape[-1]
+        for seq in seqs:
             seq.counts = torch.zeros(vocab, device=logits.device)
             seq.seen = torch.zeros(vocab, dtype=torch.bool, device=logits.device)
             seq.seen[[t for t in seq.prompt if t < vocab]] = True
-            try:
-                token = sample(logits[i], seq, self.model.eos_token_ids)
-            except Exception as exc:
-                log.exception("sampling failed for request %s", seq.handle.id)
-                self._retire(seq, Failed(f"generation failed: {exc}"))
-                continue
-            if self._advance(seq, token):
-                keep.append(i)
+        keep = self._sample_rows(seqs, logits)
         if keep:
             self._batch.add(select_rows(cache, keep), mask[keep])
             self._running.extend(seqs[i] for i in keep)
@@ -455,8 +447,12 @@ class Engine:
                 self._retire(seq, Failed(f"generation failed: {exc}"))
             self._keep([])
             return
+        self._keep(self._sample_rows(self._running, logits))
+
+    def _sample_rows(self, seqs: list[_Sequence], logits: torch.Tensor) -> list[int]:
+        """Each sequence samples from its row of logits [B, V]; returns the rows still running."""
         keep = []
-        for i, seq in enumerate(self._running):
+        for i, seq in enumerate(seqs):
             try:
                 token = sample(logits[i], seq, self.model.eos_token_ids)
             except Exception as exc:
@@ -465,7 +461,7 @@ class Engine:
                 continue
             if self._advance(seq, token):
                 keep.append(i)
-        self._keep(keep)
+        return keep
 
     def _retire(self, seq: _Sequence, event: Finished | Failed) -> None:
         with self._lock:

@@ -10,11 +10,11 @@ from aiohttp import web
 from common import (
     CONFIG,
     ENGINE,
-    METRICS,
-    STATS,
     check_limits,
     client_gone,
     error_response,
+    events_of,
+    failure_response,
     peeked,
     read_json,
     sampling_params,
@@ -63,11 +63,6 @@ def final_frame(req: ChatRequest, response: str, done: Finished) -> dict[str, An
     }
 
 
-def events_of(request: web.Request, handle: RequestHandle) -> Any:
-    """The handle's events, timed into the metrics and the request's log line."""
-    return request.app[METRICS].observe(handle.events(request.app[CONFIG].keepalive), request[STATS])
-
-
 async def chat(request: web.Request) -> web.Response:
     """POST /chat: the whole answer in one JSON object."""
     req = parse_chat(await read_json(request))
@@ -80,7 +75,7 @@ async def chat(request: web.Request) -> web.Response:
             if isinstance(event, Delta):
                 text.append(event.text)
             elif isinstance(event, Failed):
-                return error_response(503 if event.type == "unavailable" else 500, event.message)
+                return failure_response(event)
             elif isinstance(event, Finished):
                 return web.json_response({**final_frame(req, "".join(text), event), "success": True}, dumps=dumps)
     finally:
@@ -97,7 +92,7 @@ async def stream(request: web.Request) -> web.StreamResponse:
     try:
         first, events = await peeked(events_of(request, handle))
         if isinstance(first, Failed) and first.type == "unavailable":
-            return error_response(503, first.message)  # e.g. queue timeout: nothing was sent yet
+            return failure_response(first)  # e.g. queue timeout: nothing was sent yet
         await out.prepare(request)
         event: Event
         async for event in events:

@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 
-from engine import Engine, EngineStopped, QueueFull, SamplingParams
+from engine import Engine, EngineStopped, Event, Failed, QueueFull, RequestHandle, SamplingParams
 from metrics import Metrics, RequestStats
 from schema import InvalidField, Sampling, parse_json
 from sse import dumps
@@ -46,7 +46,6 @@ class Lifecycle:
     def __init__(self) -> None:
         self.in_flight = 0
         self.shutting_down = False
-        self.started = time.time()
 
 
 CONFIG = web.AppKey("config", ServerConfig)
@@ -225,6 +224,16 @@ async def peeked(events: AsyncIterator[T]) -> tuple[T, AsyncIterator[T]]:
             yield event
 
     return first, again()
+
+
+def events_of(request: web.Request, handle: RequestHandle) -> AsyncIterator[Event]:
+    """A generation's events, timed into the metrics and the request's log line."""
+    return request.app[METRICS].observe(handle.events(request.app[CONFIG].keepalive), request[STATS])
+
+
+def failure_response(event: Failed) -> web.Response:
+    """A generation that failed before anything was sent: 503 when the server could not take it, else 500."""
+    return error_response(503 if event.type == "unavailable" else 500, event.message)
 
 
 def client_gone(request: web.Request) -> bool:

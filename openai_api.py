@@ -15,11 +15,11 @@ from aiohttp import web
 from common import (
     CONFIG,
     ENGINE,
-    METRICS,
-    STATS,
     check_limits,
     client_gone,
     error_response,
+    events_of,
+    failure_response,
     peeked,
     read_json,
     sampling_params,
@@ -81,15 +81,14 @@ def start(request: web.Request, req: CompletionRequest) -> tuple[list[RequestHan
 
 async def merge(request: web.Request, handles: list[RequestHandle]) -> AsyncIterator[tuple[int, Event]]:
     """Events of several choices as they come, tagged with the choice index, timed into the metrics."""
-    keepalive, metrics, stats = request.app[CONFIG].keepalive, request.app[METRICS], request[STATS]
     if len(handles) == 1:
-        async for event in metrics.observe(handles[0].events(keepalive), stats):
+        async for event in events_of(request, handles[0]):
             yield 0, event
         return
     merged: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
 
     async def pump(i: int, handle: RequestHandle) -> None:
-        async for event in metrics.observe(handle.events(keepalive), stats):
+        async for event in events_of(request, handle):
             merged.put_nowait((i, event))
 
     tasks = [asyncio.create_task(pump(i, h)) for i, h in enumerate(handles)]
@@ -132,7 +131,7 @@ async def _complete(request: web.Request, handles: list[RequestHandle], base: di
         if isinstance(event, Delta):
             texts[i] += event.text
         elif isinstance(event, Failed):
-            return error_response(503 if event.type == "unavailable" else 500, event.message)
+            return failure_response(event)
         elif isinstance(event, Finished):
             reasons[i] = event.reason
             prompt_tokens = event.prompt_tokens
@@ -158,7 +157,7 @@ async def _stream(
     try:
         (_, first), events = await peeked(merge(request, handles))
         if isinstance(first, Failed) and first.type == "unavailable":
-            return error_response(503, first.message)  # e.g. queue timeout: nothing was sent yet
+            return failure_response(first)  # e.g. queue timeout: nothing was sent yet
         await out.prepare(request)
         for i in range(len(handles)):
             await out.send_json(_chunk(base, i, {"role": "assistant", "content": ""}))

@@ -56,7 +56,11 @@ async def health(request: web.Request) -> web.Response:
     """GET /health: 200 when the model is loaded and the engine runs; 503 while loading or shutting down."""
     engine, life = request.app[ENGINE], request.app[LIFECYCLE]
     running, waiting = engine.counts
-    body: dict[str, object] = {"running": running, "waiting": waiting, "uptime_s": round(time.time() - life.started, 1)}
+    body: dict[str, object] = {
+        "running": running,
+        "waiting": waiting,
+        "uptime_s": round(time.time() - engine.started_at, 1),
+    }
     try:
         lm = engine.model
     except EngineStopped as exc:

@@ -1,4 +1,5 @@
-"""The KV cache of a decode batch: rows join after their own prefill and leave when done.
+"""Batched forward passes: prefill and decode over the KV cache of a decode batch, whose rows join after
+their own prefill and leave when done.
 
 Rows are left-padded to a common length; an attention mask hides the padding and explicit
 position ids keep every row's positions its own, so a row decodes the same tokens in a batch
@@ -11,6 +12,8 @@ from typing import Any
 
 import torch
 from transformers.cache_utils import DynamicLayer
+
+from loader import LoadedModel
 
 
 def batchable(cache: Any) -> bool:
@@ -97,3 +100,39 @@ class KVBatch:
         }
         self.positions = [p + 1 for p in self.positions]
         return inputs
+
+
+def prefill(lm: LoadedModel, prompts: list[list[int]]) -> tuple[torch.Tensor, Any, torch.Tensor]:
+    """Run prompts together, left-padded; return last-position logits [B, V], the KV cache and its mask [B, S]."""
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[p[0]] * (width - len(p)) + p for p in prompts], device=lm.device)  # [B, S]
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=lm.device)  # [B, S]
+    extra: dict[str, Any] = {"logits_to_keep": 1} if lm.accepts_logits_to_keep else {}
+    if len(prompts) > 1:  # a lone prompt needs no mask: the plain causal path is the fastest
+        extra.update(attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0))
+    out = lm.model(input_ids=ids, use_cache=True, **extra)
+    logits: torch.Tensor = out.logits[:, -1].float()  # [B, V]
+    return logits, out.cache, mask
+
+
+def prefill_groups(prompts: list[list[int]], waste: float = 1.25) -> list[list[int]]:
+    """Indices of prompts to prefill together: similar lengths, so padding costs at most `waste`."""
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    groups: list[list[int]] = []
+    for i in order:
+        group = groups[-1] if groups else None
+        if group is not None and len(prompts[i]) * (len(group) + 1) <= waste * (
+            sum(len(prompts[j]) for j in group) + len(prompts[i])
+        ):
+            group.append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+def decode_step(lm: LoadedModel, batch: KVBatch, tokens: list[int]) -> torch.Tensor:
+    """Feed each row of the batch its last token; return next-token logits [B, V]."""
+    out = lm.model(**batch.step_inputs(tokens))
+    batch.cache = out.cache
+    logits: torch.Tensor = out.logits[:, -1].float()  # [B, V]
+    return logits

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import importlib.util
 import inspect
 import logging
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +31,7 @@ class ModelConfig:
     path: Path | None = None  # None: the bundled SmolLM2
     device: str | None = None  # None: first CUDA device if present, else CPU
     quantize: int = 16
+    cache_dir: Path | None = None  # where converted GGUF models are kept; None: convert on every start
 
 
 @dataclass(frozen=True)
@@ -56,6 +61,21 @@ def bundled_model_path() -> Path:
         if candidate.is_file():
             return candidate
     raise ModelLoadError(f"{BUNDLED_FILE} is missing from {BUNDLED_PACKAGE}; reinstall: {BUNDLED_INSTALL}")
+
+
+def default_cache_dir() -> Path:
+    """`$XDG_CACHE_HOME/chatglm-stream`, else `~/.cache/chatglm-stream`."""
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "chatglm-stream"
+
+
+def gguf_cache_entry(path: Path, cache_dir: Path) -> Path:
+    """The cache folder for one GGUF file: a new file, a changed file or a new transformers gets a new one."""
+    import transformers
+
+    stat = path.stat()
+    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{transformers.__version__}"
+    return cache_dir / f"{path.stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
 
 def resolve_device(device: str | None) -> str:
@@ -112,18 +132,31 @@ def load_model(config: ModelConfig) -> LoadedModel:
 
     path, device = preflight(config)
 
-    if path.is_file():
-        folder, extra = str(path.parent), {"gguf_file": path.name}
-    else:
-        folder, extra = str(path), {}
     # half precision on CUDA; on CPU keep the checkpoint's own dtype (GGUF dequantizes to fp32)
     dtype: Any = torch.float16 if device.startswith("cuda") else "auto"
-    log.info("loading %s on %s", path, device)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, **extra)
-        model: Any = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=dtype, **extra)
-    except (OSError, ValueError, KeyError) as exc:
-        raise ModelLoadError(f"cannot load {path}: {exc}") from exc
+    cached = gguf_cache_entry(path, config.cache_dir) if path.is_file() and config.cache_dir else None
+    tokenizer: Any = None
+    model: Any = None
+    if cached is not None and cached.is_dir():
+        # GGUF parsing is slow in transformers (tens of seconds for 135M); the converted copy loads in seconds
+        log.info("loading %s from its converted copy %s on %s", path, cached, device)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(cached, local_files_only=True)
+            model = AutoModelForCausalLM.from_pretrained(cached, local_files_only=True, dtype=dtype)
+        except Exception as exc:  # whatever broke our own copy (truncated file, old format), converting mends it
+            log.warning("the converted copy %s is unreadable (%s); converting %s again", cached, exc, path)
+            shutil.rmtree(cached, ignore_errors=True)
+            tokenizer = model = None
+    if model is None:
+        folder, extra = (str(path.parent), {"gguf_file": path.name}) if path.is_file() else (str(path), {})
+        log.info("loading %s on %s", path, device)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, **extra)
+            model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=dtype, **extra)
+        except (OSError, ValueError, KeyError) as exc:
+            raise ModelLoadError(f"cannot load {path}: {exc}") from exc
+        if cached is not None:
+            _save_converted(model, tokenizer, cached)
     model.to(device)
     model.eval()
     loaded = LoadedModel(
@@ -138,6 +171,30 @@ def load_model(config: ModelConfig) -> LoadedModel:
     )
     log.info("loaded %s: %s, %s, context %d", loaded.name, loaded.device, loaded.dtype, loaded.context_length)
     return loaded
+
+
+def _save_converted(model: Any, tokenizer: Any, entry: Path) -> None:
+    """Keep a GGUF's converted model for the next start; a cache that cannot be written only costs time."""
+    partial = entry.with_name(f".{entry.name}.{os.getpid()}.partial")
+    from safetensors.torch import save_model
+
+    try:
+        partial.mkdir(parents=True)
+        # transformers refuses to save a model that came from GGUF (its quantizer stays attached although the
+        # weights are plain tensors by now), so write the weights and a config without that quantizer
+        save_model(model, str(partial / "model.safetensors"))
+        config = copy.deepcopy(model.config)
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        config.save_pretrained(partial)
+        model.generation_config.save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
+        os.replace(partial, entry)  # atomic: a reader never sees half a copy
+        log.info("kept the converted model in %s for faster starts (--no-cache to turn off)", entry)
+    except OSError as exc:
+        log.warning("could not keep the converted model in %s: %s", entry, exc)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
 
 
 def _context_length(model_config: Any) -> int:

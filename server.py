@@ -31,7 +31,7 @@ from common import (
     served_names,
 )
 from engine import Engine, EngineConfig, EngineStopped
-from loader import ModelConfig, ModelLoadError, load_model, preflight
+from loader import ModelConfig, ModelLoadError, default_cache_dir, load_model, preflight
 from metrics import Metrics
 from openapi import build_spec
 
@@ -176,6 +176,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--model", type=Path, help="local HF model directory or .gguf file (default: bundled SmolLM2-135M)")
     a("--device", help="cpu, a CUDA index (0) or cuda:N (default: cuda:0 if present, else cpu)")
     a("--quantize", type=int, default=16, choices=(16, 8, 4), help="16: fp16 on CUDA, own dtype on CPU")
+    a("--cache-dir", type=Path, default=default_cache_dir(), help="converted GGUF models (default: %(default)s)")
+    a("--no-cache", action="store_true", help="convert a GGUF model on every start instead")
     a("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     a("--port", type=int, default=8800)
     a("--served-model-name", action="append", default=[], help="name clients use (repeatable)")
@@ -198,7 +200,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    model_config = ModelConfig(args.model, args.device, args.quantize)
+    model_config = ModelConfig(args.model, args.device, args.quantize, None if args.no_cache else args.cache_dir)
     try:
         preflight(model_config)  # the mistakes a user can fix, before anything starts
     except ModelLoadError as exc:

@@ -151,10 +151,10 @@ def in_process(model_path: Path | None, device: str, tokens: int, batches: list[
     """transformers `generate` on the same model and dtype: prefill time and decode speed per batch size."""
     import torch
 
-    from loader import ModelConfig, load_model
+    from loader import ModelConfig, default_cache_dir, load_model
     from text import Message, encode_chat
 
-    lm = load_model(ModelConfig(model_path, device))
+    lm = load_model(ModelConfig(model_path, device, cache_dir=default_cache_dir()))
     ids = encode_chat(lm.tokenizer, [Message("user", PROMPT)])
     out: dict[str, Any] = {"prompt_tokens": len(ids), "model": lm.name, "dtype": lm.dtype}
     with torch.inference_mode():

@@ -82,6 +82,61 @@ def build_tiny_model(folder: Path, *, chat_template: bool = True, seed: int = 0,
     return folder
 
 
+# Hugging Face Llama parameter names and their GGUF names (llama.cpp's naming).
+GGUF_NAMES = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
+GGUF_LAYER_NAMES = {
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+}
+
+
+def build_tiny_gguf(folder: Path) -> Path:
+    """The tiny random model written as a `.gguf` file (float32 tensors, gpt2-style BPE vocabulary)."""
+    import gguf
+    from safetensors.torch import load_file
+
+    hf = build_tiny_model(folder / "hf")
+    config = json.loads((hf / "config.json").read_text())
+    tokenizer = json.loads((hf / "tokenizer.json").read_text())
+    out = folder / "tiny.gguf"
+    w = gguf.GGUFWriter(str(out), "llama")
+    w.add_context_length(config["max_position_embeddings"])
+    w.add_embedding_length(config["hidden_size"])
+    w.add_block_count(config["num_hidden_layers"])
+    w.add_feed_forward_length(config["intermediate_size"])
+    w.add_head_count(config["num_attention_heads"])
+    w.add_head_count_kv(config["num_key_value_heads"])
+    w.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    special = {t["content"]: t["id"] for t in tokenizer["added_tokens"]}
+    vocab = sorted({**tokenizer["model"]["vocab"], **special}.items(), key=lambda kv: kv[1])
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list([token for token, _ in vocab])
+    w.add_token_types([gguf.TokenType.CONTROL if t in special else gguf.TokenType.NORMAL for t, _ in vocab])
+    w.add_token_merges([" ".join(m) for m in tokenizer["model"]["merges"]])
+    w.add_eos_token_id(config["eos_token_id"])
+    w.add_pad_token_id(config["pad_token_id"])
+    w.add_chat_template(CHAT_TEMPLATE)
+    for name, tensor in load_file(hf / "model.safetensors").items():
+        module = name.removesuffix(".weight")
+        if module in GGUF_NAMES:
+            w.add_tensor(f"{GGUF_NAMES[module]}.weight", tensor.float().numpy())
+        else:  # model.layers.<i>.<module>.weight
+            _, _, i, rest = module.split(".", 3)
+            w.add_tensor(f"blk.{i}.{GGUF_LAYER_NAMES[rest]}.weight", tensor.float().numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return out
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny"))
@@ -203,8 +258,15 @@ def tiny_server(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
 
 
 @pytest.fixture(scope="session")
-def bundled_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    """The bundled SmolLM2-135M, served exactly as `python server.py` serves it."""
-    server = start_server(["--device", "cpu"], tmp_path_factory.mktemp("logs") / "bundled_server.log")
+def bundled_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The bundled server's own GGUF cache: each session converts as a first start does; the user's stays untouched."""
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="session")
+def bundled_server(bundled_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    """The bundled SmolLM2-135M, served as `python server.py` serves it (but with its own cache folder)."""
+    args = ["--device", "cpu", "--cache-dir", str(bundled_cache)]
+    server = start_server(args, tmp_path_factory.mktemp("logs") / "bundled_server.log")
     yield server
     stop_server(server)

@@ -210,7 +210,7 @@ class Engine:
         self._stopping = threading.Event()
         self._ids = count(1)
         self._pending = 0  # submitted but not yet running (event-loop view, guarded by _lock)
-        self._active = 0
+        self._live: dict[int, _Sequence] = {}  # admitted and not yet ended, by request id (guarded by _lock)
         self._lock = threading.Lock()
         self.started_at = time.time()
 
@@ -246,7 +246,7 @@ class Engine:
     def counts(self) -> tuple[int, int]:
         """(running, waiting) requests."""
         with self._lock:
-            return self._active, self._pending
+            return len(self._live), self._pending
 
     def submit(self, prompt: list[int], params: SamplingParams) -> RequestHandle:
         """Queue a generation; call on the event loop. Raises QueueFull or EngineStopped."""
@@ -281,22 +281,41 @@ class Engine:
                     self.ready.set()
             with torch.inference_mode():
                 while not self._stopping.is_set():
-                    self._take_new(block=not self._running and not self._waiting)
-                    self._drop_cancelled()
-                    self._expire_waiting()
-                    self._admit()
-                    if self._running:
-                        self._decode()
-                        self._flush()
+                    try:
+                        self._step()
+                    except Exception:
+                        # a bug or a fault we did not foresee: end what was generating, keep serving the rest
+                        log.exception("engine step failed; ending the requests it was generating")
+                        self._abandon_live()
         except Exception:
             log.exception("engine worker crashed")
         finally:
             self._stopping.set()
             self._take_new(block=False)
-            for seq in [*self._running, *self._waiting]:
+            with self._lock:
+                ending = [*self._live.values(), *self._waiting]
+            for seq in ending:
                 self._emit(seq.handle, Failed("the server is shutting down", "unavailable"))
             self._flush()
             log.info("engine worker stopped")
+
+    def _step(self) -> None:
+        self._take_new(block=not self._running and not self._waiting)
+        self._drop_cancelled()
+        self._expire_waiting()
+        self._admit()
+        if self._running:
+            self._decode()
+            self._flush()
+
+    def _abandon_live(self) -> None:
+        with self._lock:
+            live = list(self._live.values())
+        for seq in live:
+            self._retire(seq, Failed("generation failed: internal error"))
+        self._running = []
+        self._batch = KVBatch()
+        self._flush()
 
     def _emit(self, handle: RequestHandle, event: Delta | Finished | Failed) -> None:
         self._outbox.append((handle, event))
@@ -361,7 +380,7 @@ class Engine:
                 self._pending -= 1
                 if seq.handle.cancelled:
                     continue
-                self._active += 1
+                self._live[seq.handle.id] = seq
             seq.queue_s = time.monotonic() - seq.submitted
             new.append(seq)
         for group in prefill_groups([seq.prompt for seq in new]):
@@ -384,7 +403,7 @@ class Engine:
             # this model's cache cannot be batched after all: the first goes alone, the rest wait their turn
             for seq in reversed(seqs[1:]):
                 with self._lock:
-                    self._active -= 1
+                    del self._live[seq.handle.id]
                     self._pending += 1
                 self._waiting.appendleft(seq)
             self._prefill(seqs[:1])
@@ -416,19 +435,19 @@ class Engine:
         """Each sequence samples from its row of logits [B, V]; returns the rows still running."""
         keep = []
         for i, seq in enumerate(seqs):
-            try:
-                token = sample(logits[i], seq, self.model.eos_token_ids)
+            try:  # a fault in one request's sampling or detokenizing ends only that request
+                if self._advance(seq, sample(logits[i], seq, self.model.eos_token_ids)):
+                    keep.append(i)
             except Exception as exc:
                 log.exception("sampling failed for request %s", seq.handle.id)
                 self._retire(seq, Failed(f"generation failed: {exc}"))
-                continue
-            if self._advance(seq, token):
-                keep.append(i)
         return keep
 
     def _retire(self, seq: _Sequence, event: Finished | Failed) -> None:
+        """End a sequence with its final event, once."""
         with self._lock:
-            self._active -= 1
+            if self._live.pop(seq.handle.id, None) is None:
+                return
         self._emit(seq.handle, event)
 
     def _advance(self, seq: _Sequence, token: int) -> bool:

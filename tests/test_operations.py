@@ -231,6 +231,85 @@ async def test_a_fault_ends_only_its_own_stream(make_client: MakeClient, tiny_lm
         assert frames[-1]["finish_reason"] == "length" and frames[-1]["usage"]["completion_tokens"] == 60
 
 
+class NaNOnMarker(RaisesOnMarker):
+    """The tiny model, except that a prompt containing the marker token gets NaN logits (as fp16 overflow does)."""
+
+    def forward(self, **kwargs: Any) -> Any:
+        out = self.model(**kwargs)
+        out.logits[(kwargs["input_ids"] == self.marker).any(dim=-1)] = float("nan")
+        return out
+
+
+async def test_a_request_that_cannot_be_sampled_ends_alone(make_client: MakeClient, tiny_lm: LoadedModel) -> None:
+    marker = tiny_lm.tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    client = await make_client(dataclasses.replace(tiny_lm, model=NaNOnMarker(tiny_lm.model, marker)))
+    body = {"query": "fine", "max_tokens": 40, "ignore_eos": True}
+    healthy = [await client.post("/stream", json=body) for _ in range(2)]
+    for resp in healthy:
+        await resp.content.readuntil(b"\n\n")
+    broken = await client.post("/chat", json={"query": "nan <|endoftext|>", "temperature": 1.0})
+    assert broken.status == 500 and "generation failed" in (await broken.json())["error"]["message"]
+    for resp in healthy:
+        assert delta_frames(await resp.read())[-1]["usage"]["completion_tokens"] == 40
+
+
+class BreaksDecodeSteps(torch.nn.Module):
+    """The tiny model, except that its one-token decode steps raise while `broken` is set."""
+
+    def __init__(self, model: Any) -> None:
+        super().__init__()
+        self.model = model
+        self.broken = False
+
+    def forward(self, **kwargs: Any) -> Any:
+        if self.broken and kwargs["input_ids"].shape[1] == 1:
+            raise RuntimeError("injected decode fault")
+        return self.model(**kwargs)
+
+
+async def test_a_failed_decode_step_ends_its_batch_and_the_server_goes_on(
+    make_client: MakeClient, tiny_lm: LoadedModel
+) -> None:
+    model = BreaksDecodeSteps(tiny_lm.model)
+    client = await make_client(dataclasses.replace(tiny_lm, model=model), max_batch_size=8)
+    body = {"query": "go", "max_tokens": 200, "ignore_eos": True}
+    streams = [await client.post("/stream", json=body) for _ in range(3)]
+    for resp in streams:
+        await resp.content.readuntil(b"\n\n")
+    model.broken = True  # one forward pass serves the whole batch, so its failure cannot be pinned on one request
+    for resp in streams:
+        last = delta_frames(await resp.read())[-1]
+        assert last["finish_reason"] == "error" and "injected decode fault" in last["error"]["message"]
+    model.broken = False
+    after = await (await client.post("/chat", json={"query": "next", "max_tokens": 4, "ignore_eos": True})).json()
+    assert after["usage"]["completion_tokens"] == 4
+    assert client.app[ENGINE].counts == (0, 0)
+
+
+async def test_an_unforeseen_fault_ends_what_was_generating_and_the_engine_goes_on(
+    make_client: MakeClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import batch
+
+    client = await make_client(max_batch_size=8)
+    body = {"query": "go", "max_tokens": 200, "ignore_eos": True}
+    running = await client.post("/stream", json=body)
+    await running.content.readuntil(b"\n\n")
+
+    def broken_add(self: batch.KVBatch, cache: Any, mask: torch.Tensor) -> None:
+        raise AssertionError("injected bug")  # stands for a bug of ours, in the middle of the worker's step
+
+    monkeypatch.setattr(batch.KVBatch, "add", broken_add)
+    joining = await client.post("/stream", json=body)
+    for resp in (running, joining):
+        last = delta_frames(await resp.read())[-1]
+        assert last["finish_reason"] == "error" and last["error"]["message"] == "generation failed: internal error"
+    monkeypatch.undo()
+    assert client.app[ENGINE].counts == (0, 0) and client.app[ENGINE].running
+    after = await (await client.post("/chat", json={"query": "next", "max_tokens": 4, "ignore_eos": True})).json()
+    assert after["usage"]["completion_tokens"] == 4
+
+
 JSON_VALUES = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False) | st.text(max_size=20),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),

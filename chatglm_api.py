@@ -11,8 +11,6 @@ from common import (
     CONFIG,
     ENGINE,
     check_limits,
-    client_gone,
-    error_response,
     events_of,
     failure_response,
     peeked,
@@ -70,8 +68,6 @@ async def chat(request: web.Request) -> web.Response:
     text: list[str] = []
     try:
         async for event in events_of(request, handle):
-            if isinstance(event, KeepAlive) and client_gone(request):
-                break
             if isinstance(event, Delta):
                 text.append(event.text)
             elif isinstance(event, Failed):
@@ -80,7 +76,7 @@ async def chat(request: web.Request) -> web.Response:
                 return web.json_response({**final_frame(req, "".join(text), event), "success": True}, dumps=dumps)
     finally:
         handle.cancel()
-    return error_response(499, "client closed the request")
+    raise AssertionError("a generation's events end with Finished or Failed")
 
 
 async def stream(request: web.Request) -> web.StreamResponse:
@@ -91,7 +87,7 @@ async def stream(request: web.Request) -> web.StreamResponse:
     response = ""
     try:
         first, events = await peeked(events_of(request, handle))
-        if isinstance(first, Failed) and first.type == "unavailable":
+        if isinstance(first, Failed) and first.type in ("unavailable", "cancelled"):
             return failure_response(first)  # e.g. queue timeout: nothing was sent yet
         await out.prepare(request)
         event: Event

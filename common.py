@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import time
@@ -16,8 +17,10 @@ from engine import Engine, EngineStopped, Event, Failed, QueueFull, RequestHandl
 from metrics import Metrics, RequestStats
 from schema import InvalidField, Sampling, parse_json
 from sse import dumps
+from text import ChatRejected
 
 log = logging.getLogger("access")
+errors = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
@@ -92,6 +95,8 @@ async def json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
         return error_response(400, exc.message, exc.param)
     except QueueFull as exc:
         return error_response(429, f"server busy: {exc}; retry later", headers={"Retry-After": "1"})
+    except ChatRejected as exc:
+        return error_response(400, str(exc), "messages" if request.path.startswith("/v1/") else None)
     except EngineStopped as exc:
         return error_response(503, str(exc))
     except web.HTTPException as exc:
@@ -99,6 +104,9 @@ async def json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
             raise
         headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
         return error_response(exc.status, exc.reason, headers=headers)
+    except Exception:  # a bug of ours: still JSON, and the details stay in the log
+        errors.exception("request %s failed", request.get(REQUEST_ID))
+        return error_response(500, "internal server error")
 
 
 @web.middleware
@@ -106,7 +114,7 @@ async def request_context(request: web.Request, handler: Any) -> web.StreamRespo
     """Request id, the connection limit, refusal while shutting down, one log line and metrics per request."""
     app, life = request.app, request.app[LIFECYCLE]
     request[REQUEST_ID] = request.headers.get("X-Request-ID", "")[:128] or uuid.uuid4().hex
-    request[STATS] = stats = RequestStats()
+    request[STATS] = RequestStats()
     counted = request.path not in UNCOUNTED
     response: web.StreamResponse
     if life.shutting_down and counted:
@@ -117,26 +125,35 @@ async def request_context(request: web.Request, handler: Any) -> web.StreamRespo
         life.in_flight += counted
         try:
             response = await handler(request)
+        except asyncio.CancelledError:  # the client closed the connection and aiohttp cancelled the handler
+            _account(request, 499)
+            raise
         finally:
             life.in_flight -= counted
+    _account(request, response.status)
+    return response
+
+
+def _account(request: web.Request, status: int) -> None:
+    """A finished request's metrics and its one access log line."""
+    stats: RequestStats = request[STATS]
     duration = time.perf_counter() - stats.started
     route = request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"
-    app[METRICS].requests.labels(route, str(response.status)).inc()
+    request.app[METRICS].requests.labels(route, str(status)).inc()
     if stats.completion_tokens:
-        app[METRICS].e2e.observe(duration)
+        request.app[METRICS].e2e.observe(duration)
     ttft = f"{stats.ttft:.3f}" if stats.ttft is not None else "-"
     log.info(
         "id=%s %s %s status=%s prompt=%d completion=%d ttft=%s duration=%.3f",
         request[REQUEST_ID],
         request.method,
         request.path,
-        response.status,
+        status,
         stats.prompt_tokens,
         stats.completion_tokens,
         ttft,
         duration,
     )
-    return response
 
 
 async def echo_request_id(request: web.Request, response: web.StreamResponse) -> None:
@@ -228,12 +245,15 @@ async def peeked(events: AsyncIterator[T]) -> tuple[T, AsyncIterator[T]]:
 
 def events_of(request: web.Request, handle: RequestHandle) -> AsyncIterator[Event]:
     """A generation's events, timed into the metrics and the request's log line."""
-    return request.app[METRICS].observe(handle.events(request.app[CONFIG].keepalive), request[STATS])
+    events = handle.events(request.app[CONFIG].keepalive, gone=lambda: client_gone(request))
+    return request.app[METRICS].observe(events, request[STATS])
 
 
 def failure_response(event: Failed) -> web.Response:
-    """A generation that failed before anything was sent: 503 when the server could not take it, else 500."""
-    return error_response(503 if event.type == "unavailable" else 500, event.message)
+    """A generation that ended before anything was sent: 503 when the server could not take it, 499 (nginx's
+    "client closed request", for the log and metrics: nobody reads it) when the client left, else 500."""
+    status = {"unavailable": 503, "cancelled": 499}.get(event.type, 500)
+    return error_response(status, event.message)
 
 
 def client_gone(request: web.Request) -> bool:

@@ -117,14 +117,31 @@ class RequestHandle:
         """Hand an event to the consumer; runs on the event loop."""
         self._queue.put_nowait(event)
 
-    async def events(self, keepalive: float = 15.0) -> AsyncIterator[Event]:
-        """Yield events until Finished or Failed; KeepAlive after `keepalive` idle seconds."""
+    async def events(self, keepalive: float = 15.0, gone: Callable[[], bool] | None = None) -> AsyncIterator[Event]:
+        """Yield events until Finished or Failed; KeepAlive after `keepalive` idle seconds.
+
+        `gone` is asked at every event and at least every second, so a consumer that left is noticed while the
+        request waits, prefills or holds text back too: the generation is cancelled and the last event is
+        Failed of type "cancelled".
+        """
+        loop = asyncio.get_running_loop()
+        idle_since = loop.time()
         while True:
-            try:
-                event = await asyncio.wait_for(self._queue.get(), keepalive)
-            except TimeoutError:
+            if gone is not None and gone():
+                self.cancel()
+                self.done = True
+                yield Failed("the client closed the request", "cancelled")
+                return
+            wait = keepalive - (loop.time() - idle_since)
+            if wait <= 0:
+                idle_since = loop.time()
                 yield KeepAlive()
                 continue
+            try:
+                event = await asyncio.wait_for(self._queue.get(), min(wait, 1.0))
+            except TimeoutError:
+                continue
+            idle_since = loop.time()
             if isinstance(event, (Finished, Failed)):
                 self.done = True
             yield event
@@ -180,6 +197,7 @@ def sample(logits: torch.Tensor, seq: _Sequence, eos: frozenset[int]) -> int:
         sorted_probs, order = torch.sort(probs, descending=True)
         # keep the smallest set whose mass reaches top_p (the first token always stays)
         drop = (torch.cumsum(sorted_probs, dim=-1) - sorted_probs) >= p.top_p
+        drop[0] = False  # top_p 0 keeps just the most likely token
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
     return int(torch.multinomial(probs, 1, generator=seq.generator))
@@ -347,6 +365,11 @@ class Engine:
             pass
 
     def _drop_cancelled(self) -> None:
+        if any(seq.handle.cancelled for seq in self._waiting):  # a request that left frees its place in the queue
+            waiting = deque(seq for seq in self._waiting if not seq.handle.cancelled)
+            with self._lock:
+                self._pending -= len(self._waiting) - len(waiting)
+            self._waiting = waiting
         keep = [i for i, seq in enumerate(self._running) if not seq.handle.cancelled]
         for seq in self._running:
             if seq.handle.cancelled:

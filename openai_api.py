@@ -16,7 +16,6 @@ from common import (
     CONFIG,
     ENGINE,
     check_limits,
-    client_gone,
     error_response,
     events_of,
     failure_response,
@@ -126,8 +125,6 @@ async def _complete(request: web.Request, handles: list[RequestHandle], base: di
     reasons = [""] * len(handles)
     prompt_tokens = completion_tokens = 0
     async for i, event in merge(request, handles):
-        if isinstance(event, KeepAlive) and client_gone(request):
-            return error_response(499, "client closed the request")
         if isinstance(event, Delta):
             texts[i] += event.text
         elif isinstance(event, Failed):
@@ -156,7 +153,7 @@ async def _stream(
     prompt_tokens = completion_tokens = 0
     try:
         (_, first), events = await peeked(merge(request, handles))
-        if isinstance(first, Failed) and first.type == "unavailable":
+        if isinstance(first, Failed) and first.type in ("unavailable", "cancelled"):
             return failure_response(first)  # e.g. queue timeout: nothing was sent yet
         await out.prepare(request)
         for i in range(len(handles)):

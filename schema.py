@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,19 +66,40 @@ def parse_json(raw: bytes) -> dict[str, Any]:
     """The body as a JSON object."""
     try:
         body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, a 5000-digit number, nesting too deep
         raise InvalidField(None, f"body is not valid JSON: {exc}") from exc
     if not isinstance(body, dict):
         raise InvalidField(None, "body must be a JSON object")
+    broken = _unpaired_surrogate(body)
+    if broken is not None:
+        raise InvalidField(broken, f"'{broken}' holds an unpaired UTF-16 surrogate, which is not text")
     return body
+
+
+def _unpaired_surrogate(body: dict[str, Any]) -> str | None:
+    """The path of the first string with a lone surrogate (JSON allows "\\ud800"; the tokenizer does not)."""
+    todo: list[tuple[str, Any]] = [("", body)]
+    while todo:  # not recursive: the body may nest as deep as the JSON parser allows
+        path, value = todo.pop()
+        if isinstance(value, str):
+            try:
+                value.encode()
+            except UnicodeEncodeError:
+                return path
+        elif isinstance(value, dict):
+            todo += [(f"{path}.{k}" if path else str(k), v) for k, v in value.items()]
+            todo += [(path or "body", k) for k in value]
+        elif isinstance(value, list):
+            todo += [(f"{path}[{i}]", v) for i, v in enumerate(value)]
+    return None
 
 
 def _number(body: dict[str, Any], name: str, lo: float, hi: float, *, lo_open: bool = False) -> float | None:
     value = body.get(name)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise InvalidField(name, f"'{name}' must be a number")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InvalidField(name, f"'{name}' must be a finite number")
     if value < lo or value > hi or (lo_open and value == lo):
         low = f"greater than {lo:g}" if lo_open else f"at least {lo:g}"
         raise InvalidField(name, f"'{name}' must be {low} and at most {hi:g}, got {value}")
@@ -130,7 +152,7 @@ def _sampling(body: dict[str, Any], max_tokens: int | None) -> Sampling:
     top_k = _integer(body, "top_k", -1, 1_000_000)
     return Sampling(
         temperature=_number(body, "temperature", 0.0, 2.0),
-        top_p=_number(body, "top_p", 0.0, 1.0, lo_open=True),
+        top_p=_number(body, "top_p", 0.0, 1.0),
         top_k=None if top_k is None or top_k < 0 else top_k,  # -1 means no cut, as in vLLM
         repetition_penalty=_number(body, "repetition_penalty", 0.0, 10.0, lo_open=True),
         presence_penalty=_number(body, "presence_penalty", -2.0, 2.0) or 0.0,
@@ -148,7 +170,9 @@ def parse_chat(body: dict[str, Any]) -> ChatRequest:
     query = _string(body, "query", required=True)
     if not query:
         raise InvalidField("query", "'query' must not be empty")
-    raw_history = body.get("history") or []
+    raw_history = body.get("history")
+    if raw_history is None:
+        raw_history = []
     if not isinstance(raw_history, list):
         raise InvalidField("history", "'history' must be an array of [user, assistant] string pairs")
     history: list[tuple[str, str]] = []

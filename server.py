@@ -228,7 +228,15 @@ def main(argv: list[str] | None = None) -> int:
     app.cleanup_ctx.append(watch_loading)
     # aiohttp's own wait is only for handlers to write their last frame: `drain` already waited for the answers;
     # its access log is off: `request_context` writes one line per request with the request id
-    web.run_app(app, host=config.host, port=config.port, shutdown_timeout=5.0, print=None, access_log=None)
+    web.run_app(
+        app,
+        host=config.host,
+        port=config.port,
+        shutdown_timeout=5.0,
+        print=None,
+        access_log=None,
+        handler_cancellation=True,  # a closed connection cancels its handler at once, as under aiohttp_client
+    )
     if engine.load_error is not None:
         print(f"error: cannot load the model: {engine.load_error}", file=sys.stderr)
         return 1

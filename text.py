@@ -31,6 +31,10 @@ class PromptTooLong(Exception):
         self.context_length = context_length
 
 
+class ChatRejected(Exception):
+    """The model's chat template refused the conversation (say, a system message or roles out of turn)."""
+
+
 def chatglm_messages(system: str | None, history: Sequence[tuple[str, str]], query: str) -> list[Message]:
     """History rounds become user/assistant messages, then the new query."""
     messages = [Message("system", system)] if system else []
@@ -47,9 +51,12 @@ def encode_chat(tokenizer: Any, messages: Sequence[Message]) -> list[int]:
     `{system}\\n\\n` then `User: {text}\\nAssistant: {text}\\n\\n` per round, ending `Assistant:`.
     """
     if getattr(tokenizer, "chat_template", None):
-        rendered = tokenizer.apply_chat_template(
-            [{"role": m.role, "content": m.content} for m in messages], tokenize=False, add_generation_prompt=True
-        )
+        try:
+            rendered = tokenizer.apply_chat_template(
+                [{"role": m.role, "content": m.content} for m in messages], tokenize=False, add_generation_prompt=True
+            )
+        except Exception as exc:  # templates reject what their model cannot take with raise_exception(...)
+            raise ChatRejected(f"the model's chat template refused this conversation: {exc}") from exc
         # the template already writes any BOS it wants
         return list(tokenizer(rendered, add_special_tokens=False)["input_ids"])
     return list(tokenizer(fallback_prompt(messages))["input_ids"])

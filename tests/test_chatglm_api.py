@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import copy
+import dataclasses
 import json
 from typing import Any
 
@@ -111,6 +113,7 @@ async def test_system_prompt_reaches_the_model(make_client: MakeClient) -> None:
     assert system["usage"]["prompt_tokens"] > plain["usage"]["prompt_tokens"]
 
 
+FALSY_HISTORIES: list[Any] = ["", 0, False, {}]
 BAD_BODIES = [
     (b"{not json", None),
     (b"[1, 2]", None),
@@ -122,7 +125,7 @@ BAD_BODIES = [
     (json.dumps({"query": "q", "history": [[1, 2]]}).encode(), "history"),
     (json.dumps({"query": "q", "temperature": "hot"}).encode(), "temperature"),
     (json.dumps({"query": "q", "temperature": -1}).encode(), "temperature"),
-    (json.dumps({"query": "q", "top_p": 0}).encode(), "top_p"),
+    (json.dumps({"query": "q", "top_p": -0.1}).encode(), "top_p"),
     (json.dumps({"query": "q", "top_p": 1.5}).encode(), "top_p"),
     (json.dumps({"query": "q", "top_k": 1.5}).encode(), "top_k"),
     (json.dumps({"query": "q", "max_tokens": 0}).encode(), "max_tokens"),
@@ -130,6 +133,15 @@ BAD_BODIES = [
     (json.dumps({"query": "q", "max_length": -5}).encode(), "max_length"),
     (json.dumps({"query": "q", "repetition_penalty": 0}).encode(), "repetition_penalty"),
     (json.dumps({"query": "q", "system": ["x"]}).encode(), "system"),
+    # Python's json reads these; none of them is a sampling setting or text
+    (b'{"query": "q", "temperature": NaN}', "temperature"),
+    (b'{"query": "q", "repetition_penalty": NaN}', "repetition_penalty"),
+    (b'{"query": "q", "presence_penalty": Infinity}', "presence_penalty"),
+    (b'{"query": "\\ud800"}', "query"),
+    (b'{"query": "q", "history": [["ok", "\\udfff"]]}', "history[0][1]"),
+    (b"[" * 100_000, None),
+    (b'{"query": "q", "max_tokens": ' + b"1" * 5000 + b"}", None),
+    *[(json.dumps({"query": "q", "history": h}).encode(), "history") for h in FALSY_HISTORIES],
 ]
 
 
@@ -158,8 +170,8 @@ async def test_unknown_routes_get_json_errors(make_client: MakeClient, method: s
     assert (await resp.json())["error"]["message"]
 
 
-async def test_disconnect_stops_generation_and_frees_the_engine(make_client: MakeClient) -> None:
-    client = await make_client()
+async def test_disconnect_stops_generation_and_frees_the_engine(make_client: MakeClient, slow_lm: LoadedModel) -> None:
+    client = await make_client(slow_lm)  # 200 tokens take over 4 s: only a cancellation ends them within 2 s
     engine = client.app[ENGINE]
     resp = await client.post("/stream", json={"query": "go on", "max_tokens": 200, "ignore_eos": True})
     assert (await resp.content.readuntil(b"\n\n")).startswith(b"event: delta")
@@ -170,13 +182,78 @@ async def test_disconnect_stops_generation_and_frees_the_engine(make_client: Mak
     assert (await after.json())["usage"]["completion_tokens"] == 3
 
 
-async def test_clear_is_harmless_and_leaves_streams_alone(make_client: MakeClient) -> None:
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/chat", {"query": "go on"}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "go on"}]}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "go on"}], "n": 2}),
+    ],
+    ids=["chat", "openai", "openai-n2"],
+)
+async def test_a_client_that_leaves_a_whole_answer_request_stops_it(
+    make_client: MakeClient, slow_lm: LoadedModel, path: str, body: dict[str, Any]
+) -> None:
+    # no byte is written until the answer is complete, so the server must notice the closed connection itself
+    client = await make_client(slow_lm)
+    engine = client.app[ENGINE]
+    request = asyncio.create_task(client.post(path, json={**body, "max_tokens": 200, "ignore_eos": True}))
+    await wait_until(lambda: engine.counts[0] >= 1)
+    request.cancel()  # closes the connection
+    await wait_until(lambda: engine.counts == (0, 0), within=2.0)
+
+
+async def test_a_client_that_leaves_the_queue_frees_its_place(make_client: MakeClient, slow_lm: LoadedModel) -> None:
+    client = await make_client(slow_lm, max_batch_size=1, max_queue=1)
+    engine = client.app[ENGINE]
+    body = {"query": "long", "max_tokens": 200, "ignore_eos": True}
+    running = await client.post("/stream", json=body)
+    await running.content.readuntil(b"\n\n")
+    waiting = asyncio.create_task(client.post("/chat", json=body))
+    await wait_until(lambda: engine.counts == (1, 1))
+    waiting.cancel()
+    await wait_until(lambda: engine.counts == (1, 0), within=2.0)  # long before the running answer ends
+    queued = asyncio.create_task(client.post("/chat", json={**body, "max_tokens": 2}))
+    await wait_until(lambda: engine.counts == (1, 1))  # the freed place is taken, not refused with 429
+    running.close()
+    assert (await (await queued).json())["usage"]["completion_tokens"] == 2
+
+
+async def test_top_p_zero_keeps_only_the_likeliest_token(make_client: MakeClient) -> None:
     client = await make_client()
+    body = {"query": "hello", "max_tokens": 12, "ignore_eos": True}
+    greedy = await (await client.post("/chat", json={**body, "temperature": 0})).json()
+    narrow = await (await client.post("/chat", json={**body, "temperature": 1.0, "top_p": 0})).json()
+    assert narrow["response"] == greedy["response"]
+
+
+async def test_a_chat_template_that_refuses_the_conversation_is_a_400(
+    make_client: MakeClient, tiny_lm: LoadedModel
+) -> None:
+    tokenizer = copy.deepcopy(tiny_lm.tokenizer)
+    tokenizer.chat_template = (
+        "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+        + tokenizer.chat_template
+    )
+    client = await make_client(dataclasses.replace(tiny_lm, tokenizer=tokenizer))
+    resp = await client.post("/chat", json={"query": "hi", "system": "be brief"})
+    assert resp.status == 400 and "System role not supported" in (await resp.json())["error"]["message"]
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    resp = await client.post("/v1/chat/completions", json={"messages": messages})
+    error = (await resp.json())["error"]
+    assert resp.status == 400 and error["param"] == "messages" and "System role not supported" in error["message"]
+    resp = await client.post("/chat", json={"query": "hi", "max_tokens": 2})
+    assert resp.status == 200
+
+
+async def test_clear_is_harmless_and_leaves_streams_alone(make_client: MakeClient, slow_lm: LoadedModel) -> None:
+    client = await make_client(slow_lm)
     resp = await client.post("/stream", json={"query": "go", "max_tokens": 30, "ignore_eos": True})
     await resp.content.readuntil(b"\n\n")
     for method in ("GET", "POST"):
         cleared = await client.request(method, "/clear")
         assert cleared.status == 200 and await cleared.json() == {"success": True}
+    assert client.app[ENGINE].counts[0] == 1  # still generating after /clear
     rest = delta_frames(await resp.read())
     assert rest[-1]["finished"] is True and rest[-1]["usage"]["completion_tokens"] == 30
 

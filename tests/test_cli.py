@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -58,3 +59,35 @@ def test_api_key_from_the_environment(tiny_dir: Path, tmp_path: Path, monkeypatc
         info.value.close()
     finally:
         stop_server(server)
+
+
+@pytest.mark.parametrize("path", ["/chat", "/stream", "/v1/chat/completions"])
+def test_a_client_that_leaves_stops_its_generation_on_a_live_server(long_context_server: LiveServer, path: str) -> None:
+    import http.client
+    import json
+    import time
+    import urllib.parse
+
+    body = {"query": "go", "messages": [{"role": "user", "content": "go"}], "max_tokens": 6000, "ignore_eos": True}
+    url = urllib.parse.urlsplit(long_context_server.url)
+    conn = http.client.HTTPConnection(url.hostname or "", url.port, timeout=30)
+    conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
+    deadline = time.monotonic() + 10
+    while long_context_server.get("/health")["running"] != 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    conn.close()  # 6000 tokens take far longer than the 2 s the server gets to notice
+    left = time.monotonic()
+    while long_context_server.get("/health")["running"] != 0:
+        assert time.monotonic() - left < 2.0
+        time.sleep(0.02)
+
+
+@pytest.fixture(scope="module")
+def long_context_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    from tests.conftest import build_tiny_model, start_server, stop_server
+
+    folder = build_tiny_model(tmp_path_factory.mktemp("long"), context=8192)
+    server = start_server(["--model", str(folder), "--device", "cpu"], tmp_path_factory.mktemp("logs") / "long.log")
+    yield server
+    stop_server(server)

@@ -9,6 +9,7 @@ import openai
 import pytest
 
 from common import ENGINE
+from loader import LoadedModel
 from tests.conftest import LiveServer, MakeClient
 from tests.helpers import parse_frames, wait_until
 
@@ -157,13 +158,14 @@ async def test_raw_sse_framing(make_client: MakeClient) -> None:
     assert chunks[-1]["usage"]["completion_tokens"] <= 5
 
 
-async def test_stream_disconnect_stops_generation(make_client: MakeClient) -> None:
-    client = await make_client()
+async def test_stream_disconnect_stops_generation(make_client: MakeClient, slow_lm: LoadedModel) -> None:
+    client = await make_client(slow_lm)  # 200 tokens take over 4 s: only a cancellation ends them within 2 s
     engine = client.app[ENGINE]
     body = {"messages": MESSAGES, "max_tokens": 200, "stream": True, "ignore_eos": True}
     resp = await client.post("/v1/chat/completions", json=body)
     await resp.content.readuntil(b"\n\n")
     await resp.content.readuntil(b"\n\n")
+    assert engine.counts[0] == 1
     resp.close()
     await wait_until(lambda: engine.counts == (0, 0), within=2.0)
 

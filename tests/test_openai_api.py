@@ -177,3 +177,18 @@ def test_bundled_model_through_the_sdk(bundled_server: LiveServer) -> None:
         model=model, messages=[{"role": "user", "content": "What is the capital of France?"}], temperature=0
     )
     assert "Paris" in (done.choices[0].message.content or "")
+
+
+@pytest.mark.parametrize(
+    ("raw", "param"),
+    [
+        (b'{"messages": [{"role": "user", "content": "\\ud83d"}]}', "messages[0].content"),
+        (b'{"messages": [{"role": "user", "content": "hi"}], "frequency_penalty": NaN}', "frequency_penalty"),
+        (b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1e999}', "max_tokens"),
+    ],
+    ids=["half-an-emoji", "nan", "infinity"],
+)
+async def test_what_the_sdk_cannot_send_is_still_a_400(make_client: MakeClient, raw: bytes, param: str) -> None:
+    client = await make_client()
+    resp = await client.post("/v1/chat/completions", data=raw, headers={"Content-Type": "application/json"})
+    assert resp.status == 400 and (await resp.json())["error"]["param"] == param

@@ -55,14 +55,14 @@ async def test_greedy_answers_do_not_depend_on_batching(make_client: MakeClient)
     assert [r["response"] for r in together] == alone
 
 
-async def test_requests_join_and_leave_mid_batch(make_client: MakeClient) -> None:
+async def test_requests_join_and_leave_mid_batch(make_client: MakeClient, slow_lm: LoadedModel) -> None:
     alone_client = await make_client(max_batch_size=1)
-    long_body = {"query": "long one", "temperature": 0, "max_tokens": 80, "ignore_eos": True}
+    long_body = {"query": "long one", "temperature": 0, "max_tokens": 200, "ignore_eos": True}
     short = [{"query": p, "temperature": 0, "max_tokens": 6, "ignore_eos": True} for p in PROMPTS]
     expected_long = (await chat(alone_client, long_body))["response"]
     expected_short = [(await chat(alone_client, b))["response"] for b in short]
 
-    client = await make_client(max_batch_size=8)
+    client = await make_client(slow_lm, max_batch_size=8)  # the same weights, 20 ms a step: the long one outlasts
     resp = await client.post("/stream", json=long_body)
     await resp.content.readuntil(b"\n\n")  # the long request is decoding
     for body, expected in zip(short, expected_short, strict=True):

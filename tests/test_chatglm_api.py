@@ -14,6 +14,7 @@ from common import ENGINE
 from loader import LoadedModel
 from tests.conftest import TINY_CONTEXT, MakeClient
 from tests.helpers import delta_frames, wait_until
+from text import chatglm_messages, encode_chat
 
 
 async def test_chat_answers_and_extends_history(make_client: MakeClient) -> None:
@@ -86,13 +87,19 @@ async def test_max_length_counts_prompt_and_answer(make_client: MakeClient) -> N
     assert body["usage"]["total_tokens"] == 40
 
 
-async def test_long_history_is_trimmed_oldest_first(make_client: MakeClient) -> None:
+async def test_long_history_is_trimmed_oldest_first(make_client: MakeClient, tiny_lm: LoadedModel) -> None:
     client = await make_client()
     history = [[f"old question {i} " * 5, f"old answer {i} " * 5] for i in range(30)]
     resp = await client.post("/chat", json={"query": "new", "history": history, "max_tokens": 16})
     assert resp.status == 200
     body = await resp.json()
-    assert body["usage"]["prompt_tokens"] + 16 <= TINY_CONTEXT
+    # the prompt is the newest rounds that fit with room for the 16 tokens asked for
+    sizes = [
+        len(encode_chat(tiny_lm.tokenizer, chatglm_messages(None, [(q, a) for q, a in history[k:]], "new")))
+        for k in range(31)
+    ]
+    first_kept = next(k for k, n in enumerate(sizes) if n + 16 <= TINY_CONTEXT)
+    assert 0 < first_kept < 30 and body["usage"]["prompt_tokens"] == sizes[first_kept]
     assert body["history"][:-1] == history  # the client's history comes back whole
 
 
@@ -258,12 +265,20 @@ async def test_clear_is_harmless_and_leaves_streams_alone(make_client: MakeClien
     assert rest[-1]["finished"] is True and rest[-1]["usage"]["completion_tokens"] == 30
 
 
-async def test_health_reports_model_and_load(make_client: MakeClient) -> None:
-    client = await make_client()
+async def test_health_reports_model_and_load(make_client: MakeClient, slow_lm: LoadedModel) -> None:
+    client = await make_client(slow_lm, max_batch_size=1)
     body: dict[str, Any] = await (await client.get("/health")).json()
-    assert body["status"] == "ok"
+    assert body["status"] == "ok" and body["model"] == slow_lm.name and body["context_length"] == TINY_CONTEXT
     assert body["device"] == "cpu" and body["dtype"] == "float32"
     assert (body["running"], body["waiting"]) == (0, 0)
+    streams = [await client.post("/stream", json={"query": "go", "max_tokens": 200, "ignore_eos": True})]
+    await streams[0].content.readuntil(b"\n\n")
+    waiting = asyncio.create_task(client.post("/chat", json={"query": "then", "max_tokens": 2}))
+    await wait_until(lambda: client.app[ENGINE].counts == (1, 1))
+    body = await (await client.get("/health")).json()
+    assert (body["running"], body["waiting"]) == (1, 1)
+    streams[0].close()
+    assert (await waiting).status == 200
 
 
 async def test_full_queue_is_a_429_with_retry_after(make_client: MakeClient, slow_lm: LoadedModel) -> None:

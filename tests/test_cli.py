@@ -43,10 +43,14 @@ def test_live_server_serves_both_apis(tiny_server: LiveServer) -> None:
     body = tiny_server.post("/chat", {"query": "hello", "max_tokens": 4, "ignore_eos": True})
     assert body["usage"]["completion_tokens"] == 4
     assert tiny_server.get("/v1/models")["data"][0]["id"] == "tiny"
+    messages = [{"role": "user", "content": "hello"}]
+    done = tiny_server.post("/v1/chat/completions", {"model": "tiny", "messages": messages, "max_tokens": 3})
+    assert done["object"] == "chat.completion" and done["usage"]["completion_tokens"] <= 3
 
 
 def test_api_key_from_the_environment(tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import urllib.error
+    import urllib.request
 
     from tests.conftest import start_server, stop_server
 
@@ -57,6 +61,9 @@ def test_api_key_from_the_environment(tiny_dir: Path, tmp_path: Path, monkeypatc
             server.get("/v1/models")
         assert info.value.code == 401
         info.value.close()
+        request = urllib.request.Request(server.url + "/v1/models", headers={"Authorization": "Bearer from-env"})
+        with urllib.request.urlopen(request, timeout=10) as resp:
+            assert resp.status == 200
     finally:
         stop_server(server)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -46,17 +47,27 @@ async def test_a_gguf_is_converted_once_and_answers_the_same_from_its_copy(
     assert await greedy_answer(make_client, second) == await greedy_answer(make_client, first)
 
 
-def test_without_a_cache_nothing_is_written(tiny_gguf: Path, tmp_path: Path) -> None:
+def test_without_a_cache_nothing_is_written(
+    tiny_gguf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # where the default cache would go
     before = sorted(p.name for p in tiny_gguf.parent.iterdir())
+    caplog.set_level(logging.INFO, logger="loader")
     load(tiny_gguf, None)
     assert sorted(p.name for p in tiny_gguf.parent.iterdir()) == before
+    assert not any(tmp_path.iterdir()) and "converted" not in caplog.text
 
 
-def test_a_changed_gguf_gets_a_new_copy(tiny_gguf: Path, tmp_path: Path) -> None:
-    before = gguf_cache_entry(tiny_gguf, tmp_path)
-    stat = tiny_gguf.stat()
-    os.utime(tiny_gguf, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # the user replaced the file
-    assert gguf_cache_entry(tiny_gguf, tmp_path) != before
+def test_a_changed_gguf_is_converted_again(tiny_gguf: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    mine = tmp_path / "tiny.gguf"
+    shutil.copy(tiny_gguf, mine)
+    load(mine, tmp_path / "cache")
+    stat = mine.stat()
+    os.utime(mine, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # the user replaced the file
+    caplog.set_level(logging.INFO, logger="loader")
+    load(mine, tmp_path / "cache")
+    assert "kept the converted model" in caplog.text and "from its converted copy" not in caplog.text
+    assert len(list((tmp_path / "cache").iterdir())) == 2
 
 
 async def test_a_broken_copy_is_converted_again(
@@ -85,7 +96,10 @@ def test_a_cache_that_cannot_be_written_only_costs_time(
     assert lm.name == "tiny" and "could not keep the converted model" in caplog.text
 
 
-def test_the_cli_serves_a_gguf_and_keeps_its_copy_where_told(tiny_gguf: Path, tmp_path: Path) -> None:
+def test_the_cli_serves_a_gguf_and_keeps_its_copy_where_told(
+    tiny_gguf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "default"))  # the servers inherit it
     cache = tmp_path / "cache"
     server = start_server(["--model", str(tiny_gguf), "--device", "cpu", "--cache-dir", str(cache)], tmp_path / "log")
     try:
@@ -99,7 +113,7 @@ def test_the_cli_serves_a_gguf_and_keeps_its_copy_where_told(tiny_gguf: Path, tm
         assert server.get("/health")["model"] == "tiny"
     finally:
         stop_server(server)
-    assert "converted copy" not in (tmp_path / "log2").read_text()
+    assert "converted" not in (tmp_path / "log2").read_text() and not (tmp_path / "default").exists()
 
 
 async def test_the_bundled_model_answers_the_same_from_its_converted_copy(

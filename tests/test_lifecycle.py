@@ -53,7 +53,7 @@ def read_stream(port: int, body: dict[str, Any], first: threading.Event, out: li
 def test_sigterm_finishes_short_answers_and_ends_long_ones(tmp_path: Path) -> None:
     model = build_tiny_model(tmp_path / "model", context=8192)
     server = start_server(
-        ["--model", str(model), "--device", "cpu", "--shutdown-timeout", "1.5", "--max-batch-size", "8"],
+        ["--model", str(model), "--device", "cpu", "--shutdown-timeout", "5", "--max-batch-size", "8"],
         tmp_path / "server.log",
     )
     port = int(server.url.rsplit(":", 1)[1])
@@ -70,7 +70,7 @@ def test_sigterm_finishes_short_answers_and_ends_long_ones(tmp_path: Path) -> No
     sent = time.monotonic()
     server.process.send_signal(signal.SIGTERM)
     assert server.process.wait(20) == 0
-    assert time.monotonic() - sent < 1.5 + 8
+    assert time.monotonic() - sent < 5 + 8
     for body, _, frames, thread in streams:
         thread.join(10)
         last = frames[-1]

@@ -82,6 +82,7 @@ def test_n_choices(client: openai.OpenAI) -> None:
     done = greedy(client, n=3, temperature=1.0, seed=3, max_tokens=8)
     assert [c.index for c in done.choices] == [0, 1, 2]
     assert done.usage is not None and done.usage.completion_tokens <= 24
+    assert len({c.message.content for c in done.choices}) > 1  # each choice samples with its own seed
     chunks = list(greedy(client, n=2, stream=True, max_tokens=4))
     assert {c.choices[0].index for c in chunks if c.choices} == {0, 1}
 

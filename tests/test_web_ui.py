@@ -85,7 +85,7 @@ def only_local(page: Any, server: LiveServer) -> None:
 
 
 def test_answer_streams_renders_and_survives_reload(page: Any, tiny_server: LiveServer) -> None:
-    open_page(page, tiny_server, {"max_tokens": 60, "temperature": 0.7, "top_p": 0.9})
+    open_page(page, tiny_server, {"max_tokens": 200, "temperature": 0.7, "top_p": 0.9})
     assert page.text_content("#model") == "tiny"
     force_long_answers(page)
     # record the answer's length at every change, to see it grow frame by frame
@@ -100,7 +100,7 @@ def test_answer_streams_renders_and_survives_reload(page: Any, tiny_server: Live
     sizes = page.evaluate("window.__sizes")
     assert len(set(sizes)) >= 3, f"answer did not grow over several frames: {sizes}"
     stats = page.text_content(".msg.assistant .stats")
-    assert "60 tokens" in stats and "tok/s" in stats
+    assert "200 tokens" in stats and "tok/s" in stats
     answer = page.text_content(".msg.assistant .bubble")
 
     # settings change, reload: conversation and settings are still there
@@ -164,9 +164,12 @@ def test_conversations_regenerate_and_edit(page: Any, tiny_server: LiveServer) -
     force_long_answers(page)
     send(page, "first question")
     wait_answer_done(page, 1)
+    streams_before = sum(url.endswith("/stream") for url in page.requests)
     page.click(".msg.assistant .regenerate")
     wait_answer_done(page, 1)
     assert page.locator(".msg").count() == 2
+    assert sum(url.endswith("/stream") for url in page.requests) == streams_before + 1  # asked the server again
+    assert page.text_content(".msg.user .bubble") == "first question"
 
     page.click(".msg.user .edit")
     assert page.input_value("#input") == "first question"

@@ -35,8 +35,8 @@ def start_chat(request: web.Request, req: ChatRequest) -> RequestHandle:
     engine, config = request.app[ENGINE], request.app[CONFIG]
     lm = engine.model
     messages = chatglm_messages(req.system, req.history, req.query)
-    limit, reserve = lm.context_length, req.sampling.max_tokens or config.default_max_tokens
-    field = "query"
+    # history goes only when the prompt would not fit, leaving room for the answer length a client asked for
+    limit, reserve, field = lm.context_length, req.sampling.max_tokens or 1, "query"
     if req.sampling.max_tokens is None and req.max_length is not None:
         limit, reserve, field = min(lm.context_length, req.max_length), 1, "max_length"
     try:
@@ -46,7 +46,8 @@ def start_chat(request: web.Request, req: ChatRequest) -> RequestHandle:
     if dropped:
         log.info("dropped %d oldest history messages to fit the context", dropped)
     check_limits(config, req.sampling.max_tokens, len(ids), "query")
-    max_new = min(reserve if field == "query" else limit - len(ids), lm.context_length - len(ids))
+    wanted = req.sampling.max_tokens or config.default_max_tokens
+    max_new = min(wanted if field == "query" else limit - len(ids), lm.context_length - len(ids))
     params = sampling_params(req.sampling, min(max_new, config.max_tokens_limit), CHATGLM_TEMPERATURE, CHATGLM_TOP_P)
     return engine.submit(ids, params)
 

@@ -103,6 +103,16 @@ async def test_long_history_is_trimmed_oldest_first(make_client: MakeClient, tin
     assert body["history"][:-1] == history  # the client's history comes back whole
 
 
+async def test_history_that_fits_is_kept_whole(make_client: MakeClient, tiny_lm: LoadedModel) -> None:
+    client = await make_client()  # the default answer length (1024) is more than the tiny model's whole context
+    history = [["hi", "hello"], ["how are you?", "fine, thanks"]]
+    body = await (await client.post("/chat", json={"query": "and you?", "history": history})).json()
+    rounds = [("hi", "hello"), ("how are you?", "fine, thanks")]
+    whole = encode_chat(tiny_lm.tokenizer, chatglm_messages(None, rounds, "and you?"))
+    assert body["usage"]["prompt_tokens"] == len(whole)
+    assert body["usage"]["total_tokens"] <= TINY_CONTEXT
+
+
 async def test_query_too_long_for_the_context_is_400(make_client: MakeClient) -> None:
     client = await make_client()
     resp = await client.post("/stream", json={"query": "word " * 400})

@@ -56,5 +56,10 @@ def test_greedy_answers_do_not_depend_on_batching(bundled_server: LiveServer) ->
     bodies = [{"query": q, "temperature": 0, "max_tokens": 24} for q in queries]
     alone = [bundled_server.post("/chat", b)["response"] for b in bodies]
     with ThreadPoolExecutor(len(bodies)) as pool:
-        together = list(pool.map(lambda b: bundled_server.post("/chat", b)["response"], bodies))
+        futures = [pool.submit(bundled_server.post, "/chat", b) for b in bodies]
+        peak = 0
+        while not all(f.done() for f in futures):
+            peak = max(peak, bundled_server.get("/health")["running"])
+        together = [f.result()["response"] for f in futures]
     assert together == alone
+    assert peak >= 2  # they were decoded together, not one after another

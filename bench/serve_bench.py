@@ -169,7 +169,8 @@ def in_process(model_path: Path | None, device: str, tokens: int, batches: list[
         for b in batches:
             batch = one.repeat(b, 1)
             kwargs = {"max_new_tokens": tokens, "min_new_tokens": tokens, "do_sample": False}
-            lm.model.generate(batch, attention_mask=torch.ones_like(batch), **{**kwargs, "max_new_tokens": 4})
+            warm = {**kwargs, "max_new_tokens": 4, "min_new_tokens": 4}
+            lm.model.generate(batch, attention_mask=torch.ones_like(batch), **warm)
             t = time.perf_counter()
             lm.model.generate(batch, attention_mask=torch.ones_like(batch), **kwargs)
             total = time.perf_counter() - t

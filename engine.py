@@ -252,7 +252,8 @@ class Engine:
         self._stopping.set()
         self._inbox.put(None)
         if self._thread is not None:
-            self._thread.join(timeout)
+            # a model load cannot be interrupted: waiting for it would only delay the exit
+            self._thread.join(timeout if self.ready.is_set() else 0)
             self._thread = None
 
     @property
@@ -293,6 +294,9 @@ class Engine:
                 try:
                     self._model = self._load()
                 except BaseException as exc:
+                    if self._stopping.is_set():  # told to stop mid-load (SIGTERM): not a load error
+                        log.info("stopped while the model was loading")
+                        return
                     self.load_error = exc
                     raise
                 finally:

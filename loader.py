@@ -143,9 +143,10 @@ def load_model(config: ModelConfig) -> LoadedModel:
         try:
             tokenizer = AutoTokenizer.from_pretrained(cached, local_files_only=True)
             model = AutoModelForCausalLM.from_pretrained(cached, local_files_only=True, dtype=dtype)
-        except Exception as exc:  # whatever broke our own copy (truncated file, old format), converting mends it
+        except Exception as exc:  # a truncated file, an old format: converting again mends it
+            # the copy is replaced only once a new one is ready: a failure that was not the copy's fault (the
+            # server stopped mid-load, memory ran out) must not cost the next start its copy
             log.warning("the converted copy %s is unreadable (%s); converting %s again", cached, exc, path)
-            shutil.rmtree(cached, ignore_errors=True)
             tokenizer = model = None
     if model is None:
         folder, extra = (str(path.parent), {"gguf_file": path.name}) if path.is_file() else (str(path), {})
@@ -189,6 +190,8 @@ def _save_converted(model: Any, tokenizer: Any, entry: Path) -> None:
         config.save_pretrained(partial)
         model.generation_config.save_pretrained(partial)
         tokenizer.save_pretrained(partial)
+        if entry.exists():  # the copy that failed to load
+            shutil.rmtree(entry)
         os.replace(partial, entry)  # atomic: a reader never sees half a copy
         log.info("kept the converted model in %s for faster starts (--no-cache to turn off)", entry)
     except OSError as exc:

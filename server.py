@@ -240,6 +240,11 @@ def main(argv: list[str] | None = None) -> int:
     if engine.load_error is not None:
         print(f"error: cannot load the model: {engine.load_error}", file=sys.stderr)
         return 1
+    if not engine.ready.is_set():
+        # stopped while the model was loading: Python would wait for the load (and its thread pools) to end
+        log.info("stopped before the model finished loading")
+        logging.shutdown()
+        os._exit(0)
     return 0
 
 

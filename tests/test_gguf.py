@@ -127,3 +127,22 @@ async def test_the_bundled_model_answers_the_same_from_its_converted_copy(
     client = await make_client(lm)
     ours = (await (await client.post("/chat", json=body)).json())["response"]
     assert ours == bundled_server.post("/chat", body)["response"]
+
+
+def test_a_load_that_fails_for_another_reason_keeps_the_copy(
+    tiny_gguf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import transformers
+
+    load(tiny_gguf, tmp_path)
+    entry = gguf_cache_entry(tiny_gguf, tmp_path)
+    before = sorted(p.name for p in entry.iterdir())
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("cannot schedule new futures after interpreter shutdown")  # as on SIGTERM mid-load
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", interrupted)
+    with pytest.raises(RuntimeError):
+        load(tiny_gguf, tmp_path)
+    monkeypatch.undo()
+    assert sorted(p.name for p in entry.iterdir()) == before  # the next start still finds its copy

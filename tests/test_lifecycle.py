@@ -89,3 +89,32 @@ def test_idle_server_exits_cleanly(tmp_path: Path, tiny_dir: Path, sig: signal.S
     server = start_server(["--model", str(tiny_dir), "--device", "cpu"], tmp_path / "server.log")
     server.process.send_signal(sig)
     assert server.process.wait(20) == 0
+
+
+def test_sigterm_while_the_model_loads_exits_at_once(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+    import urllib.error
+    import urllib.request
+
+    from tests.conftest import ROOT, free_port
+
+    # the bundled GGUF on an empty cache: about 40 s of conversion that cannot be interrupted
+    port, log = free_port(), tmp_path / "server.log"
+    args = ["--port", str(port), "--device", "cpu", "--cache-dir", str(tmp_path / "cache")]
+    with log.open("wb") as out:
+        process = subprocess.Popen([sys.executable, str(ROOT / "server.py"), *args], cwd=ROOT, stdout=out, stderr=out)
+    deadline = time.monotonic() + 60
+    while True:
+        assert time.monotonic() < deadline and process.poll() is None
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5).close()
+        except urllib.error.HTTPError as loading:  # 503 while loading
+            loading.close()
+            break
+        except OSError:
+            time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(10) == 0
+    text = log.read_text()
+    assert "stopped before the model finished loading" in text and "Traceback" not in text

@@ -194,7 +194,7 @@ def _save_converted(model: Any, tokenizer: Any, entry: Path) -> None:
             shutil.rmtree(entry)
         os.replace(partial, entry)  # atomic: a reader never sees half a copy
         log.info("kept the converted model in %s for faster starts (--no-cache to turn off)", entry)
-    except OSError as exc:
+    except Exception as exc:  # the model itself loaded fine: serve it anyway
         log.warning("could not keep the converted model in %s: %s", entry, exc)
     finally:
         shutil.rmtree(partial, ignore_errors=True)

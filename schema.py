@@ -98,7 +98,9 @@ def _number(body: dict[str, Any], name: str, lo: float, hi: float, *, lo_open: b
     value = body.get(name)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    # Python's json reads NaN and Infinity; an int may be too large for a float, which is fine: it is out of range
+    finite = isinstance(value, int) or (isinstance(value, float) and math.isfinite(value))
+    if isinstance(value, bool) or not finite:
         raise InvalidField(name, f"'{name}' must be a finite number")
     if value < lo or value > hi or (lo_open and value == lo):
         low = f"greater than {lo:g}" if lo_open else f"at least {lo:g}"

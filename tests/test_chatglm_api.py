@@ -154,6 +154,7 @@ BAD_BODIES = [
     (b'{"query": "q", "temperature": NaN}', "temperature"),
     (b'{"query": "q", "repetition_penalty": NaN}', "repetition_penalty"),
     (b'{"query": "q", "presence_penalty": Infinity}', "presence_penalty"),
+    (b'{"query": "q", "temperature": 1' + b"0" * 400 + b"}", "temperature"),  # an int too large for a float
     (b'{"query": "\\ud800"}', "query"),
     (b'{"query": "q", "history": [["ok", "\\udfff"]]}', "history[0][1]"),
     (b"[" * 100_000, None),

@@ -13,6 +13,7 @@ from common import (
     check_limits,
     events_of,
     failure_response,
+    not_started,
     peeked,
     read_json,
     sampling_params,
@@ -88,8 +89,8 @@ async def stream(request: web.Request) -> web.StreamResponse:
     response = ""
     try:
         first, events = await peeked(events_of(request, handle))
-        if isinstance(first, Failed) and first.type in ("unavailable", "cancelled"):
-            return failure_response(first)  # e.g. queue timeout: nothing was sent yet
+        if (refused := not_started(first)) is not None:
+            return refused
         await out.prepare(request)
         event: Event
         async for event in events:

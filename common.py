@@ -256,6 +256,14 @@ def failure_response(event: Failed) -> web.Response:
     return error_response(status, event.message)
 
 
+def not_started(first: Event) -> web.Response | None:
+    """For a stream: the plain JSON answer when its first event says it never started (a queue timeout, a client
+    that left while waiting), so nothing is sent as a stream yet; None when the stream should start."""
+    if isinstance(first, Failed) and first.type in ("unavailable", "cancelled"):
+        return failure_response(first)
+    return None
+
+
 def client_gone(request: web.Request) -> bool:
     """True once the client has closed its connection."""
     return request.transport is None or request.transport.is_closing()

@@ -308,7 +308,7 @@ class Engine:
                     except Exception:
                         # a bug or a fault we did not foresee: end what was generating, keep serving the rest
                         log.exception("engine step failed; ending the requests it was generating")
-                        self._abandon_live()
+                        self._abandon_live("generation failed: internal error")
         except Exception:
             log.exception("engine worker crashed")
         finally:
@@ -330,11 +330,12 @@ class Engine:
             self._decode()
             self._flush()
 
-    def _abandon_live(self) -> None:
+    def _abandon_live(self, message: str) -> None:
+        """End every admitted request with Failed(message) and start over with an empty batch."""
         with self._lock:
             live = list(self._live.values())
         for seq in live:
-            self._retire(seq, Failed("generation failed: internal error"))
+            self._retire(seq, Failed(message))
         self._running = []
         self._batch = KVBatch()
         self._flush()
@@ -450,11 +451,9 @@ class Engine:
         """One forward pass over every running request, then each samples its own token."""
         try:
             logits = decode_step(self.model, self._batch, [seq.tokens[-1] for seq in self._running])
-        except Exception as exc:
+        except Exception as exc:  # one forward pass for all: the failure cannot be pinned on one request
             log.exception("decode step failed")
-            for seq in self._running:
-                self._retire(seq, Failed(f"generation failed: {exc}"))
-            self._keep([])
+            self._abandon_live(f"generation failed: {exc}")
             return
         self._keep(self._sample_rows(self._running, logits))
 

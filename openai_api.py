@@ -19,6 +19,7 @@ from common import (
     error_response,
     events_of,
     failure_response,
+    not_started,
     peeked,
     read_json,
     sampling_params,
@@ -153,8 +154,8 @@ async def _stream(
     prompt_tokens = completion_tokens = 0
     try:
         (_, first), events = await peeked(merge(request, handles))
-        if isinstance(first, Failed) and first.type in ("unavailable", "cancelled"):
-            return failure_response(first)  # e.g. queue timeout: nothing was sent yet
+        if (refused := not_started(first)) is not None:
+            return refused
         await out.prepare(request)
         for i in range(len(handles)):
             await out.send_json(_chunk(base, i, {"role": "assistant", "content": ""}))

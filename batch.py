@@ -4,6 +4,10 @@ their own prefill and leave when done.
 Rows are left-padded to a common length; an attention mask hides the padding and explicit
 position ids keep every row's positions its own, so a row decodes the same tokens in a batch
 as alone.
+
+A model whose positions need more than a count (ChatGLM-6B's 2D positions) keeps per-row numbers
+on its cache as `row_state`, a dict of tensors [B, ...]; they join, leave and are selected with
+the cache's rows.
 """
 
 from __future__ import annotations
@@ -29,6 +33,14 @@ def _pad_left(t: torch.Tensor, n: int) -> torch.Tensor:
     return torch.cat([t.new_zeros((*t.shape[:2], n, t.shape[3])), t], dim=2)
 
 
+ROW_STATE = "row_state"  # the attribute of a cache that holds per-row tensors [B, ...], if any
+
+
+def _row_state(cache: Any) -> dict[str, torch.Tensor]:
+    state: dict[str, torch.Tensor] = getattr(cache, ROW_STATE, None) or {}
+    return state
+
+
 def select_rows(cache: Any, rows: list[int]) -> Any:
     """Keep only `rows` of a freshly prefilled cache (in place; returns it)."""
     if len(rows) == cache.layers[0].keys.shape[0]:
@@ -37,6 +49,8 @@ def select_rows(cache: Any, rows: list[int]) -> Any:
     for layer in cache.layers:
         layer.keys = layer.keys.index_select(0, index)
         layer.values = layer.values.index_select(0, index)
+    if state := _row_state(cache):
+        setattr(cache, ROW_STATE, {k: v.index_select(0, index) for k, v in state.items()})
     return cache
 
 
@@ -61,6 +75,9 @@ class KVBatch:
             for mine, theirs in zip(self.cache.layers, cache.layers, strict=True):
                 mine.keys = torch.cat([_pad_left(mine.keys, grow), _pad_left(theirs.keys, pad)], dim=0)
                 mine.values = torch.cat([_pad_left(mine.values, grow), _pad_left(theirs.values, pad)], dim=0)
+            if state := _row_state(self.cache):
+                theirs_state = _row_state(cache)
+                setattr(self.cache, ROW_STATE, {k: torch.cat([v, theirs_state[k]]) for k, v in state.items()})
             self.mask = torch.cat(
                 [
                     torch.cat([self.mask.new_zeros((len(self), grow)), self.mask], dim=1),
@@ -83,6 +100,8 @@ class KVBatch:
         for layer in self.cache.layers:
             layer.keys = layer.keys.index_select(0, index)[:, :, start:]
             layer.values = layer.values.index_select(0, index)[:, :, start:]
+        if state := _row_state(self.cache):
+            setattr(self.cache, ROW_STATE, {k: v.index_select(0, index) for k, v in state.items()})
         self.mask = mask[:, start:]
         self.positions = [self.positions[i] for i in rows]
 

@@ -10,46 +10,61 @@ from aiohttp import web
 from common import (
     CONFIG,
     ENGINE,
+    ServerConfig,
     check_limits,
     events_of,
     failure_response,
     not_started,
+    off_loop,
     peeked,
     read_json,
     sampling_params,
     usage,
 )
-from engine import Delta, Event, Failed, Finished, KeepAlive, RequestHandle
+from engine import Delta, Event, Failed, Finished, KeepAlive, RequestHandle, SamplingParams
+from loader import LoadedModel
 from schema import ChatRequest, InvalidField, parse_chat
 from sse import ClientGone, EventStream, dumps
-from text import PromptTooLong, chatglm_messages, fit_chat
+from text import PromptTooLong, SamplingDefaults, chatglm_messages, fit_chat
 
 log = logging.getLogger(__name__)
 
-# the original ChatGLM-6B `chat()` defaults
-CHATGLM_TEMPERATURE = 0.95
-CHATGLM_TOP_P = 0.7
+# the original ChatGLM-6B `chat()` defaults, for models whose family brings none of its own
+CHATGLM_DEFAULTS = SamplingDefaults(temperature=0.95, top_p=0.7)
 
 
-def start_chat(request: web.Request, req: ChatRequest) -> RequestHandle:
-    """Fit the history into the context and submit."""
-    engine, config = request.app[ENGINE], request.app[CONFIG]
-    lm = engine.model
+def plan_chat(lm: LoadedModel, config: ServerConfig, req: ChatRequest) -> tuple[list[int], SamplingParams]:
+    """Prompt ids and sampling settings: the history fitted into the context (oldest rounds go first).
+
+    Runs off the event loop: its cost grows with the history."""
+    defaults = lm.chat.defaults or CHATGLM_DEFAULTS
     messages = chatglm_messages(req.system, req.history, req.query)
+    # a length in ChatGLM's sense (prompt + answer): the request's max_length, else the family's default
+    cap, field = None, "query"
+    if req.sampling.max_tokens is None:
+        if req.max_length is not None:
+            cap, field = req.max_length, "max_length"
+        else:
+            cap = defaults.max_length
+    limit = min(lm.context_length, cap) if cap is not None else lm.context_length
     # history goes only when the prompt would not fit, leaving room for the answer length a client asked for
-    limit, reserve, field = lm.context_length, req.sampling.max_tokens or 1, "query"
-    if req.sampling.max_tokens is None and req.max_length is not None:
-        limit, reserve, field = min(lm.context_length, req.max_length), 1, "max_length"
     try:
-        ids, dropped = fit_chat(lm.tokenizer, messages, limit, reserve)
+        ids, dropped = fit_chat(lm.chat, messages, limit, req.sampling.max_tokens or 1)
     except PromptTooLong as exc:
         raise InvalidField(field, str(exc)) from exc
     if dropped:
         log.info("dropped %d oldest history messages to fit the context", dropped)
     check_limits(config, req.sampling.max_tokens, len(ids), "query")
-    wanted = req.sampling.max_tokens or config.default_max_tokens
-    max_new = min(wanted if field == "query" else limit - len(ids), lm.context_length - len(ids))
-    params = sampling_params(req.sampling, min(max_new, config.max_tokens_limit), CHATGLM_TEMPERATURE, CHATGLM_TOP_P)
+    wanted = limit - len(ids) if cap is not None else (req.sampling.max_tokens or config.default_max_tokens)
+    max_new = min(wanted, lm.context_length - len(ids), config.max_tokens_limit)
+    return ids, sampling_params(req.sampling, max_new, defaults)
+
+
+async def start_chat(request: web.Request, req: ChatRequest) -> RequestHandle:
+    """Build the prompt off the event loop, then submit."""
+    engine, config = request.app[ENGINE], request.app[CONFIG]
+    lm = engine.model
+    ids, params = await off_loop(request, lambda: plan_chat(lm, config, req))
     return engine.submit(ids, params)
 
 
@@ -66,7 +81,7 @@ def final_frame(req: ChatRequest, response: str, done: Finished) -> dict[str, An
 async def chat(request: web.Request) -> web.Response:
     """POST /chat: the whole answer in one JSON object."""
     req = parse_chat(await read_json(request))
-    handle = start_chat(request, req)
+    handle = await start_chat(request, req)
     text: list[str] = []
     try:
         async for event in events_of(request, handle):
@@ -84,7 +99,7 @@ async def chat(request: web.Request) -> web.Response:
 async def stream(request: web.Request) -> web.StreamResponse:
     """POST /stream: `event: delta` frames, the last one with `finished: true`."""
     req = parse_chat(await read_json(request))
-    handle = start_chat(request, req)
+    handle = await start_chat(request, req)
     out = EventStream()
     response = ""
     try:

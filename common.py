@@ -7,7 +7,8 @@ import hmac
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -17,7 +18,7 @@ from engine import Engine, EngineStopped, Event, Failed, QueueFull, RequestHandl
 from metrics import Metrics, RequestStats
 from schema import InvalidField, Sampling, parse_json
 from sse import dumps
-from text import ChatRejected
+from text import ChatRejected, SamplingDefaults
 
 log = logging.getLogger("access")
 errors = logging.getLogger(__name__)
@@ -55,6 +56,7 @@ CONFIG = web.AppKey("config", ServerConfig)
 ENGINE = web.AppKey("engine", Engine)
 METRICS = web.AppKey("metrics", Metrics)
 LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
+PROMPTS = web.AppKey("prompts", ThreadPoolExecutor)  # builds prompts off the event loop
 STATS = web.RequestKey("stats", RequestStats)
 REQUEST_ID = web.RequestKey("request_id", str)
 OPEN_PATHS = frozenset({"/", "/health", "/openapi.json"})
@@ -197,18 +199,24 @@ def check_limits(config: ServerConfig, max_tokens: int | None, prompt_tokens: in
         )
 
 
+async def off_loop(request: web.Request, work: Callable[[], T]) -> T:
+    """Run work whose cost grows with the request (chat templates, tokenizing, trimming) on the prompt threads,
+    so the event loop only does I/O. A client that leaves meanwhile cancels the wait; the result is dropped."""
+    return await asyncio.get_running_loop().run_in_executor(request.app[PROMPTS], work)
+
+
 async def read_json(request: web.Request) -> dict[str, Any]:
     """The request body as a JSON object (413 past the size limit, via aiohttp)."""
     return parse_json(await request.read())
 
 
-def sampling_params(s: Sampling, max_new_tokens: int, temperature: float, top_p: float) -> SamplingParams:
-    """Fill a request's sampling fields with the route's defaults."""
+def sampling_params(s: Sampling, max_new_tokens: int, defaults: SamplingDefaults) -> SamplingParams:
+    """Fill a request's sampling fields with the defaults (the model family's, else the route's)."""
     return SamplingParams(
         max_new_tokens=max_new_tokens,
-        temperature=temperature if s.temperature is None else s.temperature,
-        top_p=top_p if s.top_p is None else s.top_p,
-        top_k=s.top_k or 0,
+        temperature=defaults.temperature if s.temperature is None else s.temperature,
+        top_p=defaults.top_p if s.top_p is None else s.top_p,
+        top_k=defaults.top_k if s.top_k is None else s.top_k,
         repetition_penalty=1.0 if s.repetition_penalty is None else s.repetition_penalty,
         presence_penalty=s.presence_penalty,
         frequency_penalty=s.frequency_penalty,

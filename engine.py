@@ -17,7 +17,7 @@ import torch
 
 from batch import KVBatch, batchable, decode_step, prefill, prefill_groups, select_rows
 from loader import LoadedModel
-from text import IncrementalDecoder, StopMatcher
+from text import IncrementalDecoder, StopMatcher, TextStream
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +158,7 @@ class _Sequence:
     params: SamplingParams
     generator: torch.Generator
     decoder: IncrementalDecoder
+    answer: TextStream  # the model family's response post-processing
     stops: StopMatcher
     tokens: list[int] = field(default_factory=list)
     submitted: float = field(default_factory=time.monotonic)
@@ -278,10 +279,9 @@ class Engine:
         handle = RequestHandle(next(self._ids), asyncio.get_running_loop())
         seed = params.seed if params.seed is not None else random.getrandbits(63)
         generator = torch.Generator(device=self.model.device).manual_seed(seed)
-        tokenizer = self.model.tokenizer
-        seq = _Sequence(
-            handle, prompt, params, generator, IncrementalDecoder(tokenizer, prompt), StopMatcher(params.stop)
-        )
+        lm = self.model
+        decoder = IncrementalDecoder(lm.tokenizer, prompt)
+        seq = _Sequence(handle, prompt, params, generator, decoder, lm.chat.response_stream(), StopMatcher(params.stop))
         self._inbox.put(seq)
         return handle
 
@@ -297,8 +297,8 @@ class Engine:
                     if self._stopping.is_set():  # told to stop mid-load (SIGTERM): not a load error
                         log.info("stopped while the model was loading")
                         return
-                    self.load_error = exc
-                    raise
+                    self.load_error = exc  # whoever started the engine reports it (see `load_error`)
+                    return
                 finally:
                     self.ready.set()
             with torch.inference_mode():
@@ -492,6 +492,7 @@ class Engine:
             reason = "length"
         if reason is not None:
             text += seq.decoder.flush()
+        text = seq.answer.push(text) + (seq.answer.flush() if reason is not None else "")
         out, hit = seq.stops.push(text)
         if hit:
             reason = "stop"

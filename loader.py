@@ -6,12 +6,16 @@ import copy
 import hashlib
 import importlib.util
 import inspect
+import json
 import logging
 import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import chatglm
+from text import ChatFormat, TemplateFormat
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +36,7 @@ class ModelConfig:
     device: str | None = None  # None: first CUDA device if present, else CPU
     quantize: int = 16
     cache_dir: Path | None = None  # where converted GGUF models are kept; None: convert on every start
+    dtype: str = "auto"  # auto, float32, bfloat16 or float16
 
 
 @dataclass(frozen=True)
@@ -46,6 +51,8 @@ class LoadedModel:
     context_length: int
     eos_token_ids: frozenset[int]
     accepts_logits_to_keep: bool
+    chat: ChatFormat  # the family's prompt format, defaults and answer post-processing
+    weight_bytes: int = 0  # parameters and buffers as they sit on the device
 
 
 def bundled_model_path() -> Path:
@@ -114,15 +121,116 @@ def model_name(path: Path) -> str:
     return path.stem if path.is_file() else path.resolve().name
 
 
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX-512 BF16 or AMX on x86, BF16 on Arm), from the kernel's flags."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16", "bf16"))
+
+
+def resolve_dtype(dtype: str, device: str) -> Any:
+    """`--dtype` as a torch dtype: auto is bf16 where the device computes it natively, else fp16 (CUDA), fp32 (CPU)."""
+    import torch
+
+    if dtype != "auto":
+        return getattr(torch, dtype)
+    if device.startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cpu_has_bf16() else torch.float32
+
+
+def read_model_config(path: Path) -> dict[str, Any]:
+    """A model directory's config.json (an empty dict for a GGUF file)."""
+    if path.is_file():
+        return {}
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{path / 'config.json'}: unreadable ({exc})") from exc
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"{path / 'config.json'}: not a JSON object")
+    return config
+
+
+def check_family(path: Path, config: dict[str, Any], quantize: int) -> None:
+    """Models we cannot serve, said in one line: remote code we do not run, quantization we do not offer."""
+    from transformers import CONFIG_MAPPING
+
+    native = chatglm.family(config)
+    model_type = config.get("model_type")
+    if native == chatglm.GLM_V2:
+        raise ModelLoadError(f"--model {path}: {native} checkpoints are not supported yet")
+    if native is None and "auto_map" in config and model_type not in CONFIG_MAPPING:
+        raise ModelLoadError(
+            f"--model {path}: config.json asks for remote code (model_type {model_type!r}), which this server never "
+            f"runs; served natively: {chatglm.GLM_V1} (model_type 'chatglm') and every architecture transformers ships"
+        )
+    if native is None and quantize != 16:
+        raise ModelLoadError(f"--quantize {quantize} is supported for {chatglm.GLM_V1} only so far; use --quantize 16")
+
+
 def preflight(config: ModelConfig) -> tuple[Path, str]:
-    """The checks that need no loading: model path, quantization, device. Returns (path, device)."""
+    """The checks that need no loading: model path, family, quantization, device. Returns (path, device)."""
     path = config.path if config.path is not None else bundled_model_path()
     check_model_path(path)
     if config.quantize not in (16, 8, 4):
         raise ModelLoadError(f"--quantize {config.quantize}: expected 16, 8 or 4")
-    if config.quantize != 16:
-        raise ModelLoadError(f"--quantize {config.quantize} is not supported yet; use --quantize 16")
+    if config.dtype not in DTYPES:
+        raise ModelLoadError(f"--dtype {config.dtype}: expected one of {', '.join(DTYPES)}")
+    model_config = read_model_config(path)
+    check_family(path, model_config, config.quantize)
+    if chatglm.family(model_config) == chatglm.GLM_V1:
+        from chatglm.checkpoint import CheckpointError, find_shards
+        from chatglm.v1 import read_config
+
+        try:  # the cheap checks of a ChatGLM checkpoint: its config and that every shard is there
+            read_config(path)
+            find_shards(path)
+        except CheckpointError as exc:
+            raise ModelLoadError(str(exc)) from exc
     return path, resolve_device(config.device)
+
+
+def weight_bytes(model: Any) -> int:
+    """Bytes of the model's parameters and buffers, each storage counted once (tied weights share one)."""
+    seen: set[int] = set()
+    total = 0
+    for tensor in (*model.parameters(), *model.buffers()):
+        if tensor.device.type == "meta" or tensor.data_ptr() in seen:
+            continue
+        seen.add(tensor.data_ptr())
+        total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def load_chatglm(path: Path, device: str, config: ModelConfig) -> LoadedModel:
+    """A ChatGLM-6B directory through our native implementation."""
+    from chatglm.checkpoint import CheckpointError
+    from chatglm.v1 import load
+
+    dtype = resolve_dtype(config.dtype, device)
+    log.info("loading %s (%s, native) on %s as %s", path, chatglm.GLM_V1, device, str(dtype).removeprefix("torch."))
+    try:
+        model, tokenizer, chat = load(path, device, dtype, config.quantize)
+    except CheckpointError as exc:
+        raise ModelLoadError(str(exc)) from exc
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        name=model_name(path),
+        device=device,
+        dtype=str(dtype).removeprefix("torch."),
+        context_length=model.config.max_sequence_length,
+        eos_token_ids=frozenset({tokenizer.eos_token_id}),
+        accepts_logits_to_keep=True,
+        chat=chat,
+        weight_bytes=weight_bytes(model),
+    )
 
 
 def load_model(config: ModelConfig) -> LoadedModel:
@@ -131,6 +239,10 @@ def load_model(config: ModelConfig) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path, device = preflight(config)
+    if chatglm.family(read_model_config(path)) == chatglm.GLM_V1:
+        loaded = load_chatglm(path, device, config)
+        log.info("loaded %s: %s, %s, %d bytes of weights", loaded.name, device, loaded.dtype, loaded.weight_bytes)
+        return loaded
 
     # half precision on CUDA; on CPU keep the checkpoint's own dtype (GGUF dequantizes to fp32)
     dtype: Any = torch.float16 if device.startswith("cuda") else "auto"
@@ -169,6 +281,8 @@ def load_model(config: ModelConfig) -> LoadedModel:
         context_length=_context_length(model.config),
         eos_token_ids=_eos_ids(model, tokenizer),
         accepts_logits_to_keep="logits_to_keep" in inspect.signature(model.forward).parameters,
+        chat=TemplateFormat(tokenizer),
+        weight_bytes=weight_bytes(model),
     )
     log.info("loaded %s: %s, %s, context %d", loaded.name, loaded.device, loaded.dtype, loaded.context_length)
     return loaded

@@ -15,11 +15,13 @@ from aiohttp import web
 from common import (
     CONFIG,
     ENGINE,
+    ServerConfig,
     check_limits,
     error_response,
     events_of,
     failure_response,
     not_started,
+    off_loop,
     peeked,
     read_json,
     sampling_params,
@@ -27,9 +29,10 @@ from common import (
     usage,
 )
 from engine import Delta, Event, Failed, Finished, KeepAlive, RequestHandle
+from loader import LoadedModel
 from schema import CompletionRequest, parse_completion
 from sse import ClientGone, EventStream, dumps
-from text import encode_chat
+from text import SamplingDefaults
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +47,25 @@ async def models(request: web.Request) -> web.Response:
     return web.json_response({"object": "list", "data": data})
 
 
-def start(request: web.Request, req: CompletionRequest) -> tuple[list[RequestHandle], str] | web.Response:
+# OpenAI's own defaults, for models whose family brings none
+OPENAI_DEFAULTS = SamplingDefaults(temperature=1.0, top_p=1.0)
+
+
+def plan_completion(lm: LoadedModel, config: ServerConfig, req: CompletionRequest) -> list[int] | web.Response:
+    """Prompt ids, or the 400 for a prompt over the context. Runs off the event loop: its cost grows with the
+    conversation."""
+    ids = lm.chat.encode(req.messages)
+    if len(ids) >= lm.context_length:
+        message = (
+            f"This model's maximum context length is {lm.context_length} tokens. "
+            f"However, your messages resulted in {len(ids)} tokens."
+        )
+        return error_response(400, message, "messages", "context_length_exceeded")
+    check_limits(config, req.sampling.max_tokens, len(ids), "messages")
+    return ids
+
+
+async def start(request: web.Request, req: CompletionRequest) -> tuple[list[RequestHandle], str] | web.Response:
     """Check model and context, then submit one generation per choice."""
     engine, config = request.app[ENGINE], request.app[CONFIG]
     names = served_names(request.app)
@@ -56,16 +77,16 @@ def start(request: web.Request, req: CompletionRequest) -> tuple[list[RequestHan
             "model_not_found",
         )
     lm = engine.model
-    ids = encode_chat(lm.tokenizer, req.messages)
-    if len(ids) >= lm.context_length:
-        message = (
-            f"This model's maximum context length is {lm.context_length} tokens. "
-            f"However, your messages resulted in {len(ids)} tokens."
-        )
-        return error_response(400, message, "messages", "context_length_exceeded")
-    check_limits(config, req.sampling.max_tokens, len(ids), "messages")
+    ids = await off_loop(request, lambda: plan_completion(lm, config, req))
+    if isinstance(ids, web.Response):
+        return ids
+    defaults = lm.chat.defaults or OPENAI_DEFAULTS
     room = min(lm.context_length - len(ids), config.max_tokens_limit)
-    params = sampling_params(req.sampling, min(req.sampling.max_tokens or config.default_max_tokens, room), 1.0, 1.0)
+    if req.sampling.max_tokens is None and defaults.max_length is not None:
+        wanted = defaults.max_length - len(ids)  # the family's length in its own sense: prompt + answer
+    else:
+        wanted = req.sampling.max_tokens or config.default_max_tokens
+    params = sampling_params(req.sampling, max(1, min(wanted, room)), defaults)
     handles: list[RequestHandle] = []
     try:
         for i in range(req.n):
@@ -107,7 +128,7 @@ async def merge(request: web.Request, handles: list[RequestHandle]) -> AsyncIter
 async def completions(request: web.Request) -> web.StreamResponse:
     """POST /v1/chat/completions, streaming or not."""
     req = parse_completion(await read_json(request))
-    started = start(request, req)
+    started = await start(request, req)
     if isinstance(started, web.Response):
         return started
     handles, model = started

@@ -155,7 +155,7 @@ def _sampling(body: dict[str, Any], max_tokens: int | None) -> Sampling:
     return Sampling(
         temperature=_number(body, "temperature", 0.0, 2.0),
         top_p=_number(body, "top_p", 0.0, 1.0),
-        top_k=None if top_k is None or top_k < 0 else top_k,  # -1 means no cut, as in vLLM
+        top_k=None if top_k is None else max(top_k, 0),  # 0 and -1 (as in vLLM) mean no cut
         repetition_penalty=_number(body, "repetition_penalty", 0.0, 10.0, lo_open=True),
         presence_penalty=_number(body, "presence_penalty", -2.0, 2.0) or 0.0,
         frequency_penalty=_number(body, "frequency_penalty", -2.0, 2.0) or 0.0,

@@ -10,6 +10,7 @@ import signal
 import sys
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import aiohttp_cors
@@ -22,6 +23,7 @@ from common import (
     ENGINE,
     LIFECYCLE,
     METRICS,
+    PROMPTS,
     Lifecycle,
     ServerConfig,
     echo_request_id,
@@ -31,7 +33,7 @@ from common import (
     served_names,
 )
 from engine import Engine, EngineConfig, EngineStopped
-from loader import ModelConfig, ModelLoadError, default_cache_dir, load_model, preflight
+from loader import DTYPES, ModelConfig, ModelLoadError, default_cache_dir, load_model, preflight
 from metrics import Metrics
 from openapi import build_spec
 
@@ -73,6 +75,7 @@ async def health(request: web.Request) -> web.Response:
         device=lm.device,
         dtype=lm.dtype,
         context_length=lm.context_length,
+        weight_bytes=lm.weight_bytes,
     )
     return web.json_response(body, status=200 if ok else 503)
 
@@ -113,7 +116,13 @@ def create_app(config: ServerConfig, engine: Engine) -> web.Application:
         yield
         engine.stop()
 
+    async def prompt_threads(app: web.Application) -> AsyncIterator[None]:
+        app[PROMPTS] = ThreadPoolExecutor(max_workers=2, thread_name_prefix="prompts")
+        yield
+        app[PROMPTS].shutdown(wait=False, cancel_futures=True)
+
     app.cleanup_ctx.append(engine_lifetime)
+    app.cleanup_ctx.append(prompt_threads)
     app.on_shutdown.append(drain)
     app.on_response_prepare.append(echo_request_id)
     app.router.add_get("/", index)
@@ -160,7 +169,9 @@ async def watch_loading(app: web.Application) -> AsyncIterator[None]:
     async def wait() -> None:
         await asyncio.get_running_loop().run_in_executor(None, engine.ready.wait)
         if engine.load_error is not None:
-            log.error("could not load the model: %s", engine.load_error)
+            # a problem with the model the user named is one line; anything else is our bug: show where
+            trace = None if isinstance(engine.load_error, ModelLoadError) else engine.load_error
+            log.error("could not load the model: %s", engine.load_error, exc_info=trace)
             os.kill(os.getpid(), signal.SIGTERM)
         else:
             log.info("model loaded; serving on http://%s:%d", app[CONFIG].host, app[CONFIG].port)
@@ -175,7 +186,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a = p.add_argument
     a("--model", type=Path, help="local HF model directory or .gguf file (default: bundled SmolLM2-135M)")
     a("--device", help="cpu, a CUDA index (0) or cuda:N (default: cuda:0 if present, else cpu)")
-    a("--quantize", type=int, default=16, choices=(16, 8, 4), help="16: fp16 on CUDA, own dtype on CPU")
+    a("--quantize", type=int, default=16, choices=(16, 8, 4), help="weight bits: 16 keeps --dtype, 8 and 4 quantize")
+    a("--dtype", default="auto", choices=DTYPES, help="auto: bf16 where the device computes it natively")
     a("--cache-dir", type=Path, default=default_cache_dir(), help="converted GGUF models (default: %(default)s)")
     a("--no-cache", action="store_true", help="convert a GGUF model on every start instead")
     a("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
@@ -200,7 +212,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    model_config = ModelConfig(args.model, args.device, args.quantize, None if args.no_cache else args.cache_dir)
+    model_config = ModelConfig(
+        args.model, args.device, args.quantize, None if args.no_cache else args.cache_dir, args.dtype
+    )
     try:
         preflight(model_config)  # the mistakes a user can fix, before anything starts
     except ModelLoadError as exc:
@@ -239,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     if engine.load_error is not None:
         print(f"error: cannot load the model: {engine.load_error}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(engine.load_error, ModelLoadError) else 1
     if not engine.ready.is_set():
         # stopped while the model was loading: Python would wait for the load (and its thread pools) to end
         log.info("stopped before the model finished loading")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 REPLACEMENT = "\ufffd"
 # How many prompt tokens the detokenizer decodes along with the first new tokens, so that
@@ -44,6 +44,60 @@ def chatglm_messages(system: str | None, history: Sequence[tuple[str, str]], que
     return messages
 
 
+@dataclass(frozen=True)
+class SamplingDefaults:
+    """A model family's own generation defaults, for whatever a request leaves unset."""
+
+    temperature: float
+    top_p: float
+    top_k: int = 0  # 0: no top-k cut
+    max_length: int | None = None  # prompt + answer tokens
+
+
+class TextStream(Protocol):
+    """Turns decoded text into the text a client sees, as it arrives: deltas concatenate to the final text."""
+
+    def push(self, text: str) -> str: ...
+
+    def flush(self) -> str: ...
+
+
+class ChatFormat(Protocol):
+    """How one model family turns a conversation into prompt ids and its output into the answer."""
+
+    @property
+    def defaults(self) -> SamplingDefaults | None: ...
+
+    def encode(self, messages: Sequence[Message]) -> list[int]: ...
+
+    def response_stream(self) -> TextStream: ...
+
+
+class PassThrough:
+    """The answer is the decoded text as it is."""
+
+    def push(self, text: str) -> str:
+        return text
+
+    def flush(self) -> str:
+        return ""
+
+
+class TemplateFormat:
+    """Hugging Face models: the tokenizer's chat template, or the plain fallback format without one."""
+
+    defaults: SamplingDefaults | None = None
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+
+    def encode(self, messages: Sequence[Message]) -> list[int]:
+        return encode_chat(self.tokenizer, messages)
+
+    def response_stream(self) -> TextStream:
+        return PassThrough()
+
+
 def encode_chat(tokenizer: Any, messages: Sequence[Message]) -> list[int]:
     """Token ids for a chat, ending where the assistant's answer starts.
 
@@ -75,24 +129,56 @@ def fallback_prompt(messages: Sequence[Message]) -> str:
     return "".join(parts) + "Assistant:"
 
 
-def fit_chat(tokenizer: Any, messages: Sequence[Message], context_length: int, reserve: int) -> tuple[list[int], int]:
+def drop_counts(n: int) -> list[int]:
+    """How many leading messages may go, fewest first: whole user/assistant rounds, never the last message."""
+    counts, dropped = [0], 0
+    while n - dropped > 1:
+        dropped += 2 if n - dropped > 2 else 1  # a whole round, so the chat still alternates
+        counts.append(dropped)
+    return counts
+
+
+def fit_chat(chat: ChatFormat, messages: Sequence[Message], context_length: int, reserve: int) -> tuple[list[int], int]:
     """Encode the chat, dropping the oldest user/assistant rounds until prompt + reserve fits.
 
     Returns the ids and how many leading non-system messages were dropped. The system message
     and the last message are never dropped; if they alone exceed the context, PromptTooLong.
+
+    The result is the fewest rounds dropped, found without encoding the conversation once per round: after the
+    whole conversation, the kept part doubles from the newest round back until it no longer fits, then a binary
+    search, so every encoding after the first is at most about twice what fits (O(n + c log n) for n messages).
     """
     system = [m for m in messages[:1] if m.role == "system"]
     rest = list(messages[len(system) :])
-    dropped = 0
-    while True:
-        ids = encode_chat(tokenizer, system + rest[dropped:])
-        if len(ids) + reserve <= context_length or len(rest) - dropped <= 1:
-            break
-        # drop a whole round (user + assistant) so the chat still alternates
-        dropped += 2 if len(rest) - dropped > 2 else 1
+    counts = drop_counts(len(rest))
+    encoded: dict[int, list[int]] = {}
+
+    def fits(k: int) -> bool:  # counts[k] messages dropped
+        encoded[k] = chat.encode(system + rest[counts[k] :])
+        return len(encoded[k]) + reserve <= context_length
+
+    last = len(counts) - 1
+    if fits(0) or last == 0:
+        best = 0
+    elif not fits(last):
+        best = last
+    else:
+        # counts[last] fits and counts[0] does not: gallop towards fewer dropped, then bisect
+        fit, step = last, 1
+        while fit - step > 0 and fits(fit - step):
+            fit, step = fit - step, step * 2
+        lo = max(fit - step, 0)  # does not fit
+        while fit - lo > 1:
+            mid = (lo + fit) // 2
+            if fits(mid):
+                fit = mid
+            else:
+                lo = mid
+        best = fit
+    ids = encoded[best] if best in encoded else chat.encode(system + rest[counts[best] :])
     if len(ids) >= context_length:
         raise PromptTooLong(len(ids), context_length)
-    return ids, dropped
+    return ids, counts[best]
 
 
 class IncrementalDecoder:

@@ -14,7 +14,7 @@ from common import ENGINE
 from loader import LoadedModel
 from tests.conftest import TINY_CONTEXT, MakeClient
 from tests.helpers import delta_frames, wait_until
-from text import chatglm_messages, encode_chat
+from text import TemplateFormat, chatglm_messages, encode_chat
 
 
 async def test_chat_answers_and_extends_history(make_client: MakeClient) -> None:
@@ -253,7 +253,7 @@ async def test_a_chat_template_that_refuses_the_conversation_is_a_400(
         "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
         + tokenizer.chat_template
     )
-    client = await make_client(dataclasses.replace(tiny_lm, tokenizer=tokenizer))
+    client = await make_client(dataclasses.replace(tiny_lm, tokenizer=tokenizer, chat=TemplateFormat(tokenizer)))
     resp = await client.post("/chat", json={"query": "hi", "system": "be brief"})
     assert resp.status == 400 and "System role not supported" in (await resp.json())["error"]["message"]
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]

@@ -24,7 +24,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
         (["--model", "/no/such/model"], "no such file or directory"),
         (["--model", str(ROOT / "server.py")], "must be a .gguf"),
         (["--model", str(ROOT)], "no config.json"),
-        (["--quantize", "4"], "--quantize 4 is not supported yet"),
+        (["--quantize", "4"], "--quantize 4 is supported for ChatGLM-6B only"),
         (["--device", "tpu"], "expected cpu"),
     ],
     ids=["missing", "not-gguf", "not-hf-dir", "quantize", "device"],

@@ -85,7 +85,7 @@ def test_fit_chat_drops_oldest_rounds_first(tiny_lm: LoadedModel) -> None:
         for j in range(2)
     ]
     messages = [Message("system", "be brief"), *history, Message("user", "latest question")]
-    ids, dropped = fit_chat(tiny_lm.tokenizer, messages, context_length=256, reserve=32)
+    ids, dropped = fit_chat(tiny_lm.chat, messages, context_length=256, reserve=32)
     assert len(ids) + 32 <= 256
     assert dropped > 0 and dropped % 2 == 0
     prompt = tiny_lm.tokenizer.decode(ids)
@@ -95,7 +95,7 @@ def test_fit_chat_drops_oldest_rounds_first(tiny_lm: LoadedModel) -> None:
 
 def test_fit_chat_rejects_a_query_that_alone_is_too_long(tiny_lm: LoadedModel) -> None:
     with pytest.raises(PromptTooLong, match="maximum context length is 256"):
-        fit_chat(tiny_lm.tokenizer, [Message("user", "word " * 400)], context_length=256, reserve=1)
+        fit_chat(tiny_lm.chat, [Message("user", "word " * 400)], context_length=256, reserve=1)
 
 
 def test_fallback_prompt_format() -> None:
@@ -104,5 +104,5 @@ def test_fallback_prompt_format() -> None:
 
 
 def test_model_without_template_uses_fallback(plain_lm: LoadedModel) -> None:
-    ids, _ = fit_chat(plain_lm.tokenizer, [Message("user", "hi")], 256, 1)
+    ids, _ = fit_chat(plain_lm.chat, [Message("user", "hi")], 256, 1)
     assert plain_lm.tokenizer.decode(ids) == "User: hi\nAssistant:"

@@ -134,7 +134,7 @@ def _fill(model: ChatGLMForCausalLM, shards: list[Any], device: str, dtype: torc
             module = _submodule(model, owner)
             if isinstance(module, QuantizedLinear):
                 parts = pending.setdefault(owner, {})
-                parts.update(_quantized_parts(module, key, name, tensor, shard, prequantized))
+                parts.update(_quantized_parts(module, key, name, tensor.to(device), shard, prequantized))
                 if {"q", "scale", "bias"} <= parts.keys():
                     module.set_weights(parts["q"], parts["scale"], parts["bias"], dtype, device)
                     del pending[owner]

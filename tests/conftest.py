@@ -148,6 +148,14 @@ def tiny_lm(tiny_dir: Path) -> LoadedModel:
 
 
 @pytest.fixture(scope="session")
+def glm_lm() -> LoadedModel:
+    """ChatGLM-6B's tiny golden model in fp32, loaded natively from the golden directory."""
+    from tests.glm import GOLDEN
+
+    return load_model(ModelConfig(path=GOLDEN, device="cpu", dtype="float32"))
+
+
+@pytest.fixture(scope="session")
 def plain_lm(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
     """A tiny model whose tokenizer has no chat template (the fallback prompt format)."""
     folder = build_tiny_model(tmp_path_factory.mktemp("plain"), chat_template=False)

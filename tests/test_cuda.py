@@ -1,0 +1,63 @@
+"""The CUDA paths: `--device 0`, half precision, `--quantize 8/4` and `/clear` on a GPU. Skipped without one."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from loader import ModelConfig, load_model
+from tests.conftest import LiveServer, start_server, stop_server
+from tests.glm import GOLDEN, golden, write_bin_checkpoint
+
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device: torch.cuda.is_available() is False"
+)
+CASES = golden("cases.json")["cases"]
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_on_the_gpu_follows_fp32_on_the_cpu(dtype: str) -> None:
+    cpu = load_model(ModelConfig(path=GOLDEN, device="cpu", dtype="float32"))
+    gpu = load_model(ModelConfig(path=GOLDEN, device="0", dtype=dtype))
+    assert gpu.device == "cuda:0" and str(gpu.model.lm_head.weight.device) == "cuda:0"
+    for case in CASES:
+        ids = torch.tensor(case["input_ids"])
+        with torch.no_grad():
+            want = cpu.model(ids).logits[0, -1]
+            got = gpu.model(ids.cuda()).logits[0, -1].float().cpu()
+        assert (got - want).abs().max() < 0.25
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_on_the_gpu_uses_a_kernel_that_agrees_with_the_cpu(bits: int) -> None:
+    cpu = load_model(ModelConfig(path=GOLDEN, device="cpu", dtype="bfloat16", quantize=bits))
+    gpu = load_model(ModelConfig(path=GOLDEN, device="0", dtype="bfloat16", quantize=bits))
+    assert gpu.weight_bytes <= cpu.weight_bytes * 1.1
+    ids = torch.tensor(CASES[0]["input_ids"])
+    with torch.no_grad():
+        want = cpu.model(ids).logits[0, -1].float()
+        got = gpu.model(ids.cuda()).logits[0, -1].float().cpu()
+    assert (got - want).abs().max() < 0.5
+    out = gpu.model.generate(ids.cuda(), max_new_tokens=8, do_sample=False)
+    assert out.shape[1] == ids.shape[1] + 8
+
+
+@pytest.fixture(scope="module")
+def gpu_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    folder = write_bin_checkpoint(tmp_path_factory.mktemp("glm"))
+    server = start_server(["--model", str(folder), "--device", "0", "--quantize", "8"], Path(folder) / "server.log")
+    yield server
+    stop_server(server)
+
+
+def test_clear_on_the_gpu_keeps_answers_coming(gpu_server: LiveServer) -> None:
+    health = gpu_server.get("/health")
+    assert health["device"] == "cuda:0" and health["weight_bytes"] > 0
+    first = gpu_server.post("/chat", {"query": "你好", "temperature": 0, "max_tokens": 8})
+    assert gpu_server.get("/clear") == {"success": True}
+    assert (
+        gpu_server.post("/chat", {"query": "你好", "temperature": 0, "max_tokens": 8})["response"] == first["response"]
+    )

@@ -14,6 +14,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -25,11 +26,12 @@ from chatglm.quantize import quantize_rows
 from chatglm.v1 import QUANTIZED, build
 
 
-def model_with(bits: int, layers: int, dtype: torch.dtype) -> ChatGLMForCausalLM:
+def model_with(bits: int, layers: int, dtype: torch.dtype) -> Any:
     config = ChatGLMConfig(num_layers=layers)
-    model = ChatGLMForCausalLM(config).to(dtype)  # nn.Linear's own random init
+    model: Any = ChatGLMForCausalLM(config)  # nn.Linear's own random init
+    model = model.to(dtype)
     if bits == 16:
-        return model.eval()
+        return model.requires_grad_(False)
     quantized = build(config, bits)
     for name, module in quantized.named_modules():
         if any(name.endswith(layer) for layer in QUANTIZED):
@@ -39,14 +41,14 @@ def model_with(bits: int, layers: int, dtype: torch.dtype) -> ChatGLMForCausalLM
     for name, tensor in model.state_dict().items():  # everything else as it is
         owner, _, leaf = name.rpartition(".")
         target = quantized.get_submodule(owner)
-        if leaf in target._parameters and target._parameters[leaf] is not None:
-            if target._parameters[leaf].device.type == "meta":
-                target._parameters[leaf] = torch.nn.Parameter(tensor, requires_grad=False)
+        placeholder = target._parameters.get(leaf)
+        if placeholder is not None and placeholder.device.type == "meta":
+            target._parameters[leaf] = torch.nn.Parameter(tensor, requires_grad=False)
     quantized.lm_head.weight = quantized.transformer.word_embeddings.weight
-    return quantized.eval()
+    return quantized
 
 
-def step_ms(model: ChatGLMForCausalLM, steps: int) -> float:
+def step_ms(model: Any, steps: int) -> float:
     ids = torch.tensor([[5, 6, 7, 8, 130001, 130004]])
     with torch.inference_mode():
         out = model(ids, use_cache=True, logits_to_keep=1)
@@ -66,21 +68,15 @@ def main() -> None:
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     print(f"{args.layers} ChatGLM-6B blocks + head, {args.dtype}, {torch.get_num_threads()} threads")
-    results = {}
+    head = step_ms(model_with(16, 0, dtype), args.steps)  # embedding, final norm and LM head alone
     for bits in (16, 8, 4):
-        model = model_with(bits, args.layers, dtype)
-        results[bits] = step_ms(model, args.steps)
-        head = model_with(bits, 0, dtype) if bits == 16 else None
-        if head is not None:
-            results["head"] = step_ms(head, args.steps)
-        del model
-    for bits in (16, 8, 4):
-        per_block = (results[bits] - results["head"]) / args.layers
+        total = step_ms(model_with(bits, args.layers, dtype), args.steps)
+        per_block = (total - head) / args.layers
         print(
-            f"--quantize {bits:2d}: {results[bits]:7.1f} ms per step; {per_block:6.2f} ms per block;"
-            f" 28 blocks + head ≈ {28 * per_block + results['head']:7.1f} ms"
+            f"--quantize {bits:2d}: {total:7.1f} ms per step; {per_block:6.2f} ms per block;"
+            f" 28 blocks + head ≈ {28 * per_block + head:7.1f} ms"
         )
-    print(f"embedding + final norm + head alone: {results['head']:.1f} ms")
+    print(f"embedding + final norm + head alone: {head:.1f} ms")
 
 
 if __name__ == "__main__":

@@ -134,6 +134,15 @@ def prefill(lm: LoadedModel, prompts: list[list[int]]) -> tuple[torch.Tensor, An
     return logits, out.cache, mask
 
 
+def prefill_chunk(lm: LoadedModel, ids: list[int], cache: Any) -> tuple[torch.Tensor, Any]:
+    """Feed the next piece of one prompt after the `cache` of the pieces before it (None for the first);
+    returns the last position's logits [1, V] and the grown cache."""
+    extra: dict[str, Any] = {"logits_to_keep": 1} if lm.accepts_logits_to_keep else {}
+    out = lm.model(input_ids=torch.tensor([ids], device=lm.device), cache=cache, use_cache=True, **extra)
+    logits: torch.Tensor = out.logits[:, -1].float()  # [1, V]
+    return logits, out.cache
+
+
 def prefill_groups(prompts: list[list[int]], waste: float = 1.25) -> list[list[int]]:
     """Indices of prompts to prefill together: similar lengths, so padding costs at most `waste`."""
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))

@@ -17,12 +17,13 @@ from common import (
     not_started,
     off_loop,
     peeked,
-    read_json,
+    read_body,
     sampling_params,
     usage,
 )
-from engine import Delta, Event, Failed, Finished, KeepAlive, RequestHandle, SamplingParams
+from events import Delta, Event, Failed, Finished, KeepAlive, RequestHandle
 from loader import LoadedModel
+from sampling import SamplingParams
 from schema import ChatRequest, InvalidField, parse_chat
 from sse import ClientGone, EventStream, dumps
 from text import PromptTooLong, SamplingDefaults, chatglm_messages, fit_chat
@@ -80,7 +81,7 @@ def final_frame(req: ChatRequest, response: str, done: Finished) -> dict[str, An
 
 async def chat(request: web.Request) -> web.Response:
     """POST /chat: the whole answer in one JSON object."""
-    req = parse_chat(await read_json(request))
+    req = await read_body(request, parse_chat)
     handle = await start_chat(request, req)
     text: list[str] = []
     try:
@@ -98,7 +99,7 @@ async def chat(request: web.Request) -> web.Response:
 
 async def stream(request: web.Request) -> web.StreamResponse:
     """POST /stream: `event: delta` frames, the last one with `finished: true`."""
-    req = parse_chat(await read_json(request))
+    req = await read_body(request, parse_chat)
     handle = await start_chat(request, req)
     out = EventStream()
     response = ""

@@ -14,8 +14,10 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 
-from engine import Engine, EngineStopped, Event, Failed, QueueFull, RequestHandle, SamplingParams
+from engine import Engine, EngineStopped, QueueFull
+from events import Event, Failed, RequestHandle
 from metrics import Metrics, RequestStats
+from sampling import SamplingParams
 from schema import InvalidField, Sampling, parse_json
 from sse import dumps
 from text import ChatRejected, SamplingDefaults
@@ -205,9 +207,11 @@ async def off_loop(request: web.Request, work: Callable[[], T]) -> T:
     return await asyncio.get_running_loop().run_in_executor(request.app[PROMPTS], work)
 
 
-async def read_json(request: web.Request) -> dict[str, Any]:
-    """The request body as a JSON object (413 past the size limit, via aiohttp)."""
-    return parse_json(await request.read())
+async def read_body(request: web.Request, parse: Callable[[dict[str, Any]], T]) -> T:
+    """The request body as a JSON object (413 past the size limit, via aiohttp), parsed into a typed request off
+    the event loop: a body near the size limit takes milliseconds to decode and check."""
+    raw = await request.read()
+    return await off_loop(request, lambda: parse(parse_json(raw)))
 
 
 def sampling_params(s: Sampling, max_new_tokens: int, defaults: SamplingDefaults) -> SamplingParams:

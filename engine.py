@@ -1,4 +1,8 @@
-"""Generation engine: one worker thread runs the model; each request streams through its own asyncio.Queue."""
+"""Generation engine: one worker thread runs the model; each request streams through its own asyncio.Queue.
+
+Every step of the worker: take new requests, drop the ones whose client left, prefill what the step's token budget
+allows (a long prompt a chunk at a time, short ones together), then one decode step over every running request.
+"""
 
 from __future__ import annotations
 
@@ -9,34 +13,20 @@ import random
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import count
+from typing import Any
 
 import torch
 
-from batch import KVBatch, batchable, decode_step, prefill, prefill_groups, select_rows
+from batch import KVBatch, batchable, decode_step, prefill, prefill_chunk, prefill_groups, select_rows
+from events import Delta, Failed, Finished, RequestHandle
 from loader import LoadedModel
+from sampling import History, SamplingParams, sample
 from text import IncrementalDecoder, StopMatcher, TextStream
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """Per-request decoding settings; temperature 0 means greedy."""
-
-    max_new_tokens: int = 512
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0  # 0: no top-k cut
-    repetition_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
-    min_tokens: int = 0
-    ignore_eos: bool = False
 
 
 @dataclass(frozen=True)
@@ -46,42 +36,10 @@ class EngineConfig:
     max_batch_size: int = 8  # requests decoded together in one forward pass; the rest wait
     max_queue: int = 64  # waiting requests before 429
     queue_timeout: float | None = None  # seconds a request may wait for a slot before it fails (503)
-
-
-# ---- what the worker sends to a request's queue -------------------------------------------
-
-
-@dataclass(frozen=True)
-class Delta:
-    """New text, never ending inside a character."""
-
-    text: str
-
-
-@dataclass(frozen=True)
-class Finished:
-    """Generation ended normally; reason is stop or length."""
-
-    reason: str
-    prompt_tokens: int
-    completion_tokens: int
-    queue_s: float = 0.0  # time spent waiting for a batch slot
-
-
-@dataclass(frozen=True)
-class Failed:
-    """Generation broke; the message is safe to show the client."""
-
-    message: str
-    type: str = "server_error"
-
-
-@dataclass(frozen=True)
-class KeepAlive:
-    """Nothing arrived for a while: the request is waiting in the queue or prefilling."""
-
-
-Event = Delta | Finished | Failed | KeepAlive
+    # prompt tokens prefilled per step: a long prompt is prefilled in chunks between decode steps, so the running
+    # streams pause for one chunk at most (0: whole prompts at once); models that cannot be chunked ignore it.
+    # Deep into a long prompt a chunk shrinks, so that it costs about what a full one at the prompt's start costs
+    prefill_chunk: int = 768
 
 
 class QueueFull(Exception):
@@ -90,63 +48,6 @@ class QueueFull(Exception):
 
 class EngineStopped(Exception):
     """The engine is not running."""
-
-
-# ---- per-request state ------------------------------------------------------------------------
-
-
-class RequestHandle:
-    """The event-loop side of one generation: its queue, and a way to cancel it."""
-
-    def __init__(self, request_id: int, loop: asyncio.AbstractEventLoop) -> None:
-        self.id = request_id
-        self.loop = loop
-        self._queue: asyncio.Queue[Delta | Finished | Failed] = asyncio.Queue()
-        self._cancelled = threading.Event()
-        self.done = False
-
-    def cancel(self) -> None:
-        """Ask the worker to stop this generation at its next step (safe from any thread)."""
-        self._cancelled.set()
-
-    @property
-    def cancelled(self) -> bool:
-        return self._cancelled.is_set()
-
-    def deliver(self, event: Delta | Finished | Failed) -> None:
-        """Hand an event to the consumer; runs on the event loop."""
-        self._queue.put_nowait(event)
-
-    async def events(self, keepalive: float = 15.0, gone: Callable[[], bool] | None = None) -> AsyncIterator[Event]:
-        """Yield events until Finished or Failed; KeepAlive after `keepalive` idle seconds.
-
-        `gone` is asked at every event and at least every second, so a consumer that left is noticed while the
-        request waits, prefills or holds text back too: the generation is cancelled and the last event is
-        Failed of type "cancelled".
-        """
-        loop = asyncio.get_running_loop()
-        idle_since = loop.time()
-        while True:
-            if gone is not None and gone():
-                self.cancel()
-                self.done = True
-                yield Failed("the client closed the request", "cancelled")
-                return
-            wait = keepalive - (loop.time() - idle_since)
-            if wait <= 0:
-                idle_since = loop.time()
-                yield KeepAlive()
-                continue
-            try:
-                event = await asyncio.wait_for(self._queue.get(), min(wait, 1.0))
-            except TimeoutError:
-                continue
-            idle_since = loop.time()
-            if isinstance(event, (Finished, Failed)):
-                self.done = True
-            yield event
-            if self.done:
-                return
 
 
 @dataclass
@@ -163,48 +64,23 @@ class _Sequence:
     tokens: list[int] = field(default_factory=list)
     submitted: float = field(default_factory=time.monotonic)
     queue_s: float = 0.0
-    seen: torch.Tensor | None = None  # [V] bool: tokens of prompt + output, for repetition_penalty
-    counts: torch.Tensor | None = None  # [V] float: output token counts, for presence/frequency
+    history: History | None = None  # set once prefilled
+    cache: Any = None  # the KV cache of a prompt prefilled in chunks, while it is
+    prefilled: int = 0  # prompt tokens in that cache
+
+
+def chunk_size(full: int, offset: int, break_even: int) -> int:
+    """Tokens of a prompt's chunk that starts `offset` tokens in: a token there also attends to `offset` others, so
+    the chunk shrinks to cost about what `full` tokens cost at the start. `break_even` is the model's prompt length
+    at which attention costs a token as much as the rest of its layer. A pure function of the prompt, so a prompt is
+    always cut the same way, whatever else the server is doing."""
+    return max(16, min(full, round(full * break_even / (break_even + offset))))
 
 
 def _deliver(items: list[tuple[RequestHandle, Delta | Finished | Failed]]) -> None:
     """Runs on the event loop: fan a step's events out to the requests' queues."""
     for handle, event in items:
         handle.deliver(event)
-
-
-# ---- sampling (pure, gpt-fast style) ---------------------------------------------------------
-
-
-def sample(logits: torch.Tensor, seq: _Sequence, eos: frozenset[int]) -> int:
-    """Pick the next token from logits [V] under the sequence's parameters."""
-    p = seq.params
-    if p.repetition_penalty != 1.0 and seq.seen is not None:
-        penalised = torch.where(logits > 0, logits / p.repetition_penalty, logits * p.repetition_penalty)
-        logits = torch.where(seq.seen, penalised, logits)
-    if (p.presence_penalty or p.frequency_penalty) and seq.counts is not None:
-        logits = logits - p.frequency_penalty * seq.counts - p.presence_penalty * (seq.counts > 0).float()
-    if eos and (p.ignore_eos or len(seq.tokens) < p.min_tokens):
-        logits = logits.clone()
-        logits[list(eos)] = float("-inf")
-    if p.temperature == 0:
-        return int(torch.argmax(logits))
-    logits = logits / p.temperature
-    if 0 < p.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, p.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    if p.top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, descending=True)
-        # keep the smallest set whose mass reaches top_p (the first token always stays)
-        drop = (torch.cumsum(sorted_probs, dim=-1) - sorted_probs) >= p.top_p
-        drop[0] = False  # top_p 0 keeps just the most likely token
-        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
-    return int(torch.multinomial(probs, 1, generator=seq.generator))
-
-
-# ---- the engine --------------------------------------------------------------------------------
 
 
 class Engine:
@@ -222,15 +98,17 @@ class Engine:
         self._inbox: queue.Queue[_Sequence | None] = queue.Queue()
         self._waiting: deque[_Sequence] = deque()
         self._running: list[_Sequence] = []  # row i of self._batch is self._running[i]
+        self._chunking: _Sequence | None = None  # a long prompt being prefilled a chunk per step
         self._batch = KVBatch()
         self._batchable = True  # until a prefill shows a cache that cannot be batched
         self._outbox: list[tuple[RequestHandle, Delta | Finished | Failed]] = []
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self._ids = count(1)
-        self._pending = 0  # submitted but not yet running (event-loop view, guarded by _lock)
-        self._live: dict[int, _Sequence] = {}  # admitted and not yet ended, by request id (guarded by _lock)
+        # guarded by _lock, shared with the event loop: requests not yet ended, and those of them admitted
         self._lock = threading.Lock()
+        self._open: dict[int, RequestHandle] = {}
+        self._live: dict[int, _Sequence] = {}
         self.started_at = time.time()
 
     @property
@@ -249,12 +127,14 @@ class Engine:
         self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Stop the worker; requests still running end with Failed."""
+        """Stop the worker; requests not finished end with Failed, within `timeout` even if a step is stuck."""
         self._stopping.set()
         self._inbox.put(None)
         if self._thread is not None:
             # a model load cannot be interrupted: waiting for it would only delay the exit
             self._thread.join(timeout if self.ready.is_set() else 0)
+            if self._thread.is_alive():  # a long forward pass: its requests end now, the thread ends with it
+                self._end_everything("the server is shutting down")
             self._thread = None
 
     @property
@@ -266,17 +146,18 @@ class Engine:
     def counts(self) -> tuple[int, int]:
         """(running, waiting) requests."""
         with self._lock:
-            return len(self._live), self._pending
+            return len(self._live), len(self._open) - len(self._live)
 
     def submit(self, prompt: list[int], params: SamplingParams) -> RequestHandle:
         """Queue a generation; call on the event loop. Raises QueueFull or EngineStopped."""
         if not self.running or self._stopping.is_set():
             raise EngineStopped("the engine is not running")
-        with self._lock:
-            if self._pending >= self.config.max_queue:
-                raise QueueFull(f"{self._pending} requests are already waiting")
-            self._pending += 1
         handle = RequestHandle(next(self._ids), asyncio.get_running_loop())
+        with self._lock:
+            waiting = len(self._open) - len(self._live)
+            if waiting >= self.config.max_queue:
+                raise QueueFull(f"{waiting} requests are already waiting")
+            self._open[handle.id] = handle
         seed = params.seed if params.seed is not None else random.getrandbits(63)
         generator = torch.Generator(device=self.model.device).manual_seed(seed)
         lm = self.model
@@ -284,6 +165,18 @@ class Engine:
         seq = _Sequence(handle, prompt, params, generator, decoder, lm.chat.response_stream(), StopMatcher(params.stop))
         self._inbox.put(seq)
         return handle
+
+    def _end_everything(self, message: str) -> None:
+        """From outside the worker: end every open request at once (it may be stuck in a long forward pass)."""
+        with self._lock:
+            handles = list(self._open.values())
+            self._open.clear()
+            self._live.clear()
+        for handle in handles:
+            try:
+                handle.loop.call_soon_threadsafe(handle.deliver, Failed(message, "unavailable"))
+            except RuntimeError:  # its loop is closed: nobody is listening
+                handle.cancel()
 
     # -- worker side
 
@@ -313,16 +206,16 @@ class Engine:
             log.exception("engine worker crashed")
         finally:
             self._stopping.set()
-            self._take_new(block=False)
             with self._lock:
-                ending = [*self._live.values(), *self._waiting]
-            for seq in ending:
-                self._emit(seq.handle, Failed("the server is shutting down", "unavailable"))
+                handles = list(self._open.values())
+            for handle in handles:
+                self._end(handle, Failed("the server is shutting down", "unavailable"))
             self._flush()
             log.info("engine worker stopped")
 
     def _step(self) -> None:
-        self._take_new(block=not self._running and not self._waiting)
+        idle = not self._running and not self._waiting and self._chunking is None
+        self._take_new(block=idle)
         self._drop_cancelled()
         self._expire_waiting()
         self._admit()
@@ -335,12 +228,20 @@ class Engine:
         with self._lock:
             live = list(self._live.values())
         for seq in live:
-            self._retire(seq, Failed(message))
-        self._running = []
+            self._end(seq.handle, Failed(message))
+        self._running, self._chunking = [], None
         self._batch = KVBatch()
         self._flush()
 
-    def _emit(self, handle: RequestHandle, event: Delta | Finished | Failed) -> None:
+    def _emit(self, handle: RequestHandle, event: Delta) -> None:
+        self._outbox.append((handle, event))
+
+    def _end(self, handle: RequestHandle, event: Finished | Failed) -> None:
+        """A request's final event, sent once whichever part of the engine ends it first."""
+        with self._lock:
+            if self._open.pop(handle.id, None) is None:
+                return
+            self._live.pop(handle.id, None)
         self._outbox.append((handle, event))
 
     def _flush(self) -> None:
@@ -370,15 +271,20 @@ class Engine:
             pass
 
     def _drop_cancelled(self) -> None:
-        if any(seq.handle.cancelled for seq in self._waiting):  # a request that left frees its place in the queue
-            waiting = deque(seq for seq in self._waiting if not seq.handle.cancelled)
-            with self._lock:
-                self._pending -= len(self._waiting) - len(waiting)
-            self._waiting = waiting
+        """Requests whose client left free their place in the queue, their prefill, their row of the batch."""
+        cancelled = Failed("cancelled", "cancelled")
+        if any(seq.handle.cancelled for seq in self._waiting):
+            for seq in self._waiting:
+                if seq.handle.cancelled:
+                    self._end(seq.handle, cancelled)
+            self._waiting = deque(seq for seq in self._waiting if not seq.handle.cancelled)
+        if self._chunking is not None and self._chunking.handle.cancelled:
+            self._end(self._chunking.handle, cancelled)
+            self._chunking = None  # its partial cache goes with it
         keep = [i for i, seq in enumerate(self._running) if not seq.handle.cancelled]
         for seq in self._running:
             if seq.handle.cancelled:
-                self._retire(seq, Failed("cancelled", "cancelled"))
+                self._end(seq.handle, cancelled)
         self._keep(keep)
 
     def _expire_waiting(self) -> None:
@@ -388,31 +294,83 @@ class Engine:
         now = time.monotonic()
         while self._waiting and now - self._waiting[0].submitted > timeout:
             seq = self._waiting.popleft()
-            with self._lock:
-                self._pending -= 1
-            self._emit(seq.handle, Failed(f"waited over {timeout:g} s for a free slot", "unavailable"))
+            self._end(seq.handle, Failed(f"waited over {timeout:g} s for a free slot", "unavailable"))
         self._flush()
 
     def _keep(self, rows: list[int]) -> None:
         self._batch.keep(rows)  # frees the KV cache of the rows that left
         self._running = [self._running[i] for i in rows]
 
+    # -- prefill
+
+    def _budget(self) -> int | None:
+        """Prompt tokens this step may prefill; None: no limit (chunking is off or the model cannot be chunked)."""
+        if not self.config.prefill_chunk or not self.model.chunked_prefill:
+            return None
+        return self.config.prefill_chunk
+
     def _admit(self) -> None:
-        """Prefill waiting requests into free slots, together where they can; each gets its first token at once."""
+        """Prefill what this step's budget allows: the next chunk of a long prompt, then waiting requests into
+        free slots, short prompts together; each request's first token goes out as its prefill completes."""
+        budget = self._budget()
+        if self._chunking is not None and budget is not None:
+            budget -= self._prefill_chunk(budget)
         new: list[_Sequence] = []
-        while self._waiting and len(self._running) + len(new) < self.config.max_batch_size:
-            if (self._running or new) and not self._batchable:
+        used = 0
+        while (
+            self._waiting and len(self._running) + len(new) + (self._chunking is not None) < self.config.max_batch_size
+        ):
+            if (self._running or new or self._chunking) and not self._batchable:
                 break  # this model's cache cannot be batched: one request at a time
-            seq = self._waiting.popleft()
-            with self._lock:
-                self._pending -= 1
-                if seq.handle.cancelled:
-                    continue
-                self._live[seq.handle.id] = seq
-            seq.queue_s = time.monotonic() - seq.submitted
-            new.append(seq)
+            seq = self._waiting[0]
+            if budget is not None and len(seq.prompt) > budget - used:
+                if new or self._chunking is not None or budget - used <= 0:
+                    break  # the rest of the queue waits for the next step's budget
+                self._waiting.popleft()
+                self._admitted(seq)
+                self._chunking = seq  # a prompt over the budget: prefilled a chunk per step from now on
+                self._prefill_chunk(budget)
+                break
+            self._waiting.popleft()
+            if self._admitted(seq):
+                new.append(seq)
+                used += len(seq.prompt)
         for group in prefill_groups([seq.prompt for seq in new]):
             self._prefill([new[i] for i in group])
+
+    def _slots_taken(self, new: list[_Sequence]) -> int:
+        return len(self._running) + len(new) + (self._chunking is not None)
+
+    def _admitted(self, seq: _Sequence) -> bool:
+        """Count a request as running (False if it was ended meanwhile)."""
+        with self._lock:
+            if seq.handle.id not in self._open:
+                return False
+            self._live[seq.handle.id] = seq
+        seq.queue_s = time.monotonic() - seq.submitted
+        return True
+
+    def _prefill_chunk(self, budget: int) -> int:
+        """Prefill the next chunk of the chunked prompt, at most `budget` tokens; returns how many it took."""
+        seq = self._chunking
+        assert seq is not None
+        size = chunk_size(self.config.prefill_chunk, seq.prefilled, self.model.attention_break_even)
+        take = min(budget, size, len(seq.prompt) - seq.prefilled)
+        try:
+            logits, seq.cache = prefill_chunk(self.model, seq.prompt[seq.prefilled : seq.prefilled + take], seq.cache)
+        except Exception as exc:
+            log.exception("prefill failed for request %s", seq.handle.id)
+            self._end(seq.handle, Failed(f"generation failed: {exc}"))
+            self._chunking = None
+            self._flush()
+            return take
+        seq.prefilled += take
+        if seq.prefilled == len(seq.prompt):
+            self._chunking = None
+            cache, seq.cache = seq.cache, None
+            mask = torch.ones((1, len(seq.prompt)), dtype=torch.long, device=logits.device)
+            self._join([seq], logits, cache, mask)
+        return take
 
     def _prefill(self, seqs: list[_Sequence]) -> None:
         try:
@@ -423,7 +381,7 @@ class Engine:
                     self._prefill([seq])
                 return
             log.exception("prefill failed for request %s", seqs[0].handle.id)
-            self._retire(seqs[0], Failed(f"generation failed: {exc}"))
+            self._end(seqs[0].handle, Failed(f"generation failed: {exc}"))
             self._flush()
             return
         self._batchable = batchable(cache)
@@ -432,20 +390,22 @@ class Engine:
             for seq in reversed(seqs[1:]):
                 with self._lock:
                     del self._live[seq.handle.id]
-                    self._pending += 1
                 self._waiting.appendleft(seq)
             self._prefill(seqs[:1])
             return
-        vocab = logits.shape[-1]
+        self._join(seqs, logits, cache, mask)
+
+    def _join(self, seqs: list[_Sequence], logits: torch.Tensor, cache: Any, mask: torch.Tensor) -> None:
+        """Prefilled sequences sample their first token and join the decode batch."""
         for seq in seqs:
-            seq.counts = torch.zeros(vocab, device=logits.device)
-            seq.seen = torch.zeros(vocab, dtype=torch.bool, device=logits.device)
-            seq.seen[[t for t in seq.prompt if t < vocab]] = True
+            seq.history = History.of(seq.prompt, logits.shape[-1], seq.generator, logits.device)
         keep = self._sample_rows(seqs, logits)
         if keep:
             self._batch.add(select_rows(cache, keep), mask[keep])
             self._running.extend(seqs[i] for i in keep)
         self._flush()  # first tokens go out now, not after the other prefills
+
+    # -- decode
 
     def _decode(self) -> None:
         """One forward pass over every running request, then each samples its own token."""
@@ -462,27 +422,20 @@ class Engine:
         keep = []
         for i, seq in enumerate(seqs):
             try:  # a fault in one request's sampling or detokenizing ends only that request
-                if self._advance(seq, sample(logits[i], seq, self.model.eos_token_ids)):
+                assert seq.history is not None
+                if self._advance(seq, sample(logits[i], seq.params, seq.history, self.model.eos_token_ids)):
                     keep.append(i)
             except Exception as exc:
                 log.exception("sampling failed for request %s", seq.handle.id)
-                self._retire(seq, Failed(f"generation failed: {exc}"))
+                self._end(seq.handle, Failed(f"generation failed: {exc}"))
         return keep
-
-    def _retire(self, seq: _Sequence, event: Finished | Failed) -> None:
-        """End a sequence with its final event, once."""
-        with self._lock:
-            if self._live.pop(seq.handle.id, None) is None:
-                return
-        self._emit(seq.handle, event)
 
     def _advance(self, seq: _Sequence, token: int) -> bool:
         """Record a sampled token and stream its text; False once the sequence has finished."""
         lm = self.model
         seq.tokens.append(token)
-        assert seq.counts is not None and seq.seen is not None
-        seq.counts[token] += 1
-        seq.seen[token] = True
+        assert seq.history is not None
+        seq.history.add(token)
         is_eos = token in lm.eos_token_ids
         text = "" if is_eos else seq.decoder.push(token)
         reason: str | None = "stop" if is_eos else None
@@ -502,5 +455,5 @@ class Engine:
             self._emit(seq.handle, Delta(out))
         if reason is None:
             return True
-        self._retire(seq, Finished(reason, len(seq.prompt), len(seq.tokens), seq.queue_s))
+        self._end(seq.handle, Finished(reason, len(seq.prompt), len(seq.tokens), seq.queue_s))
         return False

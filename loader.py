@@ -53,6 +53,8 @@ class LoadedModel:
     accepts_logits_to_keep: bool
     chat: ChatFormat  # the family's prompt format, defaults and answer post-processing
     weight_bytes: int = 0  # parameters and buffers as they sit on the device
+    chunked_prefill: bool = False  # whether a prompt can be prefilled in pieces, each after the cache of the last
+    attention_break_even: int = 2048  # prompt length from which attention costs a token as much as its other work
 
 
 def bundled_model_path() -> Path:
@@ -76,12 +78,13 @@ def default_cache_dir() -> Path:
     return Path(root) / "chatglm-stream"
 
 
-def gguf_cache_entry(path: Path, cache_dir: Path) -> Path:
-    """The cache folder for one GGUF file: a new file, a changed file or a new transformers gets a new one."""
+def gguf_cache_entry(path: Path, cache_dir: Path, dtype: Any) -> Path:
+    """The cache folder for one GGUF file converted to `dtype`: a new file, a changed file, another dtype or a new
+    transformers gets a new one."""
     import transformers
 
     stat = path.stat()
-    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{transformers.__version__}"
+    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{transformers.__version__}|{dtype}"
     return cache_dir / f"{path.stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
 
@@ -230,12 +233,12 @@ def load_chatglm(path: Path, device: str, config: ModelConfig) -> LoadedModel:
         accepts_logits_to_keep=True,
         chat=chat,
         weight_bytes=weight_bytes(model),
+        chunked_prefill=False,  # the prompt attends to itself both ways: it is prefilled in one piece
     )
 
 
 def load_model(config: ModelConfig) -> LoadedModel:
     """Load tokenizer and model from a local path; never touches the network."""
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path, device = preflight(config)
@@ -244,9 +247,8 @@ def load_model(config: ModelConfig) -> LoadedModel:
         log.info("loaded %s: %s, %s, %d bytes of weights", loaded.name, device, loaded.dtype, loaded.weight_bytes)
         return loaded
 
-    # half precision on CUDA; on CPU keep the checkpoint's own dtype (GGUF dequantizes to fp32)
-    dtype: Any = torch.float16 if device.startswith("cuda") else "auto"
-    cached = gguf_cache_entry(path, config.cache_dir) if path.is_file() and config.cache_dir else None
+    dtype = resolve_dtype(config.dtype, device)
+    cached = gguf_cache_entry(path, config.cache_dir, dtype) if path.is_file() and config.cache_dir else None
     tokenizer: Any = None
     model: Any = None
     if cached is not None and cached.is_dir():
@@ -283,6 +285,8 @@ def load_model(config: ModelConfig) -> LoadedModel:
         accepts_logits_to_keep="logits_to_keep" in inspect.signature(model.forward).parameters,
         chat=TemplateFormat(tokenizer),
         weight_bytes=weight_bytes(model),
+        chunked_prefill=_plain_cache(model),
+        attention_break_even=_break_even(model),
     )
     log.info("loaded %s: %s, %s, context %d", loaded.name, loaded.device, loaded.dtype, loaded.context_length)
     return loaded
@@ -312,6 +316,29 @@ def _save_converted(model: Any, tokenizer: Any, entry: Path) -> None:
         log.warning("could not keep the converted model in %s: %s", entry, exc)
     finally:
         shutil.rmtree(partial, ignore_errors=True)
+
+
+def _plain_cache(model: Any) -> bool:
+    """Whether the model's cache has only plain growing layers (no sliding windows), which chunks extend safely."""
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+
+    try:
+        layers = DynamicCache(config=model.config).layers
+    except Exception:  # a config the cache cannot read: do not chunk
+        return False
+    return all(type(layer) is DynamicLayer for layer in layers)
+
+
+def _break_even(model: Any) -> int:
+    """About where attending to the prompt costs a token as much as its layer's matmuls: a layer's weights per
+    token against the keys and values read per prompt token, with attention counted twice as dear (it runs below
+    the matmuls' efficiency; measured on CPU)."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    hidden = getattr(model.config, "hidden_size", None)
+    if not layers or not isinstance(hidden, int):
+        return 2048
+    per_layer = int(sum(p.numel() for p in layers[0].parameters()))
+    return max(256, per_layer // (4 * hidden))
 
 
 def _context_length(model_config: Any) -> int:

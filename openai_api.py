@@ -23,12 +23,12 @@ from common import (
     not_started,
     off_loop,
     peeked,
-    read_json,
+    read_body,
     sampling_params,
     served_names,
     usage,
 )
-from engine import Delta, Event, Failed, Finished, KeepAlive, RequestHandle
+from events import Delta, Event, Failed, Finished, KeepAlive, RequestHandle
 from loader import LoadedModel
 from schema import CompletionRequest, parse_completion
 from sse import ClientGone, EventStream, dumps
@@ -127,7 +127,7 @@ async def merge(request: web.Request, handles: list[RequestHandle]) -> AsyncIter
 
 async def completions(request: web.Request) -> web.StreamResponse:
     """POST /v1/chat/completions, streaming or not."""
-    req = parse_completion(await read_json(request))
+    req = await read_body(request, parse_completion)
     started = await start(request, req)
     if isinstance(started, web.Response):
         return started

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -159,7 +161,9 @@ async def drain(app: web.Application) -> None:
         await asyncio.sleep(0.05)
     if engine.counts != (0, 0):
         log.warning("shutdown: ending %d unfinished requests", sum(engine.counts))
-    await asyncio.get_running_loop().run_in_executor(None, engine.stop)
+    # whatever the worker is doing (a long prefill), what is left ends within the timeout, not after the step
+    left = max(0.5, deadline - time.monotonic())
+    await asyncio.get_running_loop().run_in_executor(None, engine.stop, left)
 
 
 async def watch_loading(app: web.Application) -> AsyncIterator[None]:
@@ -181,6 +185,34 @@ async def watch_loading(app: web.Application) -> AsyncIterator[None]:
     task.cancel()
 
 
+class BindError(Exception):
+    """The address to listen on cannot be had; the message is meant for the user."""
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before the model loads: a port in use costs a second, not a model load."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except socket.gaierror as exc:
+        raise BindError(f"--host {host}: cannot resolve it ({exc.strerror})") from exc
+    sock = socket.socket(family, kind, proto)
+    try:
+        if os.name == "posix":  # as aiohttp does: a restart need not wait for old connections to time out
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(128)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise BindError(f"--port {port}: address {host}:{port} is already in use (another server?)") from exc
+        if exc.errno == errno.EACCES:
+            raise BindError(f"--port {port}: permission denied (ports below 1024 need privileges)") from exc
+        raise BindError(f"--host {host} --port {port}: cannot listen there ({exc.strerror})") from exc
+    return sock
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Streaming chat server for ChatGLM and Hugging Face chat models.")
     a = p.add_argument
@@ -196,6 +228,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--default-max-tokens", type=int, default=1024, help="answer length when a request sets none")
     a("--max-batch-size", type=int, default=8, help="requests decoded together in one forward pass")
     a("--max-queue", type=int, default=64, help="requests waiting for a slot before 429")
+    a("--prefill-chunk", type=int, default=768, help="prompt tokens prefilled between two decode steps (0: no limit)")
     a("--queue-timeout", type=float, default=600.0, help="seconds a request may wait for a slot before 503")
     a("--api-key", default=os.environ.get(API_KEY_ENV), help=f"require this bearer key (or set ${API_KEY_ENV})")
     a("--metrics-no-key", action="store_true", help="serve /metrics without the API key")
@@ -217,12 +250,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         preflight(model_config)  # the mistakes a user can fix, before anything starts
-    except ModelLoadError as exc:
+        sock = bind(args.host, args.port)
+    except (ModelLoadError, BindError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     config = ServerConfig(
         host=args.host,
-        port=args.port,
+        port=sock.getsockname()[1],  # the port itself when asked for port 0
         served_model_names=tuple(args.served_model_name),
         default_max_tokens=args.default_max_tokens,
         max_body_bytes=args.max_body_bytes,
@@ -235,18 +269,20 @@ def main(argv: list[str] | None = None) -> int:
         shutdown_timeout=args.shutdown_timeout,
     )
     engine_config = EngineConfig(
-        max_batch_size=args.max_batch_size, max_queue=args.max_queue, queue_timeout=args.queue_timeout
+        max_batch_size=args.max_batch_size,
+        max_queue=args.max_queue,
+        queue_timeout=args.queue_timeout,
+        prefill_chunk=max(0, args.prefill_chunk),
     )
     engine = Engine(lambda: load_model(model_config), engine_config)  # loads on the worker: /health says 503 meanwhile
     app = create_app(config, engine)
     app.cleanup_ctx.append(watch_loading)
-    # aiohttp's own wait is only for handlers to write their last frame: `drain` already waited for the answers;
+    # aiohttp's own wait is only for handlers to write their last frame: `drain` already ended every answer;
     # its access log is off: `request_context` writes one line per request with the request id
     web.run_app(
         app,
-        host=config.host,
-        port=config.port,
-        shutdown_timeout=5.0,
+        sock=sock,
+        shutdown_timeout=1.0,
         print=None,
         access_log=None,
         handler_cancellation=True,  # a closed connection cancels its handler at once, as under aiohttp_client
@@ -255,12 +291,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: cannot load the model: {engine.load_error}", file=sys.stderr)
         return 2 if isinstance(engine.load_error, ModelLoadError) else 1
     if not engine.ready.is_set():
-        # stopped while the model was loading: Python would wait for the load (and its thread pools) to end
         log.info("stopped before the model finished loading")
-        logging.shutdown()
-        os._exit(0)
     return 0
 
 
+def exit_now(status: int) -> None:
+    """Exit without waiting for threads: a model load, a long forward pass or a prompt being built cannot be
+    interrupted, and every answer has been sent or ended by now, so waiting for them would only delay the exit."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

@@ -144,7 +144,8 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_lm(tiny_dir: Path) -> LoadedModel:
-    return load_model(ModelConfig(path=tiny_dir, device="cpu"))
+    # float32: answers are the same alone and in a batch whatever CPU the tests run on
+    return load_model(ModelConfig(path=tiny_dir, device="cpu", dtype="float32"))
 
 
 @pytest.fixture(scope="session")
@@ -159,7 +160,7 @@ def glm_lm() -> LoadedModel:
 def plain_lm(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
     """A tiny model whose tokenizer has no chat template (the fallback prompt format)."""
     folder = build_tiny_model(tmp_path_factory.mktemp("plain"), chat_template=False)
-    return load_model(ModelConfig(path=folder, device="cpu"))
+    return load_model(ModelConfig(path=folder, device="cpu", dtype="float32"))
 
 
 class Slow(torch.nn.Module):
@@ -269,6 +270,12 @@ def tiny_server(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
 def bundled_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The bundled server's own GGUF cache: each session converts as a first start does; the user's stays untouched."""
     return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="session")
+def bundled_fp32(bundled_server: LiveServer, bundled_cache: Path) -> LoadedModel:
+    """The bundled model in float32, loaded in-process (converted into the bundled server's cache folder)."""
+    return load_model(ModelConfig(device="cpu", cache_dir=bundled_cache, dtype="float32"))
 
 
 @pytest.fixture(scope="session")

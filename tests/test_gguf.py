@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from loader import LoadedModel, ModelConfig, gguf_cache_entry, load_model
+from loader import LoadedModel, ModelConfig, gguf_cache_entry, load_model, resolve_dtype
 from tests.conftest import LiveServer, MakeClient, build_tiny_gguf, start_server, stop_server
 
 GREEDY = {"query": "你好 hello 😀", "temperature": 0, "max_tokens": 12, "ignore_eos": True}
@@ -20,8 +20,12 @@ def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_gguf(tmp_path_factory.mktemp("gguf"))
 
 
-def load(path: Path, cache: Path | None) -> LoadedModel:
-    return load_model(ModelConfig(path=path, device="cpu", cache_dir=cache))
+def load(path: Path, cache: Path | None, dtype: str = "auto") -> LoadedModel:
+    return load_model(ModelConfig(path=path, device="cpu", cache_dir=cache, dtype=dtype))
+
+
+def entry_of(path: Path, cache: Path, dtype: str = "auto") -> Path:
+    return gguf_cache_entry(path, cache, resolve_dtype(dtype, "cpu"))
 
 
 async def greedy_answer(make_client: MakeClient, lm: LoadedModel) -> str:
@@ -36,7 +40,7 @@ async def test_a_gguf_is_converted_once_and_answers_the_same_from_its_copy(
 ) -> None:
     caplog.set_level(logging.INFO, logger="loader")
     first = load(tiny_gguf, tmp_path)
-    entry = gguf_cache_entry(tiny_gguf, tmp_path)
+    entry = entry_of(tiny_gguf, tmp_path)
     assert "kept the converted model" in caplog.text and (entry / "model.safetensors").is_file()
     assert os.listdir(tmp_path) == [entry.name]  # no partial copy left behind
     caplog.clear()
@@ -75,7 +79,7 @@ async def test_a_broken_copy_is_converted_again(
 ) -> None:
     expected = await greedy_answer(make_client, load(tiny_gguf, None))
     load(tiny_gguf, tmp_path)
-    entry = gguf_cache_entry(tiny_gguf, tmp_path)
+    entry = entry_of(tiny_gguf, tmp_path)
     (entry / "model.safetensors").write_bytes(b"truncated by a full disk")
     caplog.set_level(logging.INFO, logger="loader")
     lm = load(tiny_gguf, tmp_path)
@@ -83,6 +87,17 @@ async def test_a_broken_copy_is_converted_again(
     assert await greedy_answer(make_client, lm) == expected
     caplog.clear()
     load(tiny_gguf, tmp_path)
+    assert "from its converted copy" in caplog.text
+
+
+def test_each_dtype_keeps_its_own_copy(tiny_gguf: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="loader")
+    assert load(tiny_gguf, tmp_path, "float32").dtype == "float32"
+    assert load(tiny_gguf, tmp_path, "bfloat16").dtype == "bfloat16"
+    assert caplog.text.count("kept the converted model") == 2 and "from its converted copy" not in caplog.text
+    assert entry_of(tiny_gguf, tmp_path, "float32") != entry_of(tiny_gguf, tmp_path, "bfloat16")
+    caplog.clear()
+    assert load(tiny_gguf, tmp_path, "bfloat16").dtype == "bfloat16"
     assert "from its converted copy" in caplog.text
 
 
@@ -105,7 +120,7 @@ def test_the_cli_serves_a_gguf_and_keeps_its_copy_where_told(
     try:
         assert server.get("/health")["model"] == "tiny"
         assert server.post("/chat", {**GREEDY, "max_tokens": 3})["usage"]["completion_tokens"] == 3
-        assert (gguf_cache_entry(tiny_gguf, cache) / "config.json").is_file()
+        assert (entry_of(tiny_gguf, cache) / "config.json").is_file()
     finally:
         stop_server(server)
     server = start_server(["--model", str(tiny_gguf), "--device", "cpu", "--no-cache"], tmp_path / "log2")
@@ -122,7 +137,7 @@ async def test_the_bundled_model_answers_the_same_from_its_converted_copy(
     # the bundled server's start converted the GGUF into this cache; a second start reads the copy
     caplog.set_level(logging.INFO, logger="loader")
     lm = load_model(ModelConfig(device="cpu", cache_dir=bundled_cache))
-    assert "from its converted copy" in caplog.text and lm.dtype == "float32"
+    assert "from its converted copy" in caplog.text and lm.dtype == str(resolve_dtype("auto", "cpu"))[6:]
     body = {"query": "What is the capital of France?", "temperature": 0, "max_tokens": 16}
     client = await make_client(lm)
     ours = (await (await client.post("/chat", json=body)).json())["response"]
@@ -135,7 +150,7 @@ def test_a_load_that_fails_for_another_reason_keeps_the_copy(
     import transformers
 
     load(tiny_gguf, tmp_path)
-    entry = gguf_cache_entry(tiny_gguf, tmp_path)
+    entry = entry_of(tiny_gguf, tmp_path)
     before = sorted(p.name for p in entry.iterdir())
 
     def interrupted(*args: object, **kwargs: object) -> None:

@@ -1,0 +1,260 @@
+"""No client can stall the others: prompt work off the event loop, trimming without one encoding per round,
+long prompts prefilled in chunks between decode steps, and a port in use refused before the model loads."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import math
+import socket
+import statistics
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+import torch
+
+from common import ENGINE
+from engine import chunk_size
+from loader import LoadedModel, ModelConfig, load_model
+from tests.conftest import MakeClient, build_tiny_model
+from tests.helpers import wait_until
+from tests.test_cli import run_cli
+from text import ChatFormat, Message, PromptTooLong, SamplingDefaults, TextStream, fit_chat
+
+# ---- trimming ----------------------------------------------------------------------------------------
+
+
+def one_encoding_per_round(
+    chat: ChatFormat, messages: Sequence[Message], context: int, reserve: int
+) -> tuple[list[int], int]:
+    """The trimming this server did before: encode, drop the oldest round, encode again. The oracle."""
+    system = [m for m in messages[:1] if m.role == "system"]
+    rest = list(messages[len(system) :])
+    dropped = 0
+    while True:
+        ids = chat.encode(system + rest[dropped:])
+        if len(ids) + reserve <= context or len(rest) - dropped <= 1:
+            break
+        dropped += 2 if len(rest) - dropped > 2 else 1
+    if len(ids) >= context:
+        raise PromptTooLong(len(ids), context)
+    return ids, dropped
+
+
+class Counting:
+    """A chat format that counts how many messages it encodes in all."""
+
+    def __init__(self, chat: ChatFormat) -> None:
+        self.chat, self.calls, self.messages = chat, 0, 0
+
+    @property
+    def defaults(self) -> SamplingDefaults | None:
+        return self.chat.defaults
+
+    def encode(self, messages: Sequence[Message]) -> list[int]:
+        self.calls += 1
+        self.messages += len(messages)
+        return self.chat.encode(messages)
+
+    def response_stream(self) -> TextStream:
+        return self.chat.response_stream()
+
+
+def conversation(rounds: int, system: bool = False, leading_assistant: bool = False, query: str = "and?") -> list:
+    messages = [Message("system", "You are terse.")] if system else []
+    if leading_assistant:
+        messages.append(Message("assistant", "Welcome back."))
+    for i in range(rounds):
+        messages += [Message("user", f"question {i} " * (1 + i % 3)), Message("assistant", f"answer {i} " * 2)]
+    return [*messages, Message("user", query)]
+
+
+CASES = {
+    "fits": (conversation(2), 1),
+    "one-round-too-many": (conversation(12), 1),
+    "many-rounds": (conversation(60), 1),
+    "system-prompt": (conversation(40, system=True), 1),
+    "odd-number-of-messages": (conversation(40, leading_assistant=True), 1),
+    "max-tokens-reserve": (conversation(40), 120),
+    "query-alone-too-long": (conversation(3, query="word " * 400), 1),
+}
+
+
+@pytest.mark.parametrize("family", ["template", "plain", "chatglm-6b"])
+@pytest.mark.parametrize("case", CASES)
+def test_trimming_keeps_the_same_rounds_as_one_encoding_per_round(
+    case: str, family: str, tiny_lm: LoadedModel, plain_lm: LoadedModel, glm_lm: LoadedModel
+) -> None:
+    chat = {"template": tiny_lm, "plain": plain_lm, "chatglm-6b": glm_lm}[family].chat
+    messages, reserve = CASES[case]
+    try:
+        want: Any = one_encoding_per_round(chat, messages, 256, reserve)
+    except PromptTooLong as exc:
+        want = exc.prompt_tokens
+    try:
+        got: Any = fit_chat(chat, messages, 256, reserve)
+    except PromptTooLong as exc:
+        got = exc.prompt_tokens
+    assert got == want
+
+
+def test_trimming_a_huge_history_encodes_little_more_than_it_keeps(tiny_lm: LoadedModel) -> None:
+    messages = conversation(3000)
+    counting = Counting(tiny_lm.chat)
+    ids, dropped = fit_chat(counting, messages, 256, 1)
+    kept = len(messages) - dropped
+    assert len(ids) <= 255 and kept < 60
+    # one encoding of everything, then O(log n) encodings of at most about twice what is kept
+    assert counting.calls <= 2 * math.ceil(math.log2(len(messages))) + 2
+    assert counting.messages <= len(messages) + counting.calls * 2 * kept
+
+
+# ---- the event loop only does I/O ------------------------------------------------------------------
+
+
+async def stream_gaps(client: Any, body: dict[str, Any], started: asyncio.Event) -> list[float]:
+    times = []
+    async with client.post("/stream", json=body) as resp:
+        async for line in resp.content:
+            if line.startswith(b"data: "):
+                times.append(time.perf_counter())
+                started.set()
+    return times
+
+
+@pytest.mark.parametrize("route", ["/chat", "/v1/chat/completions"])
+async def test_a_huge_conversation_does_not_stall_other_clients(route: str, make_client: MakeClient) -> None:
+    client = await make_client()
+    started = asyncio.Event()
+    body = {"query": "tell me", "max_tokens": 200, "ignore_eos": True, "temperature": 0}
+    stream = asyncio.create_task(stream_gaps(client, body, started))
+    await started.wait()
+    if route == "/chat":
+        big: dict[str, Any] = {"query": "hi", "history": [[f"q{i} " * 5, f"a{i} " * 5] for i in range(3000)]}
+    else:
+        chat = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"m{i} " * 5} for i in range(6000)]
+        big = {"messages": [*chat, {"role": "user", "content": "hi"}]}
+    assert len(json.dumps(big)) > 90_000
+    sent = time.perf_counter()
+    answer = asyncio.create_task(client.post(route, json={**big, "max_tokens": 4}))
+    health = []
+    while not answer.done():
+        start = time.perf_counter()
+        assert (await client.get("/health")).status == 200
+        health.append(time.perf_counter() - start)
+        await asyncio.sleep(0.01)
+    resp = await answer
+    took = time.perf_counter() - sent
+    # the chat route trims the history to fit; the OpenAI route refuses a conversation over the context
+    assert resp.status == (200 if route == "/chat" else 400)
+    assert took < 5.0 and max(health) < 0.5
+    times = await stream
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    assert max(gaps) < max(1.0, 20 * statistics.median(gaps))
+
+
+# ---- chunked prefill ------------------------------------------------------------------------------
+
+
+def test_chunks_shrink_as_attention_grows_and_depend_only_on_the_prompt() -> None:
+    sizes = [chunk_size(512, offset, 1500) for offset in (0, 512, 2000, 8000, 100_000)]
+    assert sizes[0] == 512 and sizes == sorted(sizes, reverse=True) and sizes[-1] == 16
+    for offset, size in zip((0, 512, 2000, 8000), sizes, strict=False):  # about the cost of a chunk at the start
+        assert 0.9 < size * (1500 + offset) / (512 * 1500) < 1.1
+
+
+class Recorder(torch.nn.Module):
+    """Records each forward pass's batch and length, optionally slowed down."""
+
+    def __init__(self, model: Any, delay: float = 0.0) -> None:
+        super().__init__()
+        self.model, self.delay = model, delay
+        self.calls: list[tuple[int, int]] = []  # (batch, new tokens)
+
+    def forward(self, **kwargs: Any) -> Any:
+        ids = kwargs["input_ids"]
+        self.calls.append((ids.shape[0], ids.shape[1]))
+        time.sleep(self.delay)
+        return self.model(**kwargs)
+
+
+@pytest.fixture(scope="module")
+def long_lm(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
+    folder = build_tiny_model(tmp_path_factory.mktemp("long"), context=8192)
+    return load_model(ModelConfig(path=folder, device="cpu", dtype="float32"))
+
+
+LONG_PROMPT = "The keeper counted ships. " * 150  # about 900 tokens of the tiny vocabulary
+
+
+async def test_a_long_prompt_is_prefilled_between_decode_steps(make_client: MakeClient, long_lm: LoadedModel) -> None:
+    import dataclasses
+
+    recorder = Recorder(long_lm.model)
+    client = await make_client(dataclasses.replace(long_lm, model=recorder), prefill_chunk=128)
+    started = asyncio.Event()
+    running = asyncio.create_task(stream_gaps(client, {"query": "go", "max_tokens": 400, "ignore_eos": True}, started))
+    await started.wait()
+    mark = len(recorder.calls)
+    long = await client.post("/chat", json={"query": LONG_PROMPT, "temperature": 0, "max_tokens": 8})
+    assert long.status == 200 and (await long.json())["usage"]["prompt_tokens"] > 600
+    calls = recorder.calls[mark:]
+    chunks = [i for i, (batch, n) in enumerate(calls) if n > 1]
+    assert len(chunks) >= 5 and all(calls[i][1] <= 128 for i in chunks)
+    # a decode step of the running stream between every two chunks
+    assert all(any(calls[j] == (1, 1) for j in range(a + 1, b)) for a, b in itertools.pairwise(chunks))
+    running.cancel()
+
+
+@pytest.mark.parametrize("lm_name", ["long_lm", "bundled_fp32"])
+async def test_chunked_prefill_gives_the_one_piece_answer(
+    lm_name: str, make_client: MakeClient, request: pytest.FixtureRequest
+) -> None:
+    lm: LoadedModel = request.getfixturevalue(lm_name)
+    body = {"query": LONG_PROMPT, "temperature": 0, "max_tokens": 24, "ignore_eos": True}
+    answers = []
+    for chunk in (0, 96):
+        client = await make_client(lm, prefill_chunk=chunk)
+        # beside another request, so the chunks really interleave with decode steps
+        other = asyncio.create_task(client.post("/chat", json={"query": "hi", "max_tokens": 40, "ignore_eos": True}))
+        answers.append((await (await client.post("/chat", json=body)).json())["response"])
+        await other
+    assert answers[0] == answers[1] and answers[0]
+
+
+async def test_a_request_cancelled_between_chunks_frees_its_slot(make_client: MakeClient, long_lm: LoadedModel) -> None:
+    import dataclasses
+
+    recorder = Recorder(long_lm.model, delay=0.05)
+    client = await make_client(dataclasses.replace(long_lm, model=recorder), prefill_chunk=64)
+    engine = client.app[ENGINE]
+    task = asyncio.create_task(client.post("/chat", json={"query": LONG_PROMPT, "max_tokens": 8}))
+    await wait_until(lambda: sum(n > 1 for _, n in recorder.calls) >= 2)
+    assert engine.counts == (1, 0)
+    task.cancel()
+    await wait_until(lambda: engine.counts == (0, 0), within=2.0)
+    chunks = sum(n > 1 for _, n in recorder.calls)
+    await asyncio.sleep(0.3)
+    assert sum(n > 1 for _, n in recorder.calls) <= chunks + 1  # no more chunks of a prompt nobody waits for
+    resp = await client.post("/chat", json={"query": "hi", "max_tokens": 3, "ignore_eos": True})
+    assert resp.status == 200  # the slot is free again
+
+
+# ---- start-up ------------------------------------------------------------------------------------
+
+
+def test_a_port_in_use_is_one_line_before_any_model_loads(tiny_dir: Any) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        start = time.monotonic()
+        result = run_cli("--model", str(tiny_dir), "--device", "cpu", "--port", str(port))
+    assert result.returncode == 2
+    assert (
+        result.stderr.strip() == f"error: --port {port}: address 127.0.0.1:{port} is already in use (another server?)"
+    )
+    assert "loading" not in result.stdout + result.stderr and time.monotonic() - start < 30

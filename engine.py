@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 class EngineConfig:
     """Scheduling limits of the worker."""
 
-    max_batch_size: int = 8  # requests decoded together in one forward pass; the rest wait
+    max_batch_size: int | None = 8  # requests decoded together in one forward pass; None: what memory affords
     max_queue: int = 64  # waiting requests before 429
     queue_timeout: float | None = None  # seconds a request may wait for a slot before it fails (503)
     # prompt tokens prefilled per step: a long prompt is prefilled in chunks between decode steps, so the running
@@ -136,6 +136,11 @@ class Engine:
             if self._thread.is_alive():  # a long forward pass: its requests end now, the thread ends with it
                 self._end_everything("the server is shutting down")
             self._thread = None
+
+    @property
+    def max_batch_size(self) -> int:
+        """Requests decoded together: the configured number, else what the model's memory affords."""
+        return self.config.max_batch_size or self.model.batch_size
 
     @property
     def running(self) -> bool:
@@ -317,9 +322,7 @@ class Engine:
             budget -= self._prefill_chunk(budget)
         new: list[_Sequence] = []
         used = 0
-        while (
-            self._waiting and len(self._running) + len(new) + (self._chunking is not None) < self.config.max_batch_size
-        ):
+        while self._waiting and self._slots_taken(new) < self.max_batch_size:
             if (self._running or new or self._chunking) and not self._batchable:
                 break  # this model's cache cannot be batched: one request at a time
             seq = self._waiting[0]

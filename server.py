@@ -34,8 +34,9 @@ from common import (
     require_key,
     served_names,
 )
+from devices import DTYPES, clear_caches, memory_report
 from engine import Engine, EngineConfig, EngineStopped
-from loader import DTYPES, ModelConfig, ModelLoadError, default_cache_dir, load_model, preflight
+from loader import ModelConfig, ModelLoadError, default_cache_dir, load_model, preflight
 from metrics import Metrics
 from openapi import build_spec
 
@@ -45,14 +46,9 @@ API_KEY_ENV = "CHAT_API_KEY"
 
 
 async def clear(request: web.Request) -> web.Response:
-    """GET|POST /clear: release cached accelerator memory; requests in flight keep theirs."""
-    import torch
-
-    device = request.app[ENGINE].model.device
-    if device.startswith("cuda"):
-        with torch.cuda.device(device):
-            torch.cuda.empty_cache()
-            torch.cuda.ipc_collect()  # type: ignore[no-untyped-call]
+    """GET|POST /clear: release cached accelerator memory on every device the model uses; requests in flight keep
+    theirs."""
+    clear_caches(list(request.app[ENGINE].model.devices))
     return web.json_response({"success": True})
 
 
@@ -76,9 +72,13 @@ async def health(request: web.Request) -> web.Response:
         model=served_names(request.app)[0],
         device=lm.device,
         dtype=lm.dtype,
+        bits=lm.bits,
         context_length=lm.context_length,
         weight_bytes=lm.weight_bytes,
+        max_batch_size=engine.max_batch_size,
     )
+    if memory := memory_report(list(lm.devices)):
+        body["memory"] = memory
     return web.json_response(body, status=200 if ok else 503)
 
 
@@ -218,7 +218,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a = p.add_argument
     a("--model", type=Path, help="local HF model directory or .gguf file (default: bundled SmolLM2-135M)")
     a("--device", help="cpu, a CUDA index (0) or cuda:N (default: cuda:0 if present, else cpu)")
-    a("--quantize", type=int, default=16, choices=(16, 8, 4), help="weight bits: 16 keeps --dtype, 8 and 4 quantize")
+    a(
+        "--quantize",
+        default="auto",
+        choices=("auto", "16", "8", "4"),
+        help="weight bits: 16 keeps --dtype, 8 and 4 quantize; auto: the checkpoint's own (a GGUF file's level)",
+    )
     a("--dtype", default="auto", choices=DTYPES, help="auto: bf16 where the device computes it natively")
     a("--cache-dir", type=Path, default=default_cache_dir(), help="converted GGUF models (default: %(default)s)")
     a("--no-cache", action="store_true", help="convert a GGUF model on every start instead")
@@ -226,7 +231,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--port", type=int, default=8800)
     a("--served-model-name", action="append", default=[], help="name clients use (repeatable)")
     a("--default-max-tokens", type=int, default=1024, help="answer length when a request sets none")
-    a("--max-batch-size", type=int, default=8, help="requests decoded together in one forward pass")
+    a("--max-batch-size", type=int, help="requests decoded together in one forward pass (default: what memory holds)")
     a("--max-queue", type=int, default=64, help="requests waiting for a slot before 429")
     a("--prefill-chunk", type=int, default=768, help="prompt tokens prefilled between two decode steps (0: no limit)")
     a("--queue-timeout", type=float, default=600.0, help="seconds a request may wait for a slot before 503")
@@ -245,9 +250,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    model_config = ModelConfig(
-        args.model, args.device, args.quantize, None if args.no_cache else args.cache_dir, args.dtype
-    )
+    quantize = None if args.quantize == "auto" else int(args.quantize)
+    model_config = ModelConfig(args.model, args.device, quantize, None if args.no_cache else args.cache_dir, args.dtype)
     try:
         preflight(model_config)  # the mistakes a user can fix, before anything starts
         sock = bind(args.host, args.port)

@@ -22,8 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from chatglm.config import ChatGLMConfig
 from chatglm.model import ChatGLMForCausalLM
-from chatglm.quantize import quantize_rows
 from chatglm.v1 import QUANTIZED, build
+from quantize import quantize_rows
 
 
 def model_with(bits: int, layers: int, dtype: torch.dtype) -> Any:

@@ -119,6 +119,10 @@ class Rotary:
     cos_b: torch.Tensor
     sin_b: torch.Tensor
 
+    def to(self, device: torch.device) -> Rotary:
+        """The same tables on another device (a model spread over several GPUs)."""
+        return Rotary(*(t.to(device) for t in (self.cos_p, self.sin_p, self.cos_b, self.sin_b)))
+
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """Rotate q or k [B, T, n, d]."""
         r = x.shape[-1] // 2

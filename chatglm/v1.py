@@ -15,8 +15,8 @@ from chatglm.chat import ChatGLM6BFormat
 from chatglm.checkpoint import CheckpointError, find_shards, log_progress, place, read_shard, unfilled
 from chatglm.config import ChatGLMConfig
 from chatglm.model import ChatGLMForCausalLM
-from chatglm.quantize import QuantizedLinear, quantize_model, quantize_rows, unpack_int4
 from chatglm.tokenizer import ChatGLMTokenizer, TokenizerError
+from quantize import QuantizedLinear, quantize_rows, replace_with_empty, unpack_int4
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ def build(config: ChatGLMConfig, bits: int) -> ChatGLMForCausalLM:
         model = ChatGLMForCausalLM(config)
     if bits in (4, 8):
         names = [f"transformer.layers.{i}.{name}" for i in range(config.num_layers) for name in QUANTIZED]
-        quantize_model(model, names, bits)
+        replace_with_empty(model, names, bits)
     return model
 
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from chatglm.quantize import QuantizedLinear, pack_int4, quantize_rows, unpack_int4
 from chatglm.v1 import load
 from loader import LoadedModel, ModelConfig, load_model
+from quantize import QuantizedLinear, pack_int4, quantize_rows, unpack_int4
 from tests.glm import GOLDEN, QUANTIZED, golden, golden_weights, quantized_weights, write_bin_checkpoint, write_config
 
 CASES = golden("cases.json")["cases"]

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from loader import LoadedModel, ModelConfig, gguf_cache_entry, load_model, resolve_dtype
+from devices import resolve_dtype
+from loader import LoadedModel, ModelConfig, gguf_cache_entry, load_model
 from tests.conftest import LiveServer, MakeClient, build_tiny_gguf, start_server, stop_server
 
 GREEDY = {"query": "你好 hello 😀", "temperature": 0, "max_tokens": 12, "ignore_eos": True}

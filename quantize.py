@@ -1,0 +1,274 @@
+"""Weight-only int8/int4 quantization, computed with PyTorch's own weight-only kernels.
+
+Two schemes: the original ChatGLM-6B one (symmetric, one fp16 scale per output row, bit-exact with the original:
+`quantize_rows`) and, for every other model, int8 rows (symmetric) or int4 groups of input columns with a scale
+and a zero each (`quantize_groups`), which keeps small models' answers far better than one int4 scale per row.
+
+Compute never dequantizes a whole layer first (on a CPU that is slower than bf16): `_weight_int8pack_mm` and the int4
+tile kernels multiply the packed weights directly. Each layer checks its kernel once against a plain
+dequantize-then-matmul and keeps that plain path where the kernel is missing or disagrees (a device, dtype or shape
+it does not support).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+# the int4 tile kernels take one (scale, zero) per group of input columns
+GROUP_SIZES = (256, 128, 64, 32)
+
+
+def quantize_rows(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q int8 [out, in] within ±(2^(bits−1) − 1), scale fp16 [out]), exactly as the original ChatGLM computes
+    them: from the fp16 weight, scale = max|row| / 127 (or 7) and q = round-half-even(W / scale), both in fp16."""
+    w = weight.to(torch.float16)
+    scale = w.abs().max(dim=-1).values / (2 ** (bits - 1) - 1)
+    safe = torch.where(scale == 0, torch.ones_like(scale), scale)  # an all-zero row stays zero, not NaN
+    return torch.round(w / safe[:, None]).to(torch.int8), scale
+
+
+def quantize_groups(weight: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """int4 with a scale and a minimum per `group` input columns: w ≈ u·scale + low, u in 0..15.
+    Returns (u uint8 [out, in], scale [out, in/group], low [out, in/group]) in float32."""
+    out, width = weight.shape
+    w = weight.float().reshape(out, width // group, group)
+    low, high = w.amin(-1), w.amax(-1)
+    scale = ((high - low) / 15).clamp(min=1e-12)
+    u = torch.round((w - low[..., None]) / scale[..., None]).clamp(0, 15).to(torch.uint8)
+    return u.reshape(out, width), scale, low
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """int4 values [out, in] → int8 [out, in/2]: byte j = (q[2j] << 4) | (q[2j+1] & 0xF), the even column high
+    (the original ChatGLM's layout, also what our plain path stores)."""
+    return ((q[:, 0::2] << 4) | (q[:, 1::2] & 0xF)).to(torch.int8)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """The inverse of `pack_int4`, sign-extending each nibble."""
+    high = packed >> 4
+    low = (packed << 4) >> 4
+    return torch.stack([high, low], dim=-1).reshape(packed.shape[0], -1)
+
+
+class QuantizedLinear(nn.Module):
+    """`y = x·Wᵀ + b` with W held as int8 rows or int4 groups; only the kernel's format of the weights is kept."""
+
+    def __init__(self, in_features: int, out_features: int, bits: int) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.bits = in_features, out_features, bits
+        self.kernel = "dequantize"
+        self.group = 0
+        self.bias: nn.Parameter | None = None
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, kernel={self.kernel}"
+
+    def set_weights(
+        self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype, device: str
+    ) -> None:
+        """Symmetric rows: q int8 [out, in] unpacked, scale [out] (int8, or ChatGLM's int4 rows)."""
+        q, scale = q.to(device), scale.to(device)
+        if self.bits == 8:
+            self._choose(
+                [("int8pack", (q, scale.to(dtype)))], bias, dtype, device, (q.float() * scale.float()[:, None])
+            )
+            return
+        group = next(g for g in GROUP_SIZES if self.in_features % g == 0)
+        groups = self.in_features // group
+        scales = scale.float()[:, None].expand(-1, groups)
+        self.set_int4((q + 8).to(torch.uint8), scales, torch.zeros_like(scales), group, bias, dtype, device)
+
+    def set_int4(
+        self,
+        u: torch.Tensor,
+        scale: torch.Tensor,
+        zero: torch.Tensor,
+        group: int,
+        bias: torch.Tensor | None,
+        dtype: torch.dtype,
+        device: str,
+    ) -> None:
+        """int4 groups: w = (u − 8)·scale + zero, u uint8 [out, in] in 0..15, scale and zero [out, in/group]."""
+        u, scale, zero = u.to(device), scale.to(device).float(), zero.to(device).float()
+        self.group = group
+        sz = torch.stack([scale.t(), zero.t()], dim=-1).to(dtype).contiguous()  # [in/group, out, 2]
+        dense = ((u.float() - 8).reshape(self.out_features, -1, group) * scale[..., None] + zero[..., None]).reshape(
+            self.out_features, self.in_features
+        )
+        candidates = ["int4pack_cuda", "int4pack_cuda_swapped"] if device.startswith("cuda") else ["int4pack_cpu"]
+        self._choose([(k, (u, sz)) for k in candidates], bias, dtype, device, dense)
+
+    def _choose(
+        self,
+        candidates: list[tuple[str, tuple[torch.Tensor, torch.Tensor]]],
+        bias: torch.Tensor | None,
+        dtype: torch.dtype,
+        device: str,
+        dense: torch.Tensor,
+    ) -> None:
+        """Keep the first kernel that agrees with the dense weights on this device; else the plain path."""
+        self.bias = None if bias is None else nn.Parameter(bias.to(device=device, dtype=dtype), requires_grad=False)
+        for kernel, weights in candidates:
+            try:
+                self._store(kernel, *weights)
+                if self._agrees(dense, dtype, device):
+                    return
+            except (RuntimeError, NotImplementedError) as exc:  # not built for this device, dtype or shape
+                log.debug("%s kernel unavailable for %s: %s", kernel, self.extra_repr(), exc)
+        kernel, (first, second) = candidates[0]
+        self._store("dequantize", first, second)
+
+    def _store(self, kernel: str, first: torch.Tensor, second: torch.Tensor) -> None:
+        for name in ("weight", "scale", "packed", "scales_zeros"):
+            self._buffers.pop(name, None)
+        self.kernel = kernel
+        if kernel == "int8pack":
+            self.register_buffer("weight", first.contiguous())  # int8 [out, in]
+            self.register_buffer("scale", second)  # [out]
+        elif kernel == "int4pack_cpu":  # first: u [out, in]; second: scales and zeros [in/group, out, 2]
+            self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(first.to(torch.int32), 1))
+            self.register_buffer("scales_zeros", second)
+        elif kernel.startswith("int4pack_cuda"):
+            # which nibble of a byte the CUDA tile packer reads first is not documented: `_agrees` decides
+            even, odd = first[:, 0::2], first[:, 1::2]
+            hi, lo = (even, odd) if kernel == "int4pack_cuda" else (odd, even)
+            self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack((hi << 4) | lo, 8))
+            self.register_buffer("scales_zeros", second)
+        elif self.bits == 8:  # the plain path: dequantize, then an ordinary matmul
+            self.register_buffer("weight", first.contiguous())
+            self.register_buffer("scale", second)
+        else:
+            self.register_buffer("weight", pack_int4(first.to(torch.int8) - 8))
+            self.register_buffer("scales_zeros", second)
+
+    def _agrees(self, dense: torch.Tensor, dtype: torch.dtype, device: str) -> bool:
+        x = torch.randn(2, self.in_features, generator=torch.Generator().manual_seed(0)).to(device=device, dtype=dtype)
+        want = x.float() @ dense.t()
+        got = self._matmul(x).float()
+        return bool(torch.allclose(got, want, rtol=2e-2, atol=2e-2 * float(want.abs().max()) + 1e-6))
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x [M, in] → [M, out] without bias."""
+        b = self._buffers
+        out: torch.Tensor
+        if self.kernel == "int8pack":
+            out = torch.ops.aten._weight_int8pack_mm(x, b["weight"], b["scale"])
+        elif self.kernel == "int4pack_cpu":
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(x, b["packed"], self.group, b["scales_zeros"])
+        elif self.kernel.startswith("int4pack_cuda"):
+            out = torch.ops.aten._weight_int4pack_mm(x, b["packed"], self.group, b["scales_zeros"])
+        else:
+            out = F.linear(x, self.dense_weight().to(x.dtype))
+        return out
+
+    def dense_weight(self) -> torch.Tensor:
+        """The plain path's weights as a float tensor [out, in]."""
+        weight = self._buffers["weight"]
+        assert weight is not None
+        if self.bits == 8:
+            scale = self._buffers["scale"]
+            assert scale is not None
+            return weight.float() * scale.float()[:, None]
+        sz = self._buffers["scales_zeros"]
+        assert sz is not None
+        q = unpack_int4(weight).float().reshape(self.out_features, -1, self.group)
+        return (q * sz[..., 0].t().float()[..., None] + sz[..., 1].t().float()[..., None]).reshape(
+            self.out_features, self.in_features
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = self._matmul(x.reshape(-1, self.in_features).contiguous()).reshape(*shape[:-1], self.out_features)
+        return y + self.bias if self.bias is not None else y
+
+
+def int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per output row: (q int8 [out, in], scale float32 [out]) with w ≈ q·scale."""
+    w = weight.detach().float()
+    scale = (w.abs().amax(-1) / 127).clamp(min=1e-12)
+    return torch.round(w / scale[:, None]).to(torch.int8), scale
+
+
+class QuantizedEmbedding(nn.Module):
+    """An embedding table held as int8 rows with one scale each; a lookup dequantizes only the rows it reads. With
+    tied embeddings the rows are the LM head's own int8 weights: one copy serves both."""
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("weight", q)  # int8 [V, H]
+        self.register_buffer("scale", scale)  # [V], in the model dtype
+        self.num_embeddings, self.embedding_dim = q.shape
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        weight, scale = self._buffers["weight"], self._buffers["scale"]
+        assert weight is not None and scale is not None
+        return weight[ids].to(scale.dtype) * scale[ids][..., None]
+
+
+def quantize_linear(linear: nn.Linear, bits: int, group: int, dtype: torch.dtype, device: str) -> QuantizedLinear:
+    """A float nn.Linear as int8 rows or int4 groups (rows when the width does not split into groups)."""
+    quantized = QuantizedLinear(linear.in_features, linear.out_features, bits)
+    bias = None if linear.bias is None else linear.bias.data
+    weight = linear.weight.data
+    if bits == 8:
+        q, scale = int8_rows(weight)
+        quantized.set_weights(q, scale, bias, dtype, device)
+    else:
+        size = group if linear.in_features % group == 0 else next(g for g in GROUP_SIZES if linear.in_features % g == 0)
+        u, scale, low = quantize_groups(weight, size)
+        quantized.set_int4(u, scale, low + 8 * scale, size, bias, dtype, device)
+    return quantized
+
+
+def quantize_model(model: Any, bits: int, group: int, dtype: torch.dtype, device: str) -> None:
+    """Every linear layer of a Hugging Face causal LM to int8 rows or int4 groups, its LM head to int8 rows (the
+    layer answers are most sensitive to; GGUF files keep it at 6 or 8 bits too) and its input embeddings to int8
+    rows (tied embeddings get a copy of each kind). A layer whose width does not split into int4's groups of 32
+    stays as it is."""
+    embeddings, head = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = isinstance(head, nn.Linear) and isinstance(embeddings, nn.Embedding) and head.weight is embeddings.weight
+    quantized_head = None
+    for name, linear in list(model.named_modules()):
+        if not isinstance(linear, nn.Linear):
+            continue
+        layer_bits = 8 if linear is head else bits
+        if layer_bits == 8 or linear.in_features % GROUP_SIZES[-1] == 0:
+            quantized = quantize_linear(linear, layer_bits, group, dtype, device)
+            _replace(model, name, quantized)
+            quantized_head = quantized if linear is head else quantized_head
+    if not isinstance(embeddings, nn.Embedding):
+        return
+    rows = quantized_head._buffers if tied and quantized_head is not None else {}
+    q_rows, scales = rows.get("weight"), rows.get("scale")
+    if q_rows is not None and scales is not None and q_rows.dtype == torch.int8:
+        lookup = QuantizedEmbedding(q_rows, scales)  # the head's int8 rows serve lookups too
+    else:
+        q, scale = int8_rows(embeddings.weight)
+        lookup = QuantizedEmbedding(q.to(device), scale.to(device=device, dtype=dtype))
+    _replace(model, _name_of(model, embeddings), lookup)
+
+
+def _name_of(model: nn.Module, module: nn.Module) -> str:
+    return next(str(name) for name, m in model.named_modules() if m is module)
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def replace_with_empty(model: nn.Module, names: Iterable[str], bits: int) -> None:
+    """Put empty QuantizedLinear modules (filled later, e.g. by a checkpoint reader) in place of named nn.Linear."""
+    for name in names:
+        linear = model.get_submodule(name)
+        assert isinstance(linear, nn.Linear)
+        _replace(model, name, QuantizedLinear(linear.in_features, linear.out_features, bits))

@@ -97,15 +97,17 @@ GGUF_LAYER_NAMES = {
 }
 
 
-def build_tiny_gguf(folder: Path) -> Path:
-    """The tiny random model written as a `.gguf` file (float32 tensors, gpt2-style BPE vocabulary)."""
+def build_tiny_gguf(folder: Path, quant: str | None = None) -> Path:
+    """The tiny random model written as a `.gguf` file (gpt2-style BPE vocabulary): float32 tensors, or its matrices
+    in a GGUF quantization type such as "Q4_1" or "Q8_0"."""
     import gguf
+    from gguf import quants
     from safetensors.torch import load_file
 
     hf = build_tiny_model(folder / "hf")
     config = json.loads((hf / "config.json").read_text())
     tokenizer = json.loads((hf / "tokenizer.json").read_text())
-    out = folder / "tiny.gguf"
+    out = folder / f"tiny{'-' + quant if quant else ''}.gguf"
     w = gguf.GGUFWriter(str(out), "llama")
     w.add_context_length(config["max_position_embeddings"])
     w.add_embedding_length(config["hidden_size"])
@@ -123,13 +125,20 @@ def build_tiny_gguf(folder: Path) -> Path:
     w.add_eos_token_id(config["eos_token_id"])
     w.add_pad_token_id(config["pad_token_id"])
     w.add_chat_template(CHAT_TEMPLATE)
+    kind = getattr(gguf.GGMLQuantizationType, quant) if quant else None
     for name, tensor in load_file(hf / "model.safetensors").items():
         module = name.removesuffix(".weight")
         if module in GGUF_NAMES:
-            w.add_tensor(f"{GGUF_NAMES[module]}.weight", tensor.float().numpy())
+            gguf_name = f"{GGUF_NAMES[module]}.weight"
         else:  # model.layers.<i>.<module>.weight
             _, _, i, rest = module.split(".", 3)
-            w.add_tensor(f"blk.{i}.{GGUF_LAYER_NAMES[rest]}.weight", tensor.float().numpy())
+            gguf_name = f"blk.{i}.{GGUF_LAYER_NAMES[rest]}.weight"
+        data = tensor.float().numpy()
+        if kind is not None and data.ndim == 2:
+            packed = quants.quantize(data, kind)  # bytes [rows, blocks · block size]; GGUF derives the shape
+            w.add_tensor(gguf_name, packed, raw_shape=packed.shape, raw_dtype=kind)
+        else:
+            w.add_tensor(gguf_name, data)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -1,0 +1,112 @@
+"""Precision and size for every model: `--dtype` (bf16 where the CPU has it), `--quantize 16/8/4` on PyTorch's
+weight-only kernels, a GGUF file served at its own level, and the batch size memory affords."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import devices
+from common import ENGINE
+from devices import default_batch_size, resolve_dtype
+from loader import LoadedModel, ModelConfig, load_model
+from quantize import QuantizedEmbedding, QuantizedLinear
+from tests.conftest import MakeClient, build_tiny_gguf
+from tests.test_cli import run_cli
+
+FLAGS = "fpu vme de pse tsc msr pae mce cx8 apic avx2 avx512f avx512bw"
+
+
+@pytest.mark.parametrize(("flags", "want"), [(FLAGS, torch.float32), (FLAGS + " avx512_bf16", torch.bfloat16)])
+def test_auto_dtype_follows_the_cpus_bf16_support(
+    flags: str, want: torch.dtype, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+    monkeypatch.setattr(devices, "CPUINFO", cpuinfo)  # the capability probe reads this file
+    assert resolve_dtype("auto", "cpu") == want
+    assert resolve_dtype("float32", "cpu") == torch.float32 and resolve_dtype("float16", "cpu") == torch.float16
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_dtype_overrides_the_default(dtype: str, tiny_dir: Path) -> None:
+    lm = load_model(ModelConfig(path=tiny_dir, device="cpu", dtype=dtype))
+    assert lm.dtype == dtype and next(lm.model.parameters()).dtype == getattr(torch, dtype)
+
+
+@pytest.fixture(scope="module")
+def sizes(tiny_dir: Path) -> dict[int, LoadedModel]:
+    return {
+        bits: load_model(ModelConfig(path=tiny_dir, device="cpu", dtype="float32", quantize=bits))
+        for bits in (16, 8, 4)
+    }
+
+
+def test_quantized_weights_are_smaller_and_run_on_the_weight_only_kernels(sizes: dict[int, LoadedModel]) -> None:
+    assert sizes[16].weight_bytes > sizes[8].weight_bytes > sizes[4].weight_bytes
+    for bits in (8, 4):
+        model = sizes[bits].model
+        assert not any(isinstance(m, torch.nn.Linear) for m in model.modules())
+        kernels = {m.kernel for m in model.modules() if isinstance(m, QuantizedLinear)}
+        assert kernels == ({"int8pack"} if bits == 8 else {"int4pack_cpu", "int8pack"})  # int8: the LM head
+        assert isinstance(model.get_input_embeddings(), QuantizedEmbedding)
+        assert sizes[bits].bits == bits
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+async def test_quantized_models_answer_deterministically_alone_and_in_a_batch(
+    bits: int, sizes: dict[int, LoadedModel], make_client: MakeClient
+) -> None:
+    client = await make_client(sizes[bits])
+    bodies = [{"query": q, "temperature": 0, "max_tokens": 16, "ignore_eos": True} for q in ("你好", "hello", "a b c")]
+
+    async def answer(body: dict[str, Any]) -> str:
+        response = await client.post("/chat", json=body)
+        assert response.status == 200
+        return str((await response.json())["response"])
+
+    alone = [await answer(b) for b in bodies]
+    assert alone == [await answer(b) for b in bodies]  # greedy is deterministic
+    assert list(await asyncio.gather(*(answer(b) for b in bodies))) == alone  # and batch-invariant
+    assert all(alone)
+
+
+@pytest.mark.parametrize(("quant", "bits"), [(None, 16), ("Q8_0", 8), ("Q4_1", 4)])
+def test_a_gguf_file_is_served_at_its_own_level(quant: str | None, bits: int, tmp_path: Path) -> None:
+    path = build_tiny_gguf(tmp_path, quant)
+    lm = load_model(ModelConfig(path=path, device="cpu", cache_dir=tmp_path / "cache"))
+    again = load_model(ModelConfig(path=path, device="cpu", cache_dir=tmp_path / "cache"))  # from the copy
+    assert lm.bits == again.bits == bits
+    plain = load_model(ModelConfig(path=path, device="cpu", cache_dir=tmp_path / "cache", quantize=16))
+    assert plain.bits == 16 and (plain.weight_bytes > lm.weight_bytes) == (bits < 16)
+
+
+def test_the_batch_size_follows_memory() -> None:
+    per_token = 23_040  # SmolLM2-135M in bf16
+    assert default_batch_size(per_token, 8192, 20 << 30) == 56  # half of 20 GiB at 189 MB a request
+    assert default_batch_size(per_token, 8192, 1 << 30) == 2
+    assert default_batch_size(per_token, 8192, 100 << 30) == 64  # a CPU gains little past that
+    assert default_batch_size(458_752, 2048, 10 << 30) == 5  # ChatGLM-6B in 16 bits with 10 GiB left on its GPU
+
+
+async def test_health_reports_precision_and_batch(make_client: MakeClient, sizes: dict[int, LoadedModel]) -> None:
+    client = await make_client(sizes[4], max_batch_size=None)
+    body = await (await client.get("/health")).json()
+    assert body["bits"] == 4 and body["dtype"] == "float32" and body["weight_bytes"] == sizes[4].weight_bytes
+    assert body["max_batch_size"] == sizes[4].batch_size == client.app[ENGINE].max_batch_size
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--device", "1"], "this torch build sees no CUDA device (use --device cpu)"),
+        (["--quantize", "8", "--device", "0,1"], "this torch build sees no CUDA device"),
+        (["--dtype", "float64"], "invalid choice"),
+    ],
+    ids=["missing-gpu", "quantized-over-gpus", "dtype"],
+)
+def test_impossible_combinations_are_one_line_at_start_up(args: list[str], message: str, tiny_dir: Path) -> None:
+    result = run_cli("--model", str(tiny_dir), *args)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr

@@ -3,7 +3,9 @@ weight-only kernels, a GGUF file served at its own level, and the batch size mem
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch

@@ -48,6 +48,7 @@ class ModelConfig:
     quantize: int | None = None  # 16, 8 or 4 weight bits; None: the checkpoint's own (a GGUF file's level)
     cache_dir: Path | None = None  # where converted GGUF models are kept; None: convert on every start
     dtype: str = "auto"  # auto, float32, bfloat16 or float16
+    save_native: Path | None = None  # ChatGLM2/3 or GLM-4 original layout: also write it in the native layout here
 
 
 @dataclass(frozen=True)
@@ -153,12 +154,11 @@ def check_family(path: Path, config: dict[str, Any]) -> None:
 
     native = chatglm.family(config)
     model_type = config.get("model_type")
-    if native == chatglm.GLM_V2:
-        raise ModelLoadError(f"--model {path}: {native} checkpoints are not supported yet")
     if native is None and "auto_map" in config and model_type not in CONFIG_MAPPING:
         raise ModelLoadError(
             f"--model {path}: config.json asks for remote code (model_type {model_type!r}), which this server never "
-            f"runs; served natively: {chatglm.GLM_V1} (model_type 'chatglm') and every architecture transformers ships"
+            f"runs; served natively: {chatglm.GLM_V1} and {chatglm.GLM_V2} (model_type 'chatglm') and every "
+            "architecture transformers ships"
         )
 
 
@@ -178,12 +178,15 @@ def preflight(config: ModelConfig) -> tuple[Path, list[str]]:
         check_quantized(devices, config.quantize or 16)
     except DeviceError as exc:
         raise ModelLoadError(str(exc)) from exc
-    if chatglm.family(model_config) == chatglm.GLM_V1:
+    family = chatglm.family(model_config)
+    if config.save_native is not None and family != chatglm.GLM_V2:
+        raise ModelLoadError(f"--save-native is for {chatglm.GLM_V2} checkpoints; {path} is not one")
+    if family is not None:
+        from chatglm import v1, v2
         from chatglm.checkpoint import CheckpointError, find_shards
-        from chatglm.v1 import read_config
 
         try:  # the cheap checks of a ChatGLM checkpoint: its config and that every shard is there
-            read_config(path)
+            (v1 if family == chatglm.GLM_V1 else v2).read_config(path)
             find_shards(path)
         except CheckpointError as exc:
             raise ModelLoadError(str(exc)) from exc
@@ -206,8 +209,11 @@ def load_model(config: ModelConfig) -> LoadedModel:
     """Load tokenizer and model from a local path; never touches the network."""
     path, devices = preflight(config)
     dtype = resolve_dtype(config.dtype, devices[0])
-    if chatglm.family(read_model_config(path)) == chatglm.GLM_V1:
+    family = chatglm.family(read_model_config(path))
+    if family == chatglm.GLM_V1:
         loaded = load_chatglm(path, devices, dtype, config)
+    elif family == chatglm.GLM_V2:
+        loaded = load_chatglm2(path, devices, dtype, config)
     else:
         loaded = load_hf(path, devices, dtype, config)
     log.info(
@@ -255,6 +261,63 @@ def load_chatglm(path: Path, devices: list[str], dtype: Any, config: ModelConfig
     )
 
 
+def load_chatglm2(path: Path, devices: list[str], dtype: Any, config: ModelConfig) -> LoadedModel:
+    """A ChatGLM2/3 or GLM-4 directory in its original layout, mapped onto transformers' GlmForCausalLM."""
+    from chatglm import v2
+    from chatglm.checkpoint import CheckpointError
+
+    log.info("loading %s (%s, mapped to GlmForCausalLM) on %s as %s", path, chatglm.GLM_V2, devices[0], _name(dtype))
+    try:
+        model, tokenizer, chat, kind = v2.load(
+            path, devices[0] if len(devices) == 1 else "cpu", dtype, config.save_native
+        )
+    except CheckpointError as exc:
+        raise ModelLoadError(str(exc)) from exc
+    if len(devices) > 1:
+        model = _spread(model, devices, ["GlmDecoderLayer"])
+    stops = {tokenizer.eos_token_id, *(tokenizer.special[name] for name in v2.STOPS[kind])}
+    stops |= set(model.config.eos_token_id or [])
+    return finish(path, model, tokenizer, chat, frozenset(stops), devices, dtype, config.quantize or 16)
+
+
+def finish(
+    path: Path,
+    model: Any,
+    tokenizer: Any,
+    chat: ChatFormat,
+    eos: frozenset[int],
+    devices: list[str],
+    dtype: Any,
+    bits: int,
+) -> LoadedModel:
+    """A loaded transformers model, quantized as asked, described for the engine."""
+    kv_per_token = _kv_bytes_per_token(model.config, dtype)  # before quantizing: it reads the layer shapes
+    chunked, break_even = _plain_cache(model), _break_even(model)
+    if bits in (8, 4):
+        from quantize import quantize_model
+
+        log.info("quantizing the linear layers to int%d and the embeddings to int8", bits)
+        quantize_model(model, bits, INT4_GROUP, dtype, devices[0])
+    context = _context_length(model.config)
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        name=model_name(path),
+        device=devices[0],
+        dtype=_name(dtype),
+        context_length=context,
+        eos_token_ids=eos,
+        accepts_logits_to_keep="logits_to_keep" in inspect.signature(model.forward).parameters,
+        chat=chat,
+        weight_bytes=weight_bytes(model),
+        chunked_prefill=chunked,
+        attention_break_even=break_even,
+        devices=tuple(devices),
+        bits=bits,
+        batch_size=default_batch_size(kv_per_token, context, free_memory(devices)),
+    )
+
+
 def load_hf(path: Path, devices: list[str], dtype: Any, config: ModelConfig) -> LoadedModel:
     """A Hugging Face model directory or a GGUF file (converted once and kept in the cache), quantized as asked."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -290,31 +353,7 @@ def load_hf(path: Path, devices: list[str], dtype: Any, config: ModelConfig) -> 
         model.to(devices[0])
     model.eval()
     bits = config.quantize or _own_bits(path, cached)
-    kv_per_token = _kv_bytes_per_token(model.config, dtype)  # before quantizing: it reads the layer shapes
-    chunked, break_even = _plain_cache(model), _break_even(model)
-    if bits in (8, 4):
-        from quantize import quantize_model
-
-        log.info("quantizing the linear layers to int%d and the embeddings to int8", bits)
-        quantize_model(model, bits, INT4_GROUP, dtype, devices[0])
-    context = _context_length(model.config)
-    return LoadedModel(
-        model=model,
-        tokenizer=tokenizer,
-        name=model_name(path),
-        device=devices[0],
-        dtype=_name(dtype),
-        context_length=context,
-        eos_token_ids=_eos_ids(model, tokenizer),
-        accepts_logits_to_keep="logits_to_keep" in inspect.signature(model.forward).parameters,
-        chat=TemplateFormat(tokenizer),
-        weight_bytes=weight_bytes(model),
-        chunked_prefill=chunked,
-        attention_break_even=break_even,
-        devices=tuple(devices),
-        bits=bits,
-        batch_size=default_batch_size(kv_per_token, context, free_memory(devices)),
-    )
+    return finish(path, model, tokenizer, TemplateFormat(tokenizer), _eos_ids(model, tokenizer), devices, dtype, bits)
 
 
 def _own_bits(path: Path, cached: Path | None) -> int:

@@ -226,6 +226,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     a("--dtype", default="auto", choices=DTYPES, help="auto: bf16 where the device computes it natively")
     a("--cache-dir", type=Path, default=default_cache_dir(), help="converted GGUF models (default: %(default)s)")
+    a("--save-native", type=Path, help="write an original ChatGLM2/3 or GLM-4 checkpoint in transformers' layout, exit")
     a("--no-cache", action="store_true", help="convert a GGUF model on every start instead")
     a("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     a("--port", type=int, default=8800)
@@ -251,9 +252,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     quantize = None if args.quantize == "auto" else int(args.quantize)
-    model_config = ModelConfig(args.model, args.device, quantize, None if args.no_cache else args.cache_dir, args.dtype)
+    cache = None if args.no_cache else args.cache_dir
+    model_config = ModelConfig(args.model, args.device, quantize, cache, args.dtype, args.save_native)
     try:
         preflight(model_config)  # the mistakes a user can fix, before anything starts
+        if args.save_native is not None:  # a conversion, not a server
+            load_model(ModelConfig(args.model, "cpu", 16, None, args.dtype, args.save_native))
+            print(f"wrote {args.save_native}; load it with AutoModelForCausalLM.from_pretrained")
+            return 0
         sock = bind(args.host, args.port)
     except (ModelLoadError, BindError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -1,7 +1,9 @@
-"""Serving benchmark: the real server over HTTP next to transformers `generate` in-process, same model, same run.
+"""Serving benchmark: the real server over HTTP next to transformers `generate` in-process, same model, same run,
+and optionally next to llama.cpp's `llama-server` on the same GGUF file with the same client.
 
     .venv/bin/pip install -r bench/requirements.txt
-    .venv/bin/python bench/serve_bench.py                 # bundled model, CPU
+    .venv/bin/python bench/serve_bench.py                 # bundled model, CPU, our defaults
+    .venv/bin/python bench/serve_bench.py --against-llama-server /path/to/llama-server --quantize-sweep
     .venv/bin/python bench/serve_bench.py --url http://127.0.0.1:8000/v1 --model NAME   # any OpenAI-compatible server
 
 Writes bench/results/serve_bench.json and bench/results/serve_bench.png.
@@ -38,6 +40,7 @@ class Result:
     itls: list[float]  # seconds between content chunks
     tokens: int  # completion tokens (from usage)
     total: float  # seconds from send to the end
+    failed: bool = False  # an error status, a broken stream, or fewer tokens than asked for
 
 
 @dataclass
@@ -48,13 +51,15 @@ class Run:
     results: list[Result] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
-        ttfts = [r.ttft for r in self.results]
-        itls = [x for r in self.results for x in r.itls]
-        per_request = [(r.tokens - 1) / (r.total - r.ttft) for r in self.results if r.tokens > 1 and r.total > r.ttft]
+        done = [r for r in self.results if not r.failed]
+        ttfts = [r.ttft for r in done]
+        itls = [x for r in done for x in r.itls]
+        per_request = [(r.tokens - 1) / (r.total - r.ttft) for r in done if r.tokens > 1 and r.total > r.ttft]
         return {
             "name": self.name,
             "concurrency": self.concurrency,
             "requests": len(self.results),
+            "failed": len(self.results) - len(done),
             "ttft_p50_ms": 1000 * pct(ttfts, 50),
             "ttft_p95_ms": 1000 * pct(ttfts, 95),
             "itl_p50_ms": 1000 * pct(itls, 50),
@@ -86,22 +91,26 @@ async def one_request(session: aiohttp.ClientSession, url: str, model: str, prom
     first = last = 0.0
     itls: list[float] = []
     count = 0
-    async with session.post(url + "/chat/completions", json=body) as resp:
-        resp.raise_for_status()
-        async for line in resp.content:
-            if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
-                continue
-            chunk = json.loads(line[6:])
-            now = time.perf_counter()
-            if chunk.get("usage"):
-                count = chunk["usage"]["completion_tokens"]
-            if chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
-                if first == 0.0:
-                    first = now
-                else:
-                    itls.append(now - last)
-                last = now
-    return Result(first - start, itls, count, last - start)
+    try:
+        async with session.post(url + "/chat/completions", json=body) as resp:
+            resp.raise_for_status()
+            async for line in resp.content:
+                if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
+                    continue
+                chunk = json.loads(line[6:])
+                now = time.perf_counter()
+                if chunk.get("usage"):
+                    count = chunk["usage"]["completion_tokens"]
+                if chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
+                    if first == 0.0:
+                        first = now
+                    else:
+                        itls.append(now - last)
+                    last = now
+    except (aiohttp.ClientError, ValueError) as exc:
+        print(f"request failed: {exc!r}", file=sys.stderr)
+        return Result(0.0, [], 0, time.perf_counter() - start, failed=True)
+    return Result(first - start, itls, count, last - start, failed=count < tokens or first == 0.0)
 
 
 async def closed_loop(url: str, model: str, concurrency: int, tokens: int, name: str, rounds: int = 1) -> Run:
@@ -148,15 +157,16 @@ async def late_joiner(url: str, model: str, running: int, tokens: int) -> dict[s
 
 
 def in_process(model_path: Path | None, device: str, tokens: int, batches: list[int]) -> dict[str, Any]:
-    """transformers `generate` on the same model and dtype: prefill time and decode speed per batch size."""
+    """transformers `generate` on the same model, dtype and weights as the server's defaults: prefill time and
+    decode speed per batch size."""
     import torch
 
     from loader import ModelConfig, default_cache_dir, load_model
-    from text import Message, encode_chat
+    from text import Message
 
     lm = load_model(ModelConfig(model_path, device, cache_dir=default_cache_dir()))
-    ids = encode_chat(lm.tokenizer, [Message("user", PROMPT)])
-    out: dict[str, Any] = {"prompt_tokens": len(ids), "model": lm.name, "dtype": lm.dtype}
+    ids = lm.chat.encode([Message("user", PROMPT)])
+    out: dict[str, Any] = {"prompt_tokens": len(ids), "model": lm.name, "dtype": lm.dtype, "bits": lm.bits}
     with torch.inference_mode():
         one = torch.tensor([ids], device=lm.device)
         lm.model(one)  # warm-up
@@ -186,15 +196,14 @@ def in_process(model_path: Path | None, device: str, tokens: int, batches: list[
 # ---- server process ----------------------------------------------------------------------------
 
 
-def start_server(args: list[str]) -> tuple[subprocess.Popen[bytes], str]:
+def start_server(args: list[str], command: list[str] | None = None) -> tuple[subprocess.Popen[bytes], str]:
+    """Our server (or `command`, given the port as its last argument) on a free port; its /v1 URL once healthy."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "server.py"), "--port", str(port), "--log-level", "WARNING", *args],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    if command is None:
+        command = [sys.executable, str(ROOT / "server.py"), "--log-level", "WARNING", *args, "--port"]
+    proc = subprocess.Popen([*command, str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     import urllib.request
 
@@ -216,16 +225,32 @@ def served_model(url: str) -> str:
         return str(json.load(r)["data"][0]["id"])
 
 
-async def measure(url: str, model: str, args: argparse.Namespace) -> list[dict[str, Any]]:
+async def measure(url: str, model: str, args: argparse.Namespace, poisson_run: bool = True) -> list[dict[str, Any]]:
     runs = []
     for c in args.concurrency:
         # a single stream is repeated so that its percentiles mean something
         rounds = 5 if c == 1 else 1
         runs.append((await closed_loop(url, model, c, args.tokens, f"closed c={c}", rounds)).summary())
         print(json.dumps(runs[-1]), flush=True)
-    runs.append((await poisson(url, model, args.rate, args.poisson_requests)).summary())
-    print(json.dumps(runs[-1]), flush=True)
+    if poisson_run:
+        runs.append((await poisson(url, model, args.rate, args.poisson_requests)).summary())
+        print(json.dumps(runs[-1]), flush=True)
     return runs
+
+
+def served(args: list[str], body: Any, command: list[str] | None = None) -> Any:
+    """Run `body(url, model)` against a server started for it, and stop the server after."""
+    proc, url = start_server(args, command)
+    try:
+        return asyncio.run(body(url, served_model(url)))
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+def llama_server(path: Path, gguf: Path, slots: int) -> list[str]:
+    """llama.cpp's server on the same GGUF: `slots` parallel sequences sharing a 1024-token context each."""
+    return [str(path), "-m", str(gguf), "-np", str(slots), "-c", str(1024 * slots), "--host", "127.0.0.1", "--port"]
 
 
 def chart(report: dict[str, Any], path: Path) -> None:
@@ -267,6 +292,8 @@ def main() -> None:
     p.add_argument("--rate", type=float, default=2.0, help="Poisson arrivals per second")
     p.add_argument("--poisson-requests", type=int, default=24)
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    p.add_argument("--against-llama-server", type=Path, help="also measure this llama-server binary on the same GGUF")
+    p.add_argument("--quantize-sweep", action="store_true", help="also measure our server at --quantize 16, 8 and 4")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"command": " ".join(sys.argv), "device": args.device}
@@ -280,24 +307,45 @@ def main() -> None:
         print(json.dumps(report["in_process"]), flush=True)
         report["model"] = report["in_process"]["model"]
         base = [*(["--model", str(args.model_path)] if args.model_path else []), "--device", args.device]
-        proc, url = start_server([*base, "--max-batch-size", str(top), "--max-queue", "256"])
-        try:
-            model = served_model(url)
-            report["server"] = asyncio.run(measure(url, model, args))
-            report["late_joiner"] = asyncio.run(late_joiner(url, model, top - 1, args.tokens))
+
+        async def defaults(url: str, model: str) -> None:
+            report["server"] = await measure(url, model, args)
+            report["late_joiner"] = await late_joiner(url, model, top - 1, args.tokens)
             print(json.dumps(report["late_joiner"]), flush=True)
-        finally:
-            proc.terminate()
-            proc.wait()
-        proc, url = start_server([*base, "--max-batch-size", "1", "--max-queue", "256"])
-        try:
-            report["server_batch1"] = asyncio.run(
-                closed_loop(url, model, top, args.tokens, f"batch1 c={top}")
-            ).summary()
-            print(json.dumps(report["server_batch1"]), flush=True)
-        finally:
-            proc.terminate()
-            proc.wait()
+
+        served([*base, "--max-queue", "256"], defaults)
+
+        async def batch1(url: str, model: str) -> dict[str, Any]:
+            return (await closed_loop(url, model, top, args.tokens, f"batch1 c={top}")).summary()
+
+        report["server_batch1"] = served([*base, "--max-batch-size", "1", "--max-queue", "256"], batch1)
+        print(json.dumps(report["server_batch1"]), flush=True)
+
+        async def poisson_only(url: str, model: str) -> dict[str, Any]:
+            return (await poisson(url, model, args.rate, args.poisson_requests)).summary()
+
+        # the Poisson run of mixed prompt lengths with whole prompts prefilled at once, as before chunked prefill
+        report["poisson_prefill_whole"] = served([*base, "--prefill-chunk", "0"], poisson_only)
+        print(json.dumps(report["poisson_prefill_whole"]), flush=True)
+        if args.quantize_sweep:
+            report["quantize"] = {}
+            for bits in ("16", "8", "4"):
+
+                async def sweep(url: str, model: str) -> list[dict[str, Any]]:
+                    return await measure(url, model, args, poisson_run=False)
+
+                report["quantize"][bits] = served([*base, "--quantize", bits, "--max-queue", "256"], sweep)
+                print(json.dumps({"quantize": bits, "runs": report["quantize"][bits]}), flush=True)
+        if args.against_llama_server:
+            from loader import bundled_model_path
+
+            gguf = args.model_path or bundled_model_path()
+
+            async def peer(url: str, model: str) -> list[dict[str, Any]]:
+                return await measure(url, model, args)
+
+            command = llama_server(args.against_llama_server, gguf, top)
+            report["llama_server"] = served([], peer, command)
         report["ratios"] = ratios(report, top)
         print(json.dumps(report["ratios"], indent=1))
     (args.out / "serve_bench.json").write_text(json.dumps(report, indent=1))
@@ -309,7 +357,21 @@ def ratios(report: dict[str, Any], top: int) -> dict[str, float]:
     ip = report["in_process"]
     runs = {r["concurrency"]: r for r in report["server"] if r["name"].startswith("closed")}
     late = report["late_joiner"]
+    poisson_now = next(r for r in report["server"] if r["name"].startswith("poisson"))
+    peer: dict[str, float] = {}
+    if report.get("llama_server"):
+        theirs = {r["concurrency"]: r for r in report["llama_server"] if r["name"].startswith("closed")}
+        peer = {
+            "single_stream_vs_llama_server": runs[1]["per_request_decode_tok_s"]
+            / theirs[1]["per_request_decode_tok_s"],
+            f"c{top}_aggregate_vs_llama_server": runs[top]["aggregate_tok_s"] / theirs[top]["aggregate_tok_s"],
+            f"c{top}_ttft_p50_ms_ours": runs[top]["ttft_p50_ms"],
+            f"c{top}_ttft_p50_ms_llama_server": theirs[top]["ttft_p50_ms"],
+        }
     return {
+        **peer,
+        "poisson_itl_p95_ms_chunked": poisson_now["itl_p95_ms"],
+        "poisson_itl_p95_ms_prefill_whole": report["poisson_prefill_whole"]["itl_p95_ms"],
         "single_stream_decode_vs_in_process": runs[1]["per_request_decode_tok_s"]
         / ip["batch1"]["decode_tok_s_per_seq"],
         "single_stream_ttft_minus_prefill_ms": runs[1]["ttft_p50_ms"] - ip["prefill_ms"],

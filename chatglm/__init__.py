@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 GLM_V1 = "ChatGLM-6B"
-GLM_V2 = "ChatGLM2-6B/ChatGLM3-6B/GLM-4 (original layout)"
+GLM_V2 = "ChatGLM2-6B/ChatGLM3-6B/GLM-4-9B-chat (original layout)"
 
 
 def family(config: dict[str, Any]) -> str | None:

@@ -1,0 +1,92 @@
+"""The tokenizers of ChatGLM2-6B and ChatGLM3-6B (SentencePiece plus special ids after its pieces) and of GLM-4
+(tiktoken-style byte BPE in a `tokenizer.model` of base64 tokens and ranks), per spec section 11.4."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Sequence
+from pathlib import Path
+
+import sentencepiece as spm
+
+SP_SPECIALS = ("[MASK]", "[gMASK]", "[sMASK]", "sop", "eop")
+ROLES = ("<|system|>", "<|user|>", "<|assistant|>", "<|observation|>")
+GLM4_SPECIALS = (
+    "<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>", *ROLES,
+    "<|begin_of_image|>", "<|end_of_image|>", "<|begin_of_video|>", "<|end_of_video|>",
+)  # fmt: skip
+# GLM-4's pre-tokenizer split (cl100k's): contractions, letters, 1-3 digits, punctuation runs, newlines, spaces
+GLM4_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+    r"|\s+(?!\S)|\s+"
+)
+
+
+class TokenizerFileError(Exception):
+    """A tokenizer file of the wrong kind for its model."""
+
+
+def is_tiktoken_file(path: Path) -> bool:
+    """A tiktoken vocabulary is text: one `base64 rank` pair per line; a SentencePiece model is a protobuf."""
+    head = path.read_bytes()[:4096]
+    try:
+        lines = head.decode("ascii").splitlines()[:-1] or head.decode("ascii").splitlines()
+    except UnicodeDecodeError:
+        return False
+    return bool(lines) and all(len(line.split()) == 2 and line.split()[1].isdigit() for line in lines if line)
+
+
+class SentencePieceTokenizer:
+    """ChatGLM2/3: SentencePiece ids, then `[MASK] [gMASK] [sMASK] sop eop` (and ChatGLM3's role tokens)."""
+
+    def __init__(self, model_file: Path, roles: bool) -> None:
+        if is_tiktoken_file(model_file):
+            raise TokenizerFileError(f"{model_file}: a tiktoken vocabulary, not the SentencePiece model expected")
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=str(model_file))
+        except (RuntimeError, OSError) as exc:
+            raise TokenizerFileError(f"{model_file}: not a SentencePiece model ({exc})") from exc
+        self.pieces = self.sp.vocab_size()
+        names = (*SP_SPECIALS, *(ROLES if roles else ()))
+        self.special = {name: self.pieces + i for i, name in enumerate(names)}
+        self.vocab_size = self.pieces + len(names)
+        self.eos_token_id = self.sp.eos_id()
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.sp.encode(text))
+
+    def decode(
+        self, ids: Sequence[int], skip_special_tokens: bool = False, clean_up_tokenization_spaces: bool = False
+    ) -> str:
+        """Text of the SentencePiece ids; the special ids after them read as nothing."""
+        return str(self.sp.decode([i for i in ids if 0 <= i < self.pieces]))
+
+
+class TiktokenTokenizer:
+    """GLM-4: byte BPE by rank (the `tokenizer.model` lines), its special tokens numbered after the ranks."""
+
+    def __init__(self, model_file: Path) -> None:
+        import tiktoken
+
+        if not is_tiktoken_file(model_file):
+            raise TokenizerFileError(f"{model_file}: not a tiktoken vocabulary (GLM-4 ships one as tokenizer.model)")
+        ranks: dict[bytes, int] = {}
+        for line in model_file.read_text().splitlines():
+            if line.strip():
+                token, rank = line.split()
+                ranks[base64.b64decode(token)] = int(rank)
+        self.pieces = len(ranks)
+        self.special = {name: self.pieces + i for i, name in enumerate(GLM4_SPECIALS)}
+        self.vocab_size = self.pieces + len(GLM4_SPECIALS)
+        self.enc = tiktoken.Encoding("glm4", pat_str=GLM4_SPLIT, mergeable_ranks=ranks, special_tokens=self.special)
+        self.eos_token_id = self.special["<|endoftext|>"]
+
+    def encode(self, text: str) -> list[int]:
+        """Ids of text; special-token text in it is ordinary text, never a control token."""
+        return list(self.enc.encode(text, disallowed_special=()))
+
+    def decode(
+        self, ids: Sequence[int], skip_special_tokens: bool = False, clean_up_tokenization_spaces: bool = False
+    ) -> str:
+        """Text of the byte tokens (U+FFFD for an unfinished character); special tokens read as nothing."""
+        return str(self.enc.decode([i for i in ids if 0 <= i < self.pieces]))

@@ -14,8 +14,9 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 
-from engine import Engine, EngineStopped, QueueFull
-from events import Event, Failed, RequestHandle
+from backend import Backend, BackendError, Stream
+from engine import EngineStopped, QueueFull
+from events import Event, Failed, Finished
 from metrics import Metrics, RequestStats
 from sampling import SamplingParams
 from schema import InvalidField, Sampling, parse_json
@@ -55,7 +56,7 @@ class Lifecycle:
 
 
 CONFIG = web.AppKey("config", ServerConfig)
-ENGINE = web.AppKey("engine", Engine)
+BACKEND = web.AppKey("backend", Backend)
 METRICS = web.AppKey("metrics", Metrics)
 LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
 PROMPTS = web.AppKey("prompts", ThreadPoolExecutor)  # builds prompts off the event loop
@@ -96,7 +97,9 @@ async def json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
         response: web.StreamResponse = await handler(request)
         return response
     except InvalidField as exc:
-        return error_response(400, exc.message, exc.param)
+        return error_response(400, exc.message, exc.param, exc.code)
+    except BackendError as exc:
+        return error_response(exc.status, exc.message, headers=exc.headers)
     except QueueFull as exc:
         return error_response(429, f"server busy: {exc}; retry later", headers={"Retry-After": "1"})
     except ChatRejected as exc:
@@ -231,7 +234,11 @@ def sampling_params(s: Sampling, max_new_tokens: int, defaults: SamplingDefaults
     )
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+def usage(done: Finished) -> dict[str, int] | None:
+    """The usage of a finished generation; None when its backend reported none."""
+    if not done.usage_known:
+        return None
+    prompt_tokens, completion_tokens = done.prompt_tokens, done.completion_tokens
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
@@ -255,9 +262,9 @@ async def peeked(events: AsyncIterator[T]) -> tuple[T, AsyncIterator[T]]:
     return first, again()
 
 
-def events_of(request: web.Request, handle: RequestHandle) -> AsyncIterator[Event]:
+def events_of(request: web.Request, stream: Stream) -> AsyncIterator[Event]:
     """A generation's events, timed into the metrics and the request's log line."""
-    events = handle.events(request.app[CONFIG].keepalive, gone=lambda: client_gone(request))
+    events = stream.events(request.app[CONFIG].keepalive, gone=lambda: client_gone(request))
     return request.app[METRICS].observe(events, request[STATS])
 
 
@@ -282,4 +289,4 @@ def client_gone(request: web.Request) -> bool:
 
 
 def served_names(app: web.Application) -> tuple[str, ...]:
-    return app[CONFIG].served_model_names or (app[ENGINE].model.name,)
+    return app[CONFIG].served_model_names or app[BACKEND].names()

@@ -23,6 +23,7 @@ class Finished:
     prompt_tokens: int
     completion_tokens: int
     queue_s: float = 0.0  # time spent waiting for a batch slot
+    usage_known: bool = True  # False: an upstream that reports no usage (the counts are 0, not invented)
 
 
 @dataclass(frozen=True)

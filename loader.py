@@ -291,12 +291,18 @@ def finish(
     bits: int,
 ) -> LoadedModel:
     """A loaded transformers model, quantized as asked, described for the engine."""
+    import torch
+
     kv_per_token = _kv_bytes_per_token(model.config, dtype)  # before quantizing: it reads the layer shapes
     chunked, break_even = _plain_cache(model), _break_even(model)
     if bits in (8, 4):
         from quantize import quantize_model
 
         log.info("quantizing the linear layers to int%d and the embeddings to int8", bits)
+        if devices[0] == "cpu" and dtype != torch.bfloat16:
+            log.warning(
+                "int%d weights with %s activations are slow on a CPU; bf16 is several times faster", bits, _name(dtype)
+            )
         quantize_model(model, bits, INT4_GROUP, dtype, devices[0])
     context = _context_length(model.config)
     return LoadedModel(

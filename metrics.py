@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from engine import Engine
+from backend import Backend
 from events import Delta, Event, Finished
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -27,7 +27,7 @@ class RequestStats:
 class Metrics:
     """The server's metrics, exported in Prometheus text format at /metrics."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, backend: Backend) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("chat_requests", "HTTP requests by route and status", ["route", "status"], registry=r)
@@ -43,8 +43,8 @@ class Metrics:
         self.generated_tokens = Counter("chat_generation_tokens", "Tokens generated", registry=r)
         running = Gauge("chat_requests_running", "Requests generating now", registry=r)
         waiting = Gauge("chat_requests_waiting", "Requests waiting for a slot", registry=r)
-        running.set_function(lambda: engine.counts[0])
-        waiting.set_function(lambda: engine.counts[1])
+        running.set_function(lambda: backend.counts[0])
+        waiting.set_function(lambda: backend.counts[1])
 
     def export(self) -> bytes:
         return generate_latest(self.registry)

@@ -12,34 +12,32 @@ from typing import Any
 
 from aiohttp import web
 
+from backend import ChatJob, Stream
 from common import (
-    CONFIG,
-    ENGINE,
-    ServerConfig,
-    check_limits,
+    BACKEND,
     error_response,
     events_of,
     failure_response,
     not_started,
-    off_loop,
     peeked,
     read_body,
-    sampling_params,
     served_names,
     usage,
 )
-from events import Delta, Event, Failed, Finished, KeepAlive, RequestHandle
-from loader import LoadedModel
+from events import Delta, Event, Failed, Finished, KeepAlive
 from schema import CompletionRequest, parse_completion
 from sse import ClientGone, EventStream, dumps
 from text import SamplingDefaults
 
 log = logging.getLogger(__name__)
 
+# OpenAI's own defaults, for models whose family brings none
+OPENAI_DEFAULTS = SamplingDefaults(temperature=1.0, top_p=1.0)
+
 
 async def models(request: web.Request) -> web.Response:
     """GET /v1/models."""
-    created = int(request.app[ENGINE].started_at)
+    created = int(request.app[BACKEND].started_at)
     data = [
         {"id": name, "object": "model", "created": created, "owned_by": "chatglm-stream"}
         for name in served_names(request.app)
@@ -47,27 +45,8 @@ async def models(request: web.Request) -> web.Response:
     return web.json_response({"object": "list", "data": data})
 
 
-# OpenAI's own defaults, for models whose family brings none
-OPENAI_DEFAULTS = SamplingDefaults(temperature=1.0, top_p=1.0)
-
-
-def plan_completion(lm: LoadedModel, config: ServerConfig, req: CompletionRequest) -> list[int] | web.Response:
-    """Prompt ids, or the 400 for a prompt over the context. Runs off the event loop: its cost grows with the
-    conversation."""
-    ids = lm.chat.encode(req.messages)
-    if len(ids) >= lm.context_length:
-        message = (
-            f"This model's maximum context length is {lm.context_length} tokens. "
-            f"However, your messages resulted in {len(ids)} tokens."
-        )
-        return error_response(400, message, "messages", "context_length_exceeded")
-    check_limits(config, req.sampling.max_tokens, len(ids), "messages")
-    return ids
-
-
-async def start(request: web.Request, req: CompletionRequest) -> tuple[list[RequestHandle], str] | web.Response:
-    """Check model and context, then submit one generation per choice."""
-    engine, config = request.app[ENGINE], request.app[CONFIG]
+async def start(request: web.Request, req: CompletionRequest) -> tuple[list[Stream], str] | web.Response:
+    """Check the model name, then start one generation per choice."""
     names = served_names(request.app)
     if req.model is not None and req.model not in names:
         return error_response(
@@ -76,31 +55,11 @@ async def start(request: web.Request, req: CompletionRequest) -> tuple[list[Requ
             "model",
             "model_not_found",
         )
-    lm = engine.model
-    ids = await off_loop(request, lambda: plan_completion(lm, config, req))
-    if isinstance(ids, web.Response):
-        return ids
-    defaults = lm.chat.defaults or OPENAI_DEFAULTS
-    room = min(lm.context_length - len(ids), config.max_tokens_limit)
-    if req.sampling.max_tokens is None and defaults.max_length is not None:
-        wanted = defaults.max_length - len(ids)  # the family's length in its own sense: prompt + answer
-    else:
-        wanted = req.sampling.max_tokens or config.default_max_tokens
-    params = sampling_params(req.sampling, max(1, min(wanted, room)), defaults)
-    handles: list[RequestHandle] = []
-    try:
-        for i in range(req.n):
-            # each choice gets its own stream of randomness, reproducible from the request's seed
-            seed = None if params.seed is None else params.seed + i
-            handles.append(engine.submit(ids, replace(params, seed=seed)))
-    except Exception:
-        for h in handles:
-            h.cancel()
-        raise
-    return handles, req.model or names[0]
+    job = ChatJob(req.messages, req.sampling, OPENAI_DEFAULTS, n=req.n)
+    return await request.app[BACKEND].open(request, job), req.model or names[0]
 
 
-async def merge(request: web.Request, handles: list[RequestHandle]) -> AsyncIterator[tuple[int, Event]]:
+async def merge(request: web.Request, handles: list[Stream]) -> AsyncIterator[tuple[int, Event]]:
     """Events of several choices as they come, tagged with the choice index, timed into the metrics."""
     if len(handles) == 1:
         async for event in events_of(request, handles[0]):
@@ -108,7 +67,7 @@ async def merge(request: web.Request, handles: list[RequestHandle]) -> AsyncIter
         return
     merged: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
 
-    async def pump(i: int, handle: RequestHandle) -> None:
+    async def pump(i: int, handle: Stream) -> None:
         async for event in events_of(request, handle):
             merged.put_nowait((i, event))
 
@@ -142,10 +101,10 @@ async def completions(request: web.Request) -> web.StreamResponse:
             h.cancel()
 
 
-async def _complete(request: web.Request, handles: list[RequestHandle], base: dict[str, Any]) -> web.Response:
+async def _complete(request: web.Request, handles: list[Stream], base: dict[str, Any]) -> web.Response:
     texts = [""] * len(handles)
     reasons = [""] * len(handles)
-    prompt_tokens = completion_tokens = 0
+    done: list[Finished] = []
     async for i, event in merge(request, handles):
         if isinstance(event, Delta):
             texts[i] += event.text
@@ -153,14 +112,22 @@ async def _complete(request: web.Request, handles: list[RequestHandle], base: di
             return failure_response(event)
         elif isinstance(event, Finished):
             reasons[i] = event.reason
-            prompt_tokens = event.prompt_tokens
-            completion_tokens += event.completion_tokens
+            done.append(event)
     choices = [
         {"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None, "finish_reason": r}
         for i, (t, r) in enumerate(zip(texts, reasons, strict=True))
     ]
-    body = {**base, "object": "chat.completion", "choices": choices, "usage": usage(prompt_tokens, completion_tokens)}
+    body: dict[str, Any] = {**base, "object": "chat.completion", "choices": choices}
+    if (counts := total_usage(done)) is not None:
+        body["usage"] = counts
     return web.json_response(body, dumps=dumps)
+
+
+def total_usage(done: list[Finished]) -> dict[str, int] | None:
+    """The choices' usage together: one prompt, every choice's tokens; None when the backend reported none."""
+    if not done or not all(d.usage_known for d in done):
+        return None
+    return usage(replace(done[0], completion_tokens=sum(d.completion_tokens for d in done)))
 
 
 def _chunk(base: dict[str, Any], i: int, delta: dict[str, str], reason: str | None = None) -> dict[str, Any]:
@@ -169,10 +136,10 @@ def _chunk(base: dict[str, Any], i: int, delta: dict[str, str], reason: str | No
 
 
 async def _stream(
-    request: web.Request, req: CompletionRequest, handles: list[RequestHandle], base: dict[str, Any]
+    request: web.Request, req: CompletionRequest, handles: list[Stream], base: dict[str, Any]
 ) -> web.StreamResponse:
     out = EventStream()
-    prompt_tokens = completion_tokens = 0
+    done: list[Finished] = []
     try:
         (_, first), events = await peeked(merge(request, handles))
         if (refused := not_started(first)) is not None:
@@ -186,16 +153,14 @@ async def _stream(
             elif isinstance(event, Delta):
                 await out.send_json(_chunk(base, i, {"content": event.text}))
             elif isinstance(event, Finished):
-                prompt_tokens = event.prompt_tokens
-                completion_tokens += event.completion_tokens
+                done.append(event)
                 await out.send_json(_chunk(base, i, {}, event.reason))
             elif isinstance(event, Failed):
                 error = {"message": event.message, "type": event.type, "param": None, "code": None}
                 await out.send_json({"error": error})
                 break
         else:
-            if req.include_usage:
-                totals = usage(prompt_tokens, completion_tokens)
+            if req.include_usage and (totals := total_usage(done)) is not None:
                 await out.send_json({**base, "object": "chat.completion.chunk", "choices": [], "usage": totals})
         await out.send("[DONE]")
     except ClientGone:

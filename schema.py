@@ -16,10 +16,11 @@ MAX_CHOICES = 8
 class InvalidField(Exception):
     """A request body that breaks the protocol; `param` names the offending field."""
 
-    def __init__(self, param: str | None, message: str) -> None:
+    def __init__(self, param: str | None, message: str, code: str | None = None) -> None:
         super().__init__(message)
         self.param = param
         self.message = message
+        self.code = code
 
 
 @dataclass(frozen=True)

@@ -20,9 +20,10 @@ from aiohttp import web
 
 import chatglm_api
 import openai_api
+from backend import Backend
 from common import (
+    BACKEND,
     CONFIG,
-    ENGINE,
     LIFECYCLE,
     METRICS,
     PROMPTS,
@@ -34,9 +35,10 @@ from common import (
     require_key,
     served_names,
 )
-from devices import DTYPES, clear_caches, memory_report
+from devices import DTYPES
 from engine import Engine, EngineConfig, EngineStopped
 from loader import ModelConfig, ModelLoadError, default_cache_dir, load_model, preflight
+from local import LocalBackend
 from metrics import Metrics
 from openapi import build_spec
 
@@ -48,38 +50,24 @@ API_KEY_ENV = "CHAT_API_KEY"
 async def clear(request: web.Request) -> web.Response:
     """GET|POST /clear: release cached accelerator memory on every device the model uses; requests in flight keep
     theirs."""
-    clear_caches(list(request.app[ENGINE].model.devices))
-    return web.json_response({"success": True})
+    return web.json_response({"success": True, **await request.app[BACKEND].clear()})
 
 
 async def health(request: web.Request) -> web.Response:
-    """GET /health: 200 when the model is loaded and the engine runs; 503 while loading or shutting down."""
-    engine, life = request.app[ENGINE], request.app[LIFECYCLE]
-    running, waiting = engine.counts
+    """GET /health: 200 when the backend can serve; 503 while loading, when it cannot, or when shutting down."""
+    backend, life = request.app[BACKEND], request.app[LIFECYCLE]
+    running, waiting = backend.counts
     body: dict[str, object] = {
         "running": running,
         "waiting": waiting,
-        "uptime_s": round(time.time() - engine.started_at, 1),
+        "uptime_s": round(time.time() - backend.started_at, 1),
     }
-    try:
-        lm = engine.model
-    except EngineStopped as exc:
-        return web.json_response({"status": "loading", "message": str(exc), **body}, status=503)
-    ok = engine.running and not life.shutting_down
-    status = "ok" if ok else ("shutting_down" if life.shutting_down else "unavailable")
-    body.update(
-        status=status,
-        model=served_names(request.app)[0],
-        device=lm.device,
-        dtype=lm.dtype,
-        bits=lm.bits,
-        context_length=lm.context_length,
-        weight_bytes=lm.weight_bytes,
-        max_batch_size=engine.max_batch_size,
-    )
-    if memory := memory_report(list(lm.devices)):
-        body["memory"] = memory
-    return web.json_response(body, status=200 if ok else 503)
+    status, about = backend.describe()
+    if status == "loading":
+        return web.json_response({"status": "loading", **about, **body}, status=503)
+    ok = status == "ok" and not life.shutting_down
+    body.update(status="shutting_down" if life.shutting_down else status, model=served_names(request.app)[0])
+    return web.json_response({**body, **about}, status=200 if ok else 503)
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -103,27 +91,29 @@ async def index(request: web.Request) -> web.FileResponse:
 # ---- app and CLI ---------------------------------------------------------------------------------
 
 
-def create_app(config: ServerConfig, engine: Engine) -> web.Application:
-    """Build the application; the engine's worker thread lives as long as the app."""
+def create_app(config: ServerConfig, backend: Backend | Engine) -> web.Application:
+    """Build the application; the backend (a local engine's worker thread, an upstream's connections) lives as long
+    as the app."""
     app = web.Application(
         middlewares=[request_context, require_key, json_errors], client_max_size=config.max_body_bytes
     )
+    chosen = LocalBackend(backend) if isinstance(backend, Engine) else backend
     app[CONFIG] = config
-    app[ENGINE] = engine
-    app[METRICS] = Metrics(engine)
+    app[BACKEND] = chosen
+    app[METRICS] = Metrics(chosen)
     app[LIFECYCLE] = Lifecycle()
 
-    async def engine_lifetime(app: web.Application) -> AsyncIterator[None]:
-        engine.start()
+    async def backend_lifetime(app: web.Application) -> AsyncIterator[None]:
+        await chosen.start()
         yield
-        engine.stop()
+        await chosen.stop(10.0)
 
     async def prompt_threads(app: web.Application) -> AsyncIterator[None]:
         app[PROMPTS] = ThreadPoolExecutor(max_workers=2, thread_name_prefix="prompts")
         yield
         app[PROMPTS].shutdown(wait=False, cancel_futures=True)
 
-    app.cleanup_ctx.append(engine_lifetime)
+    app.cleanup_ctx.append(backend_lifetime)
     app.cleanup_ctx.append(prompt_threads)
     app.on_shutdown.append(drain)
     app.on_response_prepare.append(echo_request_id)
@@ -151,31 +141,29 @@ def create_app(config: ServerConfig, engine: Engine) -> web.Application:
 async def drain(app: web.Application) -> None:
     """on_shutdown: refuse new requests, let running ones finish for a while, then end the rest.
 
-    Requests still running after `shutdown_timeout` get a final error frame when the engine stops.
+    Requests still running after `shutdown_timeout` get a final error frame when the backend stops.
     """
     app[LIFECYCLE].shutting_down = True
-    engine, timeout = app[ENGINE], app[CONFIG].shutdown_timeout
+    backend, timeout = app[BACKEND], app[CONFIG].shutdown_timeout
     deadline = time.monotonic() + timeout
     # the counts live on the worker thread; there is no asyncio event to wait on
-    while engine.counts != (0, 0) and time.monotonic() < deadline:  # noqa: ASYNC110
+    while backend.counts != (0, 0) and time.monotonic() < deadline:  # noqa: ASYNC110
         await asyncio.sleep(0.05)
-    if engine.counts != (0, 0):
-        log.warning("shutdown: ending %d unfinished requests", sum(engine.counts))
+    if backend.counts != (0, 0):
+        log.warning("shutdown: ending %d unfinished requests", sum(backend.counts))
     # whatever the worker is doing (a long prefill), what is left ends within the timeout, not after the step
-    left = max(0.5, deadline - time.monotonic())
-    await asyncio.get_running_loop().run_in_executor(None, engine.stop, left)
+    await backend.stop(max(0.5, deadline - time.monotonic()))
 
 
 async def watch_loading(app: web.Application) -> AsyncIterator[None]:
-    """Stop the server with an error if the model fails to load in the background."""
-    engine = app[ENGINE]
+    """Stop the server with an error if the backend fails to start (a model that does not load)."""
 
     async def wait() -> None:
-        await asyncio.get_running_loop().run_in_executor(None, engine.ready.wait)
-        if engine.load_error is not None:
+        error = await app[BACKEND].ready()
+        if error is not None:
             # a problem with the model the user named is one line; anything else is our bug: show where
-            trace = None if isinstance(engine.load_error, ModelLoadError) else engine.load_error
-            log.error("could not load the model: %s", engine.load_error, exc_info=trace)
+            trace = None if isinstance(error, ModelLoadError) else error
+            log.error("could not load the model: %s", error, exc_info=trace)
             os.kill(os.getpid(), signal.SIGTERM)
         else:
             log.info("model loaded; serving on http://%s:%d", app[CONFIG].host, app[CONFIG].port)

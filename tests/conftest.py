@@ -283,8 +283,8 @@ def bundled_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def bundled_fp32(bundled_server: LiveServer, bundled_cache: Path) -> LoadedModel:
-    """The bundled model in float32, loaded in-process (converted into the bundled server's cache folder)."""
-    return load_model(ModelConfig(device="cpu", cache_dir=bundled_cache, dtype="float32"))
+    """The bundled model in float32 and 16 bits, loaded in-process (converted into the bundled server's cache)."""
+    return load_model(ModelConfig(device="cpu", cache_dir=bundled_cache, dtype="float32", quantize=16))
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from common import ENGINE
+from common import BACKEND
 from loader import LoadedModel
 from tests.conftest import MakeClient
 from tests.helpers import delta_frames, wait_until
@@ -28,7 +28,7 @@ class PeakRunning:
     """Watches the engine while a test runs and remembers the largest batch it saw."""
 
     def __init__(self, client: Any) -> None:
-        self.engine = client.app[ENGINE]
+        self.engine = client.app[BACKEND]
         self.peak = 0
         self._task = asyncio.create_task(self._watch())
 
@@ -66,7 +66,7 @@ async def test_requests_join_and_leave_mid_batch(make_client: MakeClient, slow_l
     resp = await client.post("/stream", json=long_body)
     await resp.content.readuntil(b"\n\n")  # the long request is decoding
     for body, expected in zip(short, expected_short, strict=True):
-        assert client.app[ENGINE].counts[0] >= 1
+        assert client.app[BACKEND].counts[0] >= 1
         assert (await chat(client, body))["response"] == expected  # joined, finished and left
     frames = delta_frames(await resp.read())
     assert frames[-1]["response"] == expected_long
@@ -89,7 +89,7 @@ async def test_each_request_keeps_its_own_parameters(make_client: MakeClient) ->
 
 async def test_cancel_inside_a_batch_frees_the_slot(make_client: MakeClient, slow_lm: LoadedModel) -> None:
     client = await make_client(slow_lm, max_batch_size=2, max_queue=4)
-    engine = client.app[ENGINE]
+    engine = client.app[BACKEND]
     body = {"query": "x", "max_tokens": 200, "ignore_eos": True}
     leaving = await client.post("/stream", json=body)
     staying = await client.post("/stream", json={**body, "max_tokens": 60})
@@ -147,9 +147,9 @@ async def test_requests_arriving_together_are_prefilled_together(make_client: Ma
     client = await make_client(dataclasses.replace(tiny_lm, model=recorder), max_batch_size=8)
     # a first request holds the worker in its prefill until all the others are waiting
     first = asyncio.create_task(chat(client, {"query": "first", "max_tokens": 2}))
-    await wait_until(lambda: client.app[ENGINE].counts == (1, 0))
+    await wait_until(lambda: client.app[BACKEND].counts == (1, 0))
     together = asyncio.gather(*(chat(client, b) for b in bodies))
-    await wait_until(lambda: client.app[ENGINE].counts == (1, len(bodies)))
+    await wait_until(lambda: client.app[BACKEND].counts == (1, len(bodies)))
     recorder.gate.set()
     await first
     assert [r["response"] for r in await together] == alone

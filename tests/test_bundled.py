@@ -7,7 +7,7 @@ import json
 import re
 import urllib.request
 
-from common import ENGINE
+from common import BACKEND
 from loader import LoadedModel
 from tests.conftest import LiveServer, MakeClient
 from tests.helpers import parse_frames
@@ -63,7 +63,7 @@ async def test_greedy_answers_do_not_depend_on_batching(bundled_fp32: LoadedMode
         return str((await (await client.post("/chat", json=body)).json())["response"])
 
     alone = [await answer(b) for b in bodies]
-    engine = client.app[ENGINE]
+    engine = client.app[BACKEND]
     peak = 0
 
     async def watch() -> None:

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from common import ENGINE
+from common import BACKEND
 from loader import LoadedModel
 from tests.conftest import TINY_CONTEXT, MakeClient
 from tests.helpers import delta_frames, wait_until
@@ -190,7 +190,7 @@ async def test_unknown_routes_get_json_errors(make_client: MakeClient, method: s
 
 async def test_disconnect_stops_generation_and_frees_the_engine(make_client: MakeClient, slow_lm: LoadedModel) -> None:
     client = await make_client(slow_lm)  # 200 tokens take over 4 s: only a cancellation ends them within 2 s
-    engine = client.app[ENGINE]
+    engine = client.app[BACKEND]
     resp = await client.post("/stream", json={"query": "go on", "max_tokens": 200, "ignore_eos": True})
     assert (await resp.content.readuntil(b"\n\n")).startswith(b"event: delta")
     assert engine.counts[0] == 1
@@ -214,7 +214,7 @@ async def test_a_client_that_leaves_a_whole_answer_request_stops_it(
 ) -> None:
     # no byte is written until the answer is complete, so the server must notice the closed connection itself
     client = await make_client(slow_lm)
-    engine = client.app[ENGINE]
+    engine = client.app[BACKEND]
     request = asyncio.create_task(client.post(path, json={**body, "max_tokens": 200, "ignore_eos": True}))
     await wait_until(lambda: engine.counts[0] >= 1)
     request.cancel()  # closes the connection
@@ -223,7 +223,7 @@ async def test_a_client_that_leaves_a_whole_answer_request_stops_it(
 
 async def test_a_client_that_leaves_the_queue_frees_its_place(make_client: MakeClient, slow_lm: LoadedModel) -> None:
     client = await make_client(slow_lm, max_batch_size=1, max_queue=1)
-    engine = client.app[ENGINE]
+    engine = client.app[BACKEND]
     body = {"query": "long", "max_tokens": 200, "ignore_eos": True}
     running = await client.post("/stream", json=body)
     await running.content.readuntil(b"\n\n")
@@ -271,7 +271,7 @@ async def test_clear_is_harmless_and_leaves_streams_alone(make_client: MakeClien
     for method in ("GET", "POST"):
         cleared = await client.request(method, "/clear")
         assert cleared.status == 200 and await cleared.json() == {"success": True}
-    assert client.app[ENGINE].counts[0] == 1  # still generating after /clear
+    assert client.app[BACKEND].counts[0] == 1  # still generating after /clear
     rest = delta_frames(await resp.read())
     assert rest[-1]["finished"] is True and rest[-1]["usage"]["completion_tokens"] == 30
 
@@ -285,7 +285,7 @@ async def test_health_reports_model_and_load(make_client: MakeClient, slow_lm: L
     streams = [await client.post("/stream", json={"query": "go", "max_tokens": 200, "ignore_eos": True})]
     await streams[0].content.readuntil(b"\n\n")
     waiting = asyncio.create_task(client.post("/chat", json={"query": "then", "max_tokens": 2}))
-    await wait_until(lambda: client.app[ENGINE].counts == (1, 1))
+    await wait_until(lambda: client.app[BACKEND].counts == (1, 1))
     body = await (await client.get("/health")).json()
     assert (body["running"], body["waiting"]) == (1, 1)
     streams[0].close()
@@ -299,7 +299,7 @@ async def test_full_queue_is_a_429_with_retry_after(make_client: MakeClient, slo
     await first.content.readuntil(b"\n\n")  # running now
     # waits in the queue; its headers come with its first token
     second = asyncio.create_task(client.post("/stream", json=body))
-    await wait_until(lambda: client.app[ENGINE].counts == (1, 1))
+    await wait_until(lambda: client.app[BACKEND].counts == (1, 1))
     third = await client.post("/chat", json=body)
     assert third.status == 429
     assert third.headers["Retry-After"]

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from common import ENGINE
+from common import BACKEND
 from loader import LoadedModel
 from tests.conftest import MakeClient, build_tiny_model, start_server
 from tests.helpers import wait_until
@@ -32,7 +32,7 @@ async def test_health_is_503_while_the_model_loads(make_client: MakeClient, tiny
         resp = await client.request(method, path, json=body)
         assert resp.status == 503, path
     gate.set()
-    await wait_until(lambda: client.app[ENGINE].running)
+    await wait_until(lambda: client.app[BACKEND].running)
     health = await client.get("/health")
     assert health.status == 200 and (await health.json())["status"] == "ok"
 

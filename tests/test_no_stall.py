@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import torch
 
-from common import ENGINE
+from common import BACKEND
 from engine import chunk_size
 from loader import LoadedModel, ModelConfig, load_model
 from tests.conftest import MakeClient, build_tiny_model
@@ -214,12 +214,14 @@ async def test_chunked_prefill_gives_the_one_piece_answer(
     lm_name: str, make_client: MakeClient, request: pytest.FixtureRequest
 ) -> None:
     lm: LoadedModel = request.getfixturevalue(lm_name)
-    body = {"query": LONG_PROMPT, "temperature": 0, "max_tokens": 24, "ignore_eos": True}
+    # about 400 prompt tokens on either model, so 96-token chunks cut it in five
+    query = LONG_PROMPT if lm_name == "long_lm" else "The keeper counted ships. " * 65
+    body = {"query": query, "temperature": 0, "max_tokens": 16, "ignore_eos": True}
     answers = []
     for chunk in (0, 96):
         client = await make_client(lm, prefill_chunk=chunk)
         # beside another request, so the chunks really interleave with decode steps
-        other = asyncio.create_task(client.post("/chat", json={"query": "hi", "max_tokens": 40, "ignore_eos": True}))
+        other = asyncio.create_task(client.post("/chat", json={"query": "hi", "max_tokens": 24, "ignore_eos": True}))
         answers.append((await (await client.post("/chat", json=body)).json())["response"])
         await other
     assert answers[0] == answers[1] and answers[0]
@@ -230,7 +232,7 @@ async def test_a_request_cancelled_between_chunks_frees_its_slot(make_client: Ma
 
     recorder = Recorder(long_lm.model, delay=0.05)
     client = await make_client(dataclasses.replace(long_lm, model=recorder), prefill_chunk=64)
-    engine = client.app[ENGINE]
+    engine = client.app[BACKEND]
     task = asyncio.create_task(client.post("/chat", json={"query": LONG_PROMPT, "max_tokens": 8}))
     await wait_until(lambda: sum(n > 1 for _, n in recorder.calls) >= 2)
     assert engine.counts == (1, 0)

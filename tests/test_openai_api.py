@@ -8,7 +8,7 @@ from typing import Any
 import openai
 import pytest
 
-from common import ENGINE
+from common import BACKEND
 from loader import LoadedModel
 from tests.conftest import LiveServer, MakeClient
 from tests.helpers import parse_frames, wait_until
@@ -161,7 +161,7 @@ async def test_raw_sse_framing(make_client: MakeClient) -> None:
 
 async def test_stream_disconnect_stops_generation(make_client: MakeClient, slow_lm: LoadedModel) -> None:
     client = await make_client(slow_lm)  # 200 tokens take over 4 s: only a cancellation ends them within 2 s
-    engine = client.app[ENGINE]
+    engine = client.app[BACKEND]
     body = {"messages": MESSAGES, "max_tokens": 200, "stream": True, "ignore_eos": True}
     resp = await client.post("/v1/chat/completions", json=body)
     await resp.content.readuntil(b"\n\n")

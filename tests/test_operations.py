@@ -16,7 +16,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from common import ENGINE, LIFECYCLE
+from common import BACKEND, LIFECYCLE
 from loader import LoadedModel
 from tests.conftest import MakeClient
 from tests.helpers import delta_frames, wait_until
@@ -184,13 +184,13 @@ async def test_64_concurrent_streams_several_rounds(make_client: MakeClient) -> 
         await asyncio.gather(*(one(i) for i in range(64)))
         gc.collect()
         sizes.append(rss_bytes())
-    assert client.app[ENGINE].counts == (0, 0)
+    assert client.app[BACKEND].counts == (0, 0)
     assert sizes[-1] - sizes[0] < 64 * 2**20, f"memory grew across rounds: {sizes}"
 
 
 async def test_disconnect_storm(make_client: MakeClient) -> None:
     client = await make_client(max_batch_size=16, max_queue=128)
-    engine = client.app[ENGINE]
+    engine = client.app[BACKEND]
     rng = random.Random(0)
 
     async def drop() -> None:
@@ -289,7 +289,7 @@ async def test_a_failed_decode_step_ends_its_batch_and_the_server_goes_on(
     model.broken = False
     after = await (await client.post("/chat", json={"query": "next", "max_tokens": 4, "ignore_eos": True})).json()
     assert after["usage"]["completion_tokens"] == 4
-    assert client.app[ENGINE].counts == (0, 0)
+    assert client.app[BACKEND].counts == (0, 0)
 
 
 async def test_an_unforeseen_fault_ends_what_was_generating_and_the_engine_goes_on(
@@ -311,7 +311,7 @@ async def test_an_unforeseen_fault_ends_what_was_generating_and_the_engine_goes_
         last = delta_frames(await resp.read())[-1]
         assert last["finish_reason"] == "error" and last["error"]["message"] == "generation failed: internal error"
     monkeypatch.undo()
-    assert client.app[ENGINE].counts == (0, 0) and client.app[ENGINE].running
+    assert client.app[BACKEND].counts == (0, 0) and client.app[BACKEND].running
     after = await (await client.post("/chat", json={"query": "next", "max_tokens": 4, "ignore_eos": True})).json()
     assert after["usage"]["completion_tokens"] == 4
 

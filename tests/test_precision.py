@@ -11,9 +11,10 @@ import pytest
 import torch
 
 import devices
-from common import ENGINE
+from common import BACKEND
 from devices import default_batch_size, resolve_dtype
 from loader import LoadedModel, ModelConfig, load_model
+from local import LocalBackend
 from quantize import QuantizedEmbedding, QuantizedLinear
 from tests.conftest import MakeClient, build_tiny_gguf
 from tests.test_cli import run_cli
@@ -97,7 +98,8 @@ async def test_health_reports_precision_and_batch(make_client: MakeClient, sizes
     client = await make_client(sizes[4], max_batch_size=None)
     body = await (await client.get("/health")).json()
     assert body["bits"] == 4 and body["dtype"] == "float32" and body["weight_bytes"] == sizes[4].weight_bytes
-    assert body["max_batch_size"] == sizes[4].batch_size == client.app[ENGINE].max_batch_size
+    backend = client.app[BACKEND]
+    assert isinstance(backend, LocalBackend) and body["max_batch_size"] == sizes[4].batch_size == backend.max_batch_size
 
 
 @pytest.mark.parametrize(

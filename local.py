@@ -1,0 +1,127 @@
+"""The local backend: a model loaded in this process, generating on the engine's worker thread."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import replace
+from typing import Any
+
+from aiohttp import web
+
+from backend import ChatJob, Stream
+from common import CONFIG, ServerConfig, check_limits, off_loop, sampling_params
+from devices import clear_caches, memory_report
+from engine import Engine, EngineStopped
+from loader import LoadedModel
+from sampling import SamplingParams
+from schema import InvalidField
+from text import PromptTooLong, fit_chat
+
+log = logging.getLogger(__name__)
+
+
+def plan(lm: LoadedModel, config: ServerConfig, job: ChatJob) -> tuple[list[int], SamplingParams]:
+    """Prompt ids and sampling settings of a job. Runs off the event loop: its cost grows with the conversation.
+
+    The ChatGLM API fits the history into the context (oldest rounds go first); the OpenAI API refuses a
+    conversation that does not fit."""
+    defaults = lm.chat.defaults or job.defaults
+    max_tokens = job.sampling.max_tokens
+    # a length in ChatGLM's sense (prompt + answer): the request's max_length, else the family's default
+    cap, field = None, job.prompt_param
+    if max_tokens is None:
+        if job.max_length is not None:
+            cap, field = job.max_length, "max_length"
+        else:
+            cap = defaults.max_length
+    limit = min(lm.context_length, cap) if cap is not None else lm.context_length
+    if job.trim:
+        # history goes only when the prompt would not fit, leaving room for the answer length a client asked for
+        try:
+            ids, dropped = fit_chat(lm.chat, job.messages, limit, max_tokens or 1)
+        except PromptTooLong as exc:
+            raise InvalidField(field, str(exc)) from exc
+        if dropped:
+            log.info("dropped %d oldest history messages to fit the context", dropped)
+    else:
+        ids = lm.chat.encode(job.messages)
+        if len(ids) >= limit:
+            message = (
+                f"This model's maximum context length is {limit} tokens. "
+                f"However, your messages resulted in {len(ids)} tokens."
+            )
+            raise InvalidField(field, message, "context_length_exceeded")
+    check_limits(config, max_tokens, len(ids), job.prompt_param)
+    wanted = limit - len(ids) if cap is not None else (max_tokens or config.default_max_tokens)
+    max_new = max(1, min(wanted, lm.context_length - len(ids), config.max_tokens_limit))
+    return ids, sampling_params(job.sampling, max_new, defaults)
+
+
+class LocalBackend:
+    """An Engine and its model behind the Backend interface."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.started_at = engine.started_at
+
+    @property
+    def running(self) -> bool:
+        return self.engine.running
+
+    @property
+    def counts(self) -> tuple[int, int]:
+        return self.engine.counts
+
+    @property
+    def max_batch_size(self) -> int:
+        return self.engine.max_batch_size
+
+    async def start(self) -> None:
+        self.engine.start()
+
+    async def stop(self, grace: float) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, self.engine.stop, grace)
+
+    async def ready(self) -> BaseException | None:
+        await asyncio.get_running_loop().run_in_executor(None, self.engine.ready.wait)
+        return self.engine.load_error
+
+    def names(self) -> tuple[str, ...]:
+        return (self.engine.model.name,)
+
+    def describe(self) -> tuple[str, dict[str, Any]]:
+        try:
+            lm = self.engine.model
+        except EngineStopped as exc:
+            return "loading", {"message": str(exc)}
+        body: dict[str, Any] = {
+            "device": lm.device,
+            "dtype": lm.dtype,
+            "bits": lm.bits,
+            "context_length": lm.context_length,
+            "weight_bytes": lm.weight_bytes,
+            "max_batch_size": self.engine.max_batch_size,
+        }
+        if memory := memory_report(list(lm.devices)):
+            body["memory"] = memory
+        return ("ok" if self.engine.running else "unavailable"), body
+
+    async def clear(self) -> dict[str, Any]:
+        clear_caches(list(self.engine.model.devices))
+        return {}
+
+    async def open(self, request: web.Request, job: ChatJob) -> list[Stream]:
+        lm, config = self.engine.model, request.app[CONFIG]
+        ids, params = await off_loop(request, lambda: plan(lm, config, job))
+        streams: list[Stream] = []
+        try:
+            for i in range(job.n):
+                # each choice gets its own stream of randomness, reproducible from the request's seed
+                seed = None if params.seed is None else params.seed + i
+                streams.append(self.engine.submit(ids, replace(params, seed=seed)))
+        except Exception:
+            for s in streams:
+                s.cancel()
+            raise
+        return streams

@@ -41,10 +41,12 @@ from loader import ModelConfig, ModelLoadError, default_cache_dir, load_model, p
 from local import LocalBackend
 from metrics import Metrics
 from openapi import build_spec
+from upstream import UpstreamBackend, UpstreamConfig
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
 API_KEY_ENV = "CHAT_API_KEY"
+UPSTREAM_KEY_ENV = "CHAT_UPSTREAM_API_KEY"
 
 
 async def clear(request: web.Request) -> web.Response:
@@ -166,15 +168,15 @@ async def watch_loading(app: web.Application) -> AsyncIterator[None]:
             log.error("could not load the model: %s", error, exc_info=trace)
             os.kill(os.getpid(), signal.SIGTERM)
         else:
-            log.info("model loaded; serving on http://%s:%d", app[CONFIG].host, app[CONFIG].port)
+            log.info("ready; serving on http://%s:%d", app[CONFIG].host, app[CONFIG].port)
 
     task = asyncio.create_task(wait())
     yield
     task.cancel()
 
 
-class BindError(Exception):
-    """The address to listen on cannot be had; the message is meant for the user."""
+class StartupError(Exception):
+    """The server cannot start as asked (an address in use, flags that contradict); the message is for the user."""
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -184,7 +186,7 @@ def bind(host: str, port: int) -> socket.socket:
             host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
         )[0]
     except socket.gaierror as exc:
-        raise BindError(f"--host {host}: cannot resolve it ({exc.strerror})") from exc
+        raise StartupError(f"--host {host}: cannot resolve it ({exc.strerror})") from exc
     sock = socket.socket(family, kind, proto)
     try:
         if os.name == "posix":  # as aiohttp does: a restart need not wait for old connections to time out
@@ -194,10 +196,10 @@ def bind(host: str, port: int) -> socket.socket:
     except OSError as exc:
         sock.close()
         if exc.errno == errno.EADDRINUSE:
-            raise BindError(f"--port {port}: address {host}:{port} is already in use (another server?)") from exc
+            raise StartupError(f"--port {port}: address {host}:{port} is already in use (another server?)") from exc
         if exc.errno == errno.EACCES:
-            raise BindError(f"--port {port}: permission denied (ports below 1024 need privileges)") from exc
-        raise BindError(f"--host {host} --port {port}: cannot listen there ({exc.strerror})") from exc
+            raise StartupError(f"--port {port}: permission denied (ports below 1024 need privileges)") from exc
+        raise StartupError(f"--host {host} --port {port}: cannot listen there ({exc.strerror})") from exc
     return sock
 
 
@@ -233,7 +235,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--max-connections", type=int, default=256, help="requests in flight before 429")
     a("--shutdown-timeout", type=float, default=30.0, help="seconds running answers get to finish on SIGTERM")
     a("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    a("--upstream", help="serve from this OpenAI-compatible engine (its base URL, ending in /v1) instead of a model")
+    a("--upstream-api-key", default=os.environ.get(UPSTREAM_KEY_ENV), help=f"its bearer key (or ${UPSTREAM_KEY_ENV})")
+    a("--upstream-model", help="the model name to ask it for (default: the first it lists)")
     return p.parse_args(argv)
+
+
+def local_flags(args: argparse.Namespace) -> list[str]:
+    """The flags that only mean something for a local model."""
+    given = {
+        "--model": args.model is not None,
+        "--device": args.device is not None,
+        "--quantize": args.quantize != "auto",
+        "--dtype": args.dtype != "auto",
+        "--save-native": args.save_native is not None,
+    }
+    return [flag for flag, set_ in given.items() if set_]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -243,13 +260,16 @@ def main(argv: list[str] | None = None) -> int:
     cache = None if args.no_cache else args.cache_dir
     model_config = ModelConfig(args.model, args.device, quantize, cache, args.dtype, args.save_native)
     try:
-        preflight(model_config)  # the mistakes a user can fix, before anything starts
+        if args.upstream and (flags := local_flags(args)):
+            raise StartupError(f"--upstream serves from another engine: {', '.join(flags)} belong to a local model")
+        if not args.upstream:
+            preflight(model_config)  # the mistakes a user can fix, before anything starts
         if args.save_native is not None:  # a conversion, not a server
             load_model(ModelConfig(args.model, "cpu", 16, None, args.dtype, args.save_native))
             print(f"wrote {args.save_native}; load it with AutoModelForCausalLM.from_pretrained")
             return 0
         sock = bind(args.host, args.port)
-    except (ModelLoadError, BindError) as exc:
+    except (ModelLoadError, StartupError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     config = ServerConfig(
@@ -272,8 +292,12 @@ def main(argv: list[str] | None = None) -> int:
         queue_timeout=args.queue_timeout,
         prefill_chunk=max(0, args.prefill_chunk),
     )
-    engine = Engine(lambda: load_model(model_config), engine_config)  # loads on the worker: /health says 503 meanwhile
-    app = create_app(config, engine)
+    backend: Backend | Engine
+    if args.upstream:
+        backend = UpstreamBackend(UpstreamConfig(args.upstream, args.upstream_api_key, args.upstream_model))
+    else:  # loads on the worker: /health says 503 meanwhile
+        backend = Engine(lambda: load_model(model_config), engine_config)
+    app = create_app(config, backend)
     app.cleanup_ctx.append(watch_loading)
     # aiohttp's own wait is only for handlers to write their last frame: `drain` already ended every answer;
     # its access log is off: `request_context` writes one line per request with the request id
@@ -285,11 +309,12 @@ def main(argv: list[str] | None = None) -> int:
         access_log=None,
         handler_cancellation=True,  # a closed connection cancels its handler at once, as under aiohttp_client
     )
-    if engine.load_error is not None:
-        print(f"error: cannot load the model: {engine.load_error}", file=sys.stderr)
-        return 2 if isinstance(engine.load_error, ModelLoadError) else 1
-    if not engine.ready.is_set():
-        log.info("stopped before the model finished loading")
+    if isinstance(backend, Engine):
+        if backend.load_error is not None:
+            print(f"error: cannot load the model: {backend.load_error}", file=sys.stderr)
+            return 2 if isinstance(backend.load_error, ModelLoadError) else 1
+        if not backend.ready.is_set():
+            log.info("stopped before the model finished loading")
     return 0
 
 

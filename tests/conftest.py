@@ -225,6 +225,24 @@ class LiveServer:
         with urllib.request.urlopen(req, timeout=120) as r:
             return json.load(r)
 
+    def get_status(self, path: str) -> tuple[int, Any]:
+        """(status, JSON body), error statuses included."""
+        return self._status(urllib.request.Request(self.url + path))
+
+    def post_status(self, path: str, body: dict[str, Any]) -> tuple[int, Any]:
+        return self._status(urllib.request.Request(self.url + path, data=json.dumps(body).encode(), method="POST"))
+
+    @staticmethod
+    def _status(req: urllib.request.Request) -> tuple[int, Any]:
+        import urllib.error
+
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                return r.status, json.load(r)
+        except urllib.error.HTTPError as error:
+            with error:
+                return error.code, json.load(error)
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -232,9 +250,12 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_server(args: list[str], log: Path, timeout: float = 240.0) -> LiveServer:
-    """`python server.py ARGS` on a free port; returns once /health answers 200."""
-    port = free_port()
+def start_server(
+    args: list[str], log: Path, timeout: float = 240.0, healthy: bool = True, port: int | None = None
+) -> LiveServer:
+    """`python server.py ARGS` on a free port (or `port`); returns once /health answers 200 (or at all, when not
+    `healthy`)."""
+    port = port or free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with log.open("wb") as out:
         process = subprocess.Popen(
@@ -250,6 +271,9 @@ def start_server(args: list[str], log: Path, timeout: float = 240.0) -> LiveServ
         if process.poll() is not None:
             raise RuntimeError(f"server exited {process.returncode}: {log.read_text()[-3000:]}")
         try:
+            if not healthy:
+                server.get_status("/health")
+                return server
             if server.get("/health")["status"] == "ok":
                 return server
         except OSError:

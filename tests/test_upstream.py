@@ -1,0 +1,193 @@
+"""Scale out: the same APIs in front of an OpenAI-compatible upstream, here a second instance of this server on the
+tiny model, started through its CLI on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from common import ServerConfig
+from server import create_app
+from tests.conftest import LiveServer, build_tiny_model, free_port, start_server, stop_server
+from tests.helpers import delta_frames, parse_frames, wait_until
+from tests.test_cli import run_cli
+from upstream import UpstreamBackend, UpstreamConfig
+
+HISTORY = [["Hi, my name is Ada.", "Nice to meet you!"]]
+
+
+@pytest.fixture(scope="module")
+def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    """The upstream engine: this server on a tiny model with a long context, as a user would start it."""
+    folder = build_tiny_model(tmp_path_factory.mktemp("upstream-model"), context=8192)
+    args = ["--model", str(folder), "--device", "cpu", "--served-model-name", "tiny", "--max-connections", "4"]
+    server = start_server(args, tmp_path_factory.mktemp("logs") / "upstream.log")
+    yield server
+    stop_server(server)
+
+
+async def proxy_of(aiohttp_client: Any, url: str, **upstream: Any) -> TestClient[web.Request, web.Application]:
+    app = create_app(ServerConfig(), UpstreamBackend(UpstreamConfig(url, **upstream)))
+    client: TestClient[web.Request, web.Application] = await aiohttp_client(app)
+    return client
+
+
+async def open_stream(client: TestClient[web.Request, web.Application], body: dict[str, Any]) -> asyncio.StreamWriter:
+    """POST /stream on a raw connection the test closes itself: a client that really goes away."""
+    assert client.port is not None
+    _, writer = await asyncio.open_connection("127.0.0.1", client.port)
+    data = json.dumps(body).encode()
+    head = f"POST /stream HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n"
+    writer.write(head.encode() + data)
+    await writer.drain()
+    return writer
+
+
+def post(server: LiveServer, path: str, body: dict[str, Any]) -> bytes:
+    import urllib.request
+
+    req = urllib.request.Request(server.url + path, data=json.dumps(body).encode(), method="POST")
+    with urllib.request.urlopen(req, timeout=60) as resp:
+        return bytes(resp.read())
+
+
+async def test_chatglm_frames_through_the_proxy_are_the_upstreams(upstream: LiveServer, aiohttp_client: Any) -> None:
+    proxy = await proxy_of(aiohttp_client, upstream.url + "/v1")
+    body = {"query": "Repeat my name.", "history": HISTORY, "temperature": 0, "max_tokens": 24, "ignore_eos": True}
+    direct = delta_frames(post(upstream, "/stream", body))
+    through = delta_frames(await (await proxy.post("/stream", json=body)).read())
+    assert [(f["delta"], f["response"]) for f in through] == [(f["delta"], f["response"]) for f in direct]
+    assert "".join(f["delta"] for f in through) == through[-1]["response"]
+    for key in ("response", "history", "finish_reason", "usage"):
+        assert through[-1][key] == direct[-1][key]
+    answer = await (await proxy.post("/chat", json=body)).json()
+    assert answer["response"] == direct[-1]["response"] and answer["usage"] == direct[-1]["usage"]
+
+
+async def test_openai_requests_pass_through(upstream: LiveServer, aiohttp_client: Any) -> None:
+    proxy = await proxy_of(aiohttp_client, upstream.url + "/v1")
+    assert [m["id"] for m in (await (await proxy.get("/v1/models")).json())["data"]] == ["tiny"]
+    body = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 10, "n": 2, "seed": 7, "stop": ["zz"]}
+    direct = json.loads(post(upstream, "/v1/chat/completions", body))
+    through = await (await proxy.post("/v1/chat/completions", json=body)).json()
+    assert [c["message"]["content"] for c in through["choices"]] == [c["message"]["content"] for c in direct["choices"]]
+    assert through["usage"] == direct["usage"] and through["model"] == "tiny"
+    stream = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    frames = [
+        json.loads(d)
+        for _, d in parse_frames(await (await proxy.post("/v1/chat/completions", json=stream)).read())[:-1]
+    ]
+    texts = [
+        "".join(c["delta"].get("content", "") for f in frames for c in f["choices"] if c["index"] == i) for i in (0, 1)
+    ]
+    assert texts == [c["message"]["content"] for c in direct["choices"]]
+    assert frames[-1]["usage"] == direct["usage"]
+
+
+async def test_a_client_that_leaves_the_proxy_stops_the_upstream(upstream: LiveServer, aiohttp_client: Any) -> None:
+    proxy = await proxy_of(aiohttp_client, upstream.url + "/v1")
+    writer = await open_stream(proxy, {"query": "go", "max_tokens": 6000, "ignore_eos": True})
+    await wait_until(lambda: upstream.get("/health")["running"] == 1, within=10)
+    writer.close()
+    left = time.monotonic()
+    await wait_until(lambda: upstream.get("/health")["running"] == 0, within=3)
+    assert time.monotonic() - left < 3
+
+
+async def test_the_upstreams_refusals_keep_their_meaning(upstream: LiveServer, aiohttp_client: Any) -> None:
+    proxy = await proxy_of(aiohttp_client, upstream.url + "/v1", model="no-such-model")
+    resp = await proxy.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+    error = (await resp.json())["error"]
+    assert resp.status == 404 and "no-such-model" in error["message"]  # the upstream's own 404, in our shape
+    # the upstream allows 4 requests in flight: a fifth gets its 429, Retry-After included
+    proxy = await proxy_of(aiohttp_client, upstream.url + "/v1")
+    body = {"query": "go", "max_tokens": 4000, "ignore_eos": True}
+    busy = [await open_stream(proxy, body) for _ in range(4)]
+    await wait_until(lambda: upstream.get("/health")["running"] == 4, within=10)
+    resp = await proxy.post("/chat", json={"query": "hi"})
+    message = (await resp.json())["error"]["message"]
+    assert resp.status == 429 and resp.headers["Retry-After"] == "1" and "busy" in message
+    for writer in busy:
+        writer.close()
+    await wait_until(lambda: upstream.get("/health")["running"] == 0, within=5)
+    assert (await proxy.post("/chat", json={"query": "hi", "max_tokens": 3})).status == 200  # and it goes on
+
+
+async def test_an_upstream_that_fails_is_a_502(aiohttp_client: Any) -> None:
+    async def broken(request: web.Request) -> web.Response:
+        return web.json_response({"error": {"message": "CUDA out of memory"}}, status=500)
+
+    async def listed(request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{"id": "big"}]})
+
+    failing = web.Application()
+    failing.router.add_post("/v1/chat/completions", broken)
+    failing.router.add_get("/v1/models", listed)
+    server = await aiohttp_client(failing)
+    proxy = await proxy_of(aiohttp_client, str(server.make_url("/v1")))
+    resp = await proxy.post("/chat", json={"query": "hi"})
+    body = await resp.json()
+    assert resp.status == 502 and "CUDA out of memory" in body["error"]["message"] and body["success"] is False
+    assert (await proxy.get("/health")).status == 200  # the upstream answers, it just failed that request
+    clear = await (await proxy.get("/clear")).json()
+    assert clear["success"] is True and "upstream" in clear["note"]
+
+
+def test_down_at_start_up_then_up_and_killed_mid_stream(tmp_path: Path) -> None:
+    port = free_port()
+    proxy = start_server(["--upstream", f"http://127.0.0.1:{port}/v1"], tmp_path / "proxy.log", healthy=False)
+    try:
+        health = proxy.get_status("/health")
+        assert health[0] == 503 and health[1]["status"] == "unavailable"
+        status, body = proxy.post_status("/chat", {"query": "hi"})
+        assert status == 502 and "cannot be reached" in body["error"]["message"]
+        # the upstream comes up: the proxy serves through it without a restart
+        folder = build_tiny_model(tmp_path / "model", context=8192)
+        upstream = start_server(["--model", str(folder), "--device", "cpu"], tmp_path / "up.log", port=port)
+        deadline = time.monotonic() + 10
+        while proxy.get_status("/health")[0] != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert (
+            proxy.post("/chat", {"query": "hi", "max_tokens": 3, "ignore_eos": True})["usage"]["completion_tokens"] == 3
+        )
+        # killed mid-stream: the stream ends with an error frame and the proxy goes on answering
+        import threading
+
+        frames: list[bytes] = []
+        reader = threading.Thread(
+            target=lambda: frames.append(
+                post(proxy, "/stream", {"query": "go", "max_tokens": 6000, "ignore_eos": True})
+            )
+        )
+        reader.start()
+        deadline = time.monotonic() + 10
+        while upstream.get("/health")["running"] != 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        upstream.process.send_signal(signal.SIGKILL)
+        upstream.process.wait()
+        reader.join(15)
+        last = delta_frames(frames[0])[-1]
+        assert last["finished"] and last["finish_reason"] == "error" and "upstream" in last["error"]["message"]
+        assert proxy.get_status("/health")[0] in (200, 503)
+    finally:
+        stop_server(proxy)
+
+
+def test_upstream_and_a_local_model_are_one_or_the_other(tiny_dir: Path) -> None:
+    result = run_cli("--upstream", "http://127.0.0.1:9/v1", "--model", str(tiny_dir), "--quantize", "8")
+    assert result.returncode == 2
+    assert (
+        result.stderr.strip()
+        == "error: --upstream serves from another engine: --model, --quantize belong to a local model"
+    )

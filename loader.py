@@ -241,24 +241,10 @@ def load_chatglm(path: Path, devices: list[str], dtype: Any, config: ModelConfig
         raise ModelLoadError(str(exc)) from exc
     if len(devices) > 1:
         model = _spread(model, devices, ["GLMBlock"])
-    c = model.config
-    kv_per_token = 2 * c.num_layers * c.hidden_size * _bytes(dtype)
-    return LoadedModel(
-        model=model,
-        tokenizer=tokenizer,
-        name=model_name(path),
-        device=devices[0],
-        dtype=_name(dtype),
-        context_length=c.max_sequence_length,
-        eos_token_ids=frozenset({tokenizer.eos_token_id}),
-        accepts_logits_to_keep=True,
-        chat=chat,
-        weight_bytes=weight_bytes(model),
-        chunked_prefill=False,  # the prompt attends to itself both ways: it is prefilled in one piece
-        devices=tuple(devices),
-        bits=c.quantization_bit or (config.quantize or 16),
-        batch_size=default_batch_size(kv_per_token, c.max_sequence_length, free_memory(devices)),
-    )
+    bits = model.config.quantization_bit or (config.quantize or 16)
+    eos = frozenset({tokenizer.eos_token_id})
+    # quantized already, the original's way; its prompt attends to itself both ways: prefilled in one piece
+    return finish(path, model, tokenizer, chat, eos, devices, dtype, bits, quantize=False, chunked=False)
 
 
 def load_chatglm2(path: Path, devices: list[str], dtype: Any, config: ModelConfig) -> LoadedModel:
@@ -289,13 +275,16 @@ def finish(
     devices: list[str],
     dtype: Any,
     bits: int,
+    quantize: bool = True,
+    chunked: bool | None = None,
 ) -> LoadedModel:
     """A loaded transformers model, quantized as asked, described for the engine."""
     import torch
 
     kv_per_token = _kv_bytes_per_token(model.config, dtype)  # before quantizing: it reads the layer shapes
-    chunked, break_even = _plain_cache(model), _break_even(model)
-    if bits in (8, 4):
+    chunked = _plain_cache(model) if chunked is None else chunked
+    break_even = _break_even(model)
+    if quantize and bits in (8, 4):
         from quantize import quantize_model
 
         log.info("quantizing the linear layers to int%d and the embeddings to int8", bits)

@@ -64,6 +64,8 @@ class Run:
             "ttft_p95_ms": 1000 * pct(ttfts, 95),
             "itl_p50_ms": 1000 * pct(itls, 50),
             "itl_p95_ms": 1000 * pct(itls, 95),
+            "itl_p99_ms": 1000 * pct(itls, 99),
+            "itl_max_ms": 1000 * max(itls, default=0.0),
             "per_request_decode_tok_s": statistics.mean(per_request) if per_request else 0.0,
             "aggregate_tok_s": sum(r.tokens for r in self.results) / self.wall,
         }
@@ -126,14 +128,20 @@ async def closed_loop(url: str, model: str, concurrency: int, tokens: int, name:
         return Run(name, concurrency, time.perf_counter() - start, results)
 
 
+# a pasted document: about 2000 tokens of the bundled model's vocabulary
+DOCUMENT = "The lighthouse keeper counted the ships that passed the rocky cape every night. " * 120
+
+
 async def poisson(url: str, model: str, rate: float, count: int, seed: int = 0) -> Run:
-    """Requests of mixed prompt and output lengths arriving at `rate` per second."""
+    """Requests of mixed prompt and output lengths arriving at `rate` per second; one in six pastes a long document."""
     rng = random.Random(seed)
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1800)) as session:
         tasks = []
         start = time.perf_counter()
         for _ in range(count):
             prompt = PROMPT + " Add details." * rng.randint(0, 30)
+            if rng.random() < 1 / 6:
+                prompt = DOCUMENT + "Summarize this."
             tasks.append(asyncio.create_task(one_request(session, url, model, prompt, rng.choice([16, 32, 64, 128]))))
             await asyncio.sleep(rng.expovariate(rate))
         results = await asyncio.gather(*tasks)
@@ -294,11 +302,23 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     p.add_argument("--against-llama-server", type=Path, help="also measure this llama-server binary on the same GGUF")
     p.add_argument("--quantize-sweep", action="store_true", help="also measure our server at --quantize 16, 8 and 4")
+    p.add_argument("--poisson-only", action="store_true", help="only the Poisson runs, chunked prefill and whole")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"command": " ".join(sys.argv), "device": args.device}
     top = max(args.concurrency)
 
+    if args.poisson_only:
+        base = [*(["--model", str(args.model_path)] if args.model_path else []), "--device", args.device]
+
+        async def mixed(url: str, model: str) -> dict[str, Any]:
+            return (await poisson(url, model, args.rate, args.poisson_requests)).summary()
+
+        report["poisson_chunked"] = served([*base, "--max-queue", "256"], mixed)
+        report["poisson_prefill_whole"] = served([*base, "--max-queue", "256", "--prefill-chunk", "0"], mixed)
+        print(json.dumps({k: report[k] for k in ("poisson_chunked", "poisson_prefill_whole")}, indent=1))
+        (args.out / "poisson_bench.json").write_text(json.dumps(report, indent=1))
+        return
     if args.url:
         model = args.model or served_model(args.url)
         report.update(model=model, url=args.url, server=asyncio.run(measure(args.url, model, args)))

@@ -224,7 +224,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--default-max-tokens", type=int, default=1024, help="answer length when a request sets none")
     a("--max-batch-size", type=int, help="requests decoded together in one forward pass (default: what memory holds)")
     a("--max-queue", type=int, default=64, help="requests waiting for a slot before 429")
-    a("--prefill-chunk", type=int, default=768, help="prompt tokens prefilled between two decode steps (0: no limit)")
+    a("--prefill-chunk", type=int, default=256, help="prompt tokens prefilled between two decode steps (0: no limit)")
     a("--queue-timeout", type=float, default=600.0, help="seconds a request may wait for a slot before 503")
     a("--api-key", default=os.environ.get(API_KEY_ENV), help=f"require this bearer key (or set ${API_KEY_ENV})")
     a("--metrics-no-key", action="store_true", help="serve /metrics without the API key")

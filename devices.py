@@ -62,7 +62,7 @@ def resolve_dtype(dtype: str, device: str) -> Any:
         return torch.bfloat16 if cpu_has_bf16() else torch.float32
     if dtype == "bfloat16" and device.startswith("cuda") and not torch.cuda.is_bf16_supported():
         raise DeviceError(f"--dtype bfloat16: {device} has no bf16 arithmetic (use --dtype float16)")
-    if dtype != "float32" and device == "cpu" and dtype == "bfloat16" and not cpu_has_bf16():
+    if dtype == "bfloat16" and device == "cpu" and not cpu_has_bf16():
         log.warning("this CPU has no native bf16: --dtype bfloat16 is emulated and slow (float32 is faster here)")
     return getattr(torch, dtype)
 

@@ -41,6 +41,12 @@ def _row_state(cache: Any) -> dict[str, torch.Tensor]:
     return state
 
 
+def _select_row_state(cache: Any, index: torch.Tensor) -> None:
+    """Keep the per-row numbers of the rows `index` selects, in its order."""
+    if state := _row_state(cache):
+        setattr(cache, ROW_STATE, {k: v.index_select(0, index) for k, v in state.items()})
+
+
 def select_rows(cache: Any, rows: list[int]) -> Any:
     """Keep only `rows` of a freshly prefilled cache (in place; returns it)."""
     if len(rows) == cache.layers[0].keys.shape[0]:
@@ -49,8 +55,7 @@ def select_rows(cache: Any, rows: list[int]) -> Any:
     for layer in cache.layers:
         layer.keys = layer.keys.index_select(0, index)
         layer.values = layer.values.index_select(0, index)
-    if state := _row_state(cache):
-        setattr(cache, ROW_STATE, {k: v.index_select(0, index) for k, v in state.items()})
+    _select_row_state(cache, index)
     return cache
 
 
@@ -100,8 +105,7 @@ class KVBatch:
         for layer in self.cache.layers:
             layer.keys = layer.keys.index_select(0, index)[:, :, start:]
             layer.values = layer.values.index_select(0, index)[:, :, start:]
-        if state := _row_state(self.cache):
-            setattr(self.cache, ROW_STATE, {k: v.index_select(0, index) for k, v in state.items()})
+        _select_row_state(self.cache, index)
         self.mask = mask[:, start:]
         self.positions = [self.positions[i] for i in rows]
 

@@ -326,18 +326,19 @@ class Engine:
             if (self._running or new or self._chunking) and not self._batchable:
                 break  # this model's cache cannot be batched: one request at a time
             seq = self._waiting[0]
-            if budget is not None and len(seq.prompt) > budget - used:
-                if new or self._chunking is not None or budget - used <= 0:
-                    break  # the rest of the queue waits for the next step's budget
-                self._waiting.popleft()
-                self._admitted(seq)
-                self._chunking = seq  # a prompt over the budget: prefilled a chunk per step from now on
-                self._prefill_chunk(budget)
-                break
+            room = None if budget is None else budget - used  # prompt tokens this step may still prefill
+            long = room is not None and len(seq.prompt) > room
+            if room is not None and long and (new or self._chunking is not None or room <= 0):
+                break  # the rest of the queue waits for the next step's budget
             self._waiting.popleft()
-            if self._admitted(seq):
-                new.append(seq)
-                used += len(seq.prompt)
+            if not self._admitted(seq):
+                continue
+            if room is not None and long:  # a prompt over the budget: prefilled a chunk per step from now on
+                self._chunking = seq
+                self._prefill_chunk(room)
+                break
+            new.append(seq)
+            used += len(seq.prompt)
         for group in prefill_groups([seq.prompt for seq in new]):
             self._prefill([new[i] for i in group])
 

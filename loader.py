@@ -175,7 +175,8 @@ def preflight(config: ModelConfig) -> tuple[Path, list[str]]:
     try:
         devices = resolve_devices(config.device)
         resolve_dtype(config.dtype, devices[0])
-        check_quantized(devices, config.quantize or 16)
+        # a ChatGLM checkpoint published quantized is packed for one device's kernels too
+        check_quantized(devices, config.quantize or model_config.get("quantization_bit") or 16)
     except DeviceError as exc:
         raise ModelLoadError(str(exc)) from exc
     family = chatglm.family(model_config)
@@ -347,7 +348,8 @@ def load_hf(path: Path, devices: list[str], dtype: Any, config: ModelConfig) -> 
     if len(devices) == 1:
         model.to(devices[0])
     model.eval()
-    bits = config.quantize or _own_bits(path, cached)
+    # a GGUF file's own level only where it can be served quantized: packed weights run on one device
+    bits = config.quantize or (_own_bits(path, cached) if len(devices) == 1 else 16)
     return finish(path, model, tokenizer, TemplateFormat(tokenizer), _eos_ids(model, tokenizer), devices, dtype, bits)
 
 

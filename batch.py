@@ -15,15 +15,15 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from transformers.cache_utils import DynamicLayer
 
+from attention import PLAIN_LAYERS, new_cache
 from loader import LoadedModel
 
 
 def batchable(cache: Any) -> bool:
     """Only plain growing layers can be padded and merged (sliding-window layers cannot)."""
     layers: list[Any] = getattr(cache, "layers", None) or []
-    return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+    return bool(layers) and all(type(layer) in PLAIN_LAYERS for layer in layers)
 
 
 def _pad_left(t: torch.Tensor, n: int) -> torch.Tensor:
@@ -133,7 +133,7 @@ def prefill(lm: LoadedModel, prompts: list[list[int]]) -> tuple[torch.Tensor, An
     extra: dict[str, Any] = {"logits_to_keep": 1} if lm.accepts_logits_to_keep else {}
     if len(prompts) > 1:  # a lone prompt needs no mask: the plain causal path is the fastest
         extra.update(attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0))
-    out = lm.model(input_ids=ids, use_cache=True, **extra)
+    out = lm.model(input_ids=ids, cache=new_cache(lm.model, lm.fp32_attention), use_cache=True, **extra)
     logits: torch.Tensor = out.logits[:, -1].float()  # [B, V]
     return logits, out.cache, mask
 
@@ -142,6 +142,8 @@ def prefill_chunk(lm: LoadedModel, ids: list[int], cache: Any) -> tuple[torch.Te
     """Feed the next piece of one prompt after the `cache` of the pieces before it (None for the first);
     returns the last position's logits [1, V] and the grown cache."""
     extra: dict[str, Any] = {"logits_to_keep": 1} if lm.accepts_logits_to_keep else {}
+    if cache is None:
+        cache = new_cache(lm.model, lm.fp32_attention)
     out = lm.model(input_ids=torch.tensor([ids], device=lm.device), cache=cache, use_cache=True, **extra)
     logits: torch.Tensor = out.logits[:, -1].float()  # [1, V]
     return logits, out.cache

@@ -69,6 +69,7 @@ class LoadedModel:
     attention_break_even: int = 2048  # prompt length from which attention costs a token as much as its other work
     devices: tuple[str, ...] = ()  # every device holding part of the model
     bits: int = 16  # weight bits: 16 (the dtype), 8 or 4
+    fp32_attention: bool = False  # keys and values kept, and attended to, in float32 (see attention.py)
     batch_size: int = 8  # requests decoded together when --max-batch-size is not given: what memory affords
 
 
@@ -282,8 +283,12 @@ def finish(
     """A loaded transformers model, quantized as asked, described for the engine."""
     import torch
 
-    kv_per_token = _kv_bytes_per_token(model.config, dtype)  # before quantizing: it reads the layer shapes
+    from attention import fp32_attention
+
     chunked = _plain_cache(model) if chunked is None else chunked
+    fp32 = len(devices) == 1 and fp32_attention(model, devices[0], dtype)
+    # before quantizing: it reads the layer shapes
+    kv_per_token = _kv_bytes_per_token(model.config, torch.float32 if fp32 else dtype)
     break_even = _break_even(model)
     if quantize and bits in (8, 4):
         from quantize import quantize_model
@@ -310,6 +315,7 @@ def finish(
         attention_break_even=break_even,
         devices=tuple(devices),
         bits=bits,
+        fp32_attention=fp32,
         batch_size=default_batch_size(kv_per_token, context, free_memory(devices)),
     )
 
@@ -437,13 +443,15 @@ def _save_converted(model: Any, tokenizer: Any, entry: Path, bits: int) -> None:
 
 def _plain_cache(model: Any) -> bool:
     """Whether the model's cache has only plain growing layers (no sliding windows), which chunks extend safely."""
-    from transformers.cache_utils import DynamicCache, DynamicLayer
+    from transformers.cache_utils import DynamicCache
+
+    from attention import PLAIN_LAYERS
 
     try:
         layers = DynamicCache(config=model.config).layers
     except Exception:  # a config the cache cannot read: do not chunk
         return False
-    return all(type(layer) is DynamicLayer for layer in layers)
+    return all(type(layer) in PLAIN_LAYERS for layer in layers)
 
 
 def _break_even(model: Any) -> int:

@@ -29,7 +29,7 @@ def stream(server: LiveServer, body: dict[str, object]) -> list[dict[str, object
 
 def test_sampled_chinese_and_emoji_stream_cleanly(bundled_server: LiveServer) -> None:
     seen_multibyte = False
-    for seed in range(3):
+    for seed in range(6):
         frames = stream(
             bundled_server,
             {"query": "用中文说你好，加一个表情", "temperature": 0.8, "top_p": 0.95, "seed": seed, "max_tokens": 40},

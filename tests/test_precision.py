@@ -15,7 +15,7 @@ from common import BACKEND
 from devices import default_batch_size, resolve_dtype
 from loader import LoadedModel, ModelConfig, load_model
 from local import LocalBackend
-from quantize import QuantizedEmbedding, QuantizedLinear
+from quantize import DENSE_ROWS, QuantizedEmbedding, QuantizedLinear, quantize_linear
 from tests.conftest import MakeClient, build_tiny_gguf
 from tests.test_cli import run_cli
 
@@ -74,6 +74,20 @@ async def test_quantized_models_answer_deterministically_alone_and_in_a_batch(
     assert alone == [await answer(b) for b in bodies]  # greedy is deterministic
     assert list(await asyncio.gather(*(answer(b) for b in bodies))) == alone  # and batch-invariant
     assert all(alone)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("width", [192, 96])  # 96: not whole blocks of the int4 tile format's 64 rows
+def test_prefill_sized_inputs_use_the_same_weights_as_decoding(bits: int, width: int) -> None:
+    """Many rows at once (a prefill chunk) go through a dequantized copy on a CPU, a row at a time through the
+    kernel: both compute with the same quantized weights."""
+    torch.manual_seed(0)
+    layer = quantize_linear(torch.nn.Linear(256, width), bits, 32, torch.bfloat16, "cpu")
+    assert layer.dense_above or width % 64  # the int4 tile format is read in blocks of 64 rows
+    x = torch.randn(DENSE_ROWS + 3, 256).bfloat16()
+    together = layer(x).float()
+    alone = torch.cat([layer(row[None]) for row in x]).float()
+    assert torch.allclose(together, alone, atol=2e-2 * float(alone.abs().max()))
 
 
 @pytest.mark.parametrize(("quant", "bits"), [(None, 16), ("Q8_0", 8), ("Q4_1", 4)])

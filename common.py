@@ -42,6 +42,9 @@ class ServerConfig:
     metrics_need_key: bool = True  # /metrics follows the API key unless this is False
     cors_origins: tuple[str, ...] = ("*",)
     max_prompt_tokens: int | None = None  # None: the model's context length
+    # the ChatGLM API keeps at most this many prompt tokens of a conversation's history (None: what the context
+    # holds): prefilling a whole 8k context takes tens of seconds on a small CPU
+    history_tokens: int | None = 2048
     max_tokens_limit: int = 8192  # ceiling for a request's max_tokens
     max_connections: int = 256  # requests in flight at once before 429
     shutdown_timeout: float = 30.0  # seconds running generations get to finish on SIGTERM

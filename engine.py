@@ -39,7 +39,7 @@ class EngineConfig:
     # prompt tokens prefilled per step: a long prompt is prefilled in chunks between decode steps, so the running
     # streams pause for one chunk at most (0: whole prompts at once); models that cannot be chunked ignore it.
     # Deep into a long prompt a chunk shrinks, so that it costs about what a full one at the prompt's start costs
-    prefill_chunk: int = 256
+    prefill_chunk: int = 512
 
 
 class QueueFull(Exception):

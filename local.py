@@ -24,8 +24,8 @@ log = logging.getLogger(__name__)
 def plan(lm: LoadedModel, config: ServerConfig, job: ChatJob) -> tuple[list[int], SamplingParams]:
     """Prompt ids and sampling settings of a job. Runs off the event loop: its cost grows with the conversation.
 
-    The ChatGLM API fits the history into the context (oldest rounds go first); the OpenAI API refuses a
-    conversation that does not fit."""
+    The ChatGLM API fits the history into the context and the server's history budget (oldest rounds go first);
+    the OpenAI API refuses a conversation that does not fit."""
     defaults = lm.chat.defaults or job.defaults
     max_tokens = job.sampling.max_tokens
     # a length in ChatGLM's sense (prompt + answer): the request's max_length, else the family's default
@@ -38,8 +38,9 @@ def plan(lm: LoadedModel, config: ServerConfig, job: ChatJob) -> tuple[list[int]
     limit = min(lm.context_length, cap) if cap is not None else lm.context_length
     if job.trim:
         # history goes only when the prompt would not fit, leaving room for the answer length a client asked for
+        budgets = [b for b in (config.history_tokens, config.max_prompt_tokens) if b is not None]
         try:
-            ids, dropped = fit_chat(lm.chat, job.messages, limit, max_tokens or 1)
+            ids, dropped = fit_chat(lm.chat, job.messages, limit, max_tokens or 1, min(budgets, default=None))
         except PromptTooLong as exc:
             raise InvalidField(field, str(exc)) from exc
         if dropped:

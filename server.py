@@ -224,13 +224,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--default-max-tokens", type=int, default=1024, help="answer length when a request sets none")
     a("--max-batch-size", type=int, help="requests decoded together in one forward pass (default: what memory holds)")
     a("--max-queue", type=int, default=64, help="requests waiting for a slot before 429")
-    a("--prefill-chunk", type=int, default=256, help="prompt tokens prefilled between two decode steps (0: no limit)")
+    a("--prefill-chunk", type=int, default=512, help="prompt tokens prefilled between two decode steps (0: no limit)")
     a("--queue-timeout", type=float, default=600.0, help="seconds a request may wait for a slot before 503")
     a("--api-key", default=os.environ.get(API_KEY_ENV), help=f"require this bearer key (or set ${API_KEY_ENV})")
     a("--metrics-no-key", action="store_true", help="serve /metrics without the API key")
     a("--cors-origins", default="*", help="comma-separated origins allowed by CORS (default: *)")
     a("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
     a("--max-prompt-tokens", type=int, help="longer prompts get 400 (default: the model's context)")
+    a(
+        "--history-tokens",
+        type=int,
+        default=2048,
+        help="/chat and /stream drop the oldest rounds of a history past this many prompt tokens; the query is "
+        "always kept (default 2048; 0: as much as the context holds)",
+    )
     a("--max-tokens-limit", type=int, default=8192, help="a request's max_tokens above this gets 400")
     a("--max-connections", type=int, default=256, help="requests in flight before 429")
     a("--shutdown-timeout", type=float, default=30.0, help="seconds running answers get to finish on SIGTERM")
@@ -282,6 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         metrics_need_key=not args.metrics_no_key,
         cors_origins=tuple(o.strip() for o in args.cors_origins.split(",") if o.strip()),
         max_prompt_tokens=args.max_prompt_tokens,
+        history_tokens=args.history_tokens if args.history_tokens > 0 else None,
         max_tokens_limit=args.max_tokens_limit,
         max_connections=args.max_connections,
         shutdown_timeout=args.shutdown_timeout,

@@ -138,8 +138,11 @@ def drop_counts(n: int) -> list[int]:
     return counts
 
 
-def fit_chat(chat: ChatFormat, messages: Sequence[Message], context_length: int, reserve: int) -> tuple[list[int], int]:
-    """Encode the chat, dropping the oldest user/assistant rounds until prompt + reserve fits.
+def fit_chat(
+    chat: ChatFormat, messages: Sequence[Message], context_length: int, reserve: int, budget: int | None = None
+) -> tuple[list[int], int]:
+    """Encode the chat, dropping the oldest user/assistant rounds until prompt + reserve fits, and the prompt is
+    at most `budget` tokens unless it has no history left.
 
     Returns the ids and how many leading non-system messages were dropped. The system message
     and the last message are never dropped; if they alone exceed the context, PromptTooLong.
@@ -155,7 +158,8 @@ def fit_chat(chat: ChatFormat, messages: Sequence[Message], context_length: int,
 
     def fits(k: int) -> bool:  # counts[k] messages dropped
         encoded[k] = chat.encode(system + rest[counts[k] :])
-        return len(encoded[k]) + reserve <= context_length
+        within = budget is None or len(encoded[k]) <= budget or k == len(counts) - 1  # the query stays anyway
+        return within and len(encoded[k]) + reserve <= context_length
 
     last = len(counts) - 1
     if fits(0) or last == 0:

@@ -28,15 +28,17 @@ from text import ChatFormat, Message, PromptTooLong, SamplingDefaults, TextStrea
 
 
 def one_encoding_per_round(
-    chat: ChatFormat, messages: Sequence[Message], context: int, reserve: int
+    chat: ChatFormat, messages: Sequence[Message], context: int, reserve: int, budget: int | None
 ) -> tuple[list[int], int]:
-    """The trimming this server did before: encode, drop the oldest round, encode again. The oracle."""
+    """The trimming this server did before: encode, drop the oldest round, encode again. The oracle (the budget:
+    at most that many prompt tokens while history is left)."""
     system = [m for m in messages[:1] if m.role == "system"]
     rest = list(messages[len(system) :])
     dropped = 0
     while True:
         ids = chat.encode(system + rest[dropped:])
-        if len(ids) + reserve <= context or len(rest) - dropped <= 1:
+        within = budget is None or len(ids) <= budget
+        if (within and len(ids) + reserve <= context) or len(rest) - dropped <= 1:
             break
         dropped += 2 if len(rest) - dropped > 2 else 1
     if len(ids) >= context:
@@ -72,14 +74,16 @@ def conversation(rounds: int, system: bool = False, leading_assistant: bool = Fa
     return [*messages, Message("user", query)]
 
 
-CASES = {
-    "fits": (conversation(2), 1),
-    "one-round-too-many": (conversation(12), 1),
-    "many-rounds": (conversation(60), 1),
-    "system-prompt": (conversation(40, system=True), 1),
-    "odd-number-of-messages": (conversation(40, leading_assistant=True), 1),
-    "max-tokens-reserve": (conversation(40), 120),
-    "query-alone-too-long": (conversation(3, query="word " * 400), 1),
+CASES = {  # messages, reserve, budget
+    "fits": (conversation(2), 1, None),
+    "one-round-too-many": (conversation(12), 1, None),
+    "many-rounds": (conversation(60), 1, None),
+    "system-prompt": (conversation(40, system=True), 1, None),
+    "odd-number-of-messages": (conversation(40, leading_assistant=True), 1, None),
+    "max-tokens-reserve": (conversation(40), 120, None),
+    "query-alone-too-long": (conversation(3, query="word " * 400), 1, None),
+    "history-budget": (conversation(40, system=True), 1, 90),
+    "budget-below-the-query": (conversation(5, query="word " * 60), 1, 20),
 }
 
 
@@ -89,13 +93,13 @@ def test_trimming_keeps_the_same_rounds_as_one_encoding_per_round(
     case: str, family: str, tiny_lm: LoadedModel, plain_lm: LoadedModel, glm_lm: LoadedModel
 ) -> None:
     chat = {"template": tiny_lm, "plain": plain_lm, "chatglm-6b": glm_lm}[family].chat
-    messages, reserve = CASES[case]
+    messages, reserve, budget = CASES[case]
     try:
-        want: Any = one_encoding_per_round(chat, messages, 256, reserve)
+        want: Any = one_encoding_per_round(chat, messages, 256, reserve, budget)
     except PromptTooLong as exc:
         want = exc.prompt_tokens
     try:
-        got: Any = fit_chat(chat, messages, 256, reserve)
+        got: Any = fit_chat(chat, messages, 256, reserve, budget)
     except PromptTooLong as exc:
         got = exc.prompt_tokens
     assert got == want
@@ -110,6 +114,20 @@ def test_trimming_a_huge_history_encodes_little_more_than_it_keeps(tiny_lm: Load
     # one encoding of everything, then O(log n) encodings of at most about twice what is kept
     assert counting.calls <= 2 * math.ceil(math.log2(len(messages))) + 2
     assert counting.messages <= len(messages) + counting.calls * 2 * kept
+
+
+async def test_chat_keeps_at_most_the_history_budget_but_always_the_query(make_client: MakeClient) -> None:
+    history = [[f"question {i}", f"answer {i}"] for i in range(30)]
+
+    async def prompt_tokens(client: Any, query: str) -> int:
+        body = {"query": query, "history": history, "temperature": 0, "max_tokens": 2}
+        response = await client.post("/chat", json=body)
+        assert response.status == 200
+        return int((await response.json())["usage"]["prompt_tokens"])
+
+    budgeted, unlimited = await make_client(history_tokens=60), await make_client(history_tokens=None)
+    assert await prompt_tokens(budgeted, "and?") <= 60 < await prompt_tokens(unlimited, "and?")
+    assert await prompt_tokens(budgeted, "word " * 80) > 60  # a query over the budget is answered, alone
 
 
 # ---- the event loop only does I/O ------------------------------------------------------------------

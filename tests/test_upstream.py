@@ -164,16 +164,22 @@ def test_down_at_start_up_then_up_and_killed_mid_stream(tmp_path: Path) -> None:
         import threading
 
         frames: list[bytes] = []
-        reader = threading.Thread(
-            target=lambda: frames.append(
-                post(proxy, "/stream", {"query": "go", "max_tokens": 6000, "ignore_eos": True})
-            )
-        )
+        streaming = threading.Event()
+
+        def read() -> None:  # until the proxy's stream has begun, then to its end
+            import urllib.request
+
+            body = json.dumps({"query": "go", "max_tokens": 6000, "ignore_eos": True}).encode()
+            req = urllib.request.Request(proxy.url + "/stream", data=body, method="POST")
+            with urllib.request.urlopen(req, timeout=60) as resp:
+                first = resp.readline()
+                streaming.set()
+                frames.append(first + resp.read())
+
+        reader = threading.Thread(target=read)
         reader.start()
-        deadline = time.monotonic() + 10
-        while upstream.get("/health")["running"] != 1:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        # killed only once tokens flow through the proxy: before that the proxy answers a plain 502
+        assert streaming.wait(10)
         upstream.process.send_signal(signal.SIGKILL)
         upstream.process.wait()
         reader.join(15)

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+import lean
 from attention import PLAIN_LAYERS, new_cache
 from loader import LoadedModel
 
@@ -166,7 +167,18 @@ def prefill_groups(prompts: list[list[int]], waste: float = 1.25) -> list[list[i
 
 def decode_step(lm: LoadedModel, batch: KVBatch, tokens: list[int]) -> torch.Tensor:
     """Feed each row of the batch its last token; return next-token logits [B, V]."""
-    out = lm.model(**batch.step_inputs(tokens))
+    inputs = batch.step_inputs(tokens)
+    if lm.lean_decode:  # the same step as plain functions (lean.py); the cache grows in place
+        mask = inputs["attention_mask"]
+        return lean.step(
+            lm.model,
+            inputs["input_ids"],
+            inputs["position_ids"],
+            None if bool(mask.all()) else mask,
+            batch.cache,
+            lm.fp32_attention,
+        )
+    out = lm.model(**inputs)
     batch.cache = out.cache
     logits: torch.Tensor = out.logits[:, -1].float()  # [B, V]
     return logits

@@ -70,6 +70,7 @@ class LoadedModel:
     devices: tuple[str, ...] = ()  # every device holding part of the model
     bits: int = 16  # weight bits: 16 (the dtype), 8 or 4
     fp32_attention: bool = False  # keys and values kept, and attended to, in float32 (see attention.py)
+    lean_decode: bool = False  # decode steps as plain functions (see lean.py)
     batch_size: int = 8  # requests decoded together when --max-batch-size is not given: what memory affords
 
 
@@ -283,6 +284,7 @@ def finish(
     """A loaded transformers model, quantized as asked, described for the engine."""
     import torch
 
+    import lean
     from attention import fp32_attention
 
     chunked = _plain_cache(model) if chunked is None else chunked
@@ -300,6 +302,7 @@ def finish(
             )
         quantize_model(model, bits, INT4_GROUP, dtype, devices[0])
     context = _context_length(model.config)
+    plain_steps = len(devices) == 1 and lean.agrees(model, fp32, devices[0])
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,
@@ -316,6 +319,7 @@ def finish(
         devices=tuple(devices),
         bits=bits,
         fp32_attention=fp32,
+        lean_decode=plain_steps,
         batch_size=default_batch_size(kv_per_token, context, free_memory(devices)),
     )
 

@@ -186,7 +186,7 @@ class Slow(torch.nn.Module):
 
 @pytest.fixture(scope="session")
 def slow_lm(tiny_lm: LoadedModel) -> LoadedModel:
-    return dataclasses.replace(tiny_lm, model=Slow(tiny_lm.model))
+    return dataclasses.replace(tiny_lm, model=Slow(tiny_lm.model), lean_decode=False)
 
 
 MakeClient = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]

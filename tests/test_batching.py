@@ -144,7 +144,7 @@ async def test_requests_arriving_together_are_prefilled_together(make_client: Ma
     alone_client = await make_client(max_batch_size=1)
     alone = [(await chat(alone_client, b))["response"] for b in bodies]
     recorder = RecordsPrefills(tiny_lm.model)
-    client = await make_client(dataclasses.replace(tiny_lm, model=recorder), max_batch_size=8)
+    client = await make_client(dataclasses.replace(tiny_lm, model=recorder, lean_decode=False), max_batch_size=8)
     # a first request holds the worker in its prefill until all the others are waiting
     first = asyncio.create_task(chat(client, {"query": "first", "max_tokens": 2}))
     await wait_until(lambda: client.app[BACKEND].counts == (1, 0))

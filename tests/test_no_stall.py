@@ -212,7 +212,7 @@ async def test_a_long_prompt_is_prefilled_between_decode_steps(make_client: Make
     import dataclasses
 
     recorder = Recorder(long_lm.model)
-    client = await make_client(dataclasses.replace(long_lm, model=recorder), prefill_chunk=128)
+    client = await make_client(dataclasses.replace(long_lm, model=recorder, lean_decode=False), prefill_chunk=128)
     started = asyncio.Event()
     running = asyncio.create_task(stream_gaps(client, {"query": "go", "max_tokens": 400, "ignore_eos": True}, started))
     await started.wait()
@@ -249,7 +249,7 @@ async def test_a_request_cancelled_between_chunks_frees_its_slot(make_client: Ma
     import dataclasses
 
     recorder = Recorder(long_lm.model, delay=0.05)
-    client = await make_client(dataclasses.replace(long_lm, model=recorder), prefill_chunk=64)
+    client = await make_client(dataclasses.replace(long_lm, model=recorder, lean_decode=False), prefill_chunk=64)
     engine = client.app[BACKEND]
     task = asyncio.create_task(client.post("/chat", json={"query": LONG_PROMPT, "max_tokens": 8}))
     await wait_until(lambda: sum(n > 1 for _, n in recorder.calls) >= 2)

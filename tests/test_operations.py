@@ -221,7 +221,7 @@ class RaisesOnMarker(torch.nn.Module):
 
 async def test_a_fault_ends_only_its_own_stream(make_client: MakeClient, tiny_lm: LoadedModel) -> None:
     marker = tiny_lm.tokenizer.convert_tokens_to_ids("<|endoftext|>")
-    faulty = dataclasses.replace(tiny_lm, model=RaisesOnMarker(tiny_lm.model, marker))
+    faulty = dataclasses.replace(tiny_lm, model=RaisesOnMarker(tiny_lm.model, marker), lean_decode=False)
     client = await make_client(faulty, max_batch_size=8)
     body = {"query": "fine", "max_tokens": 60, "ignore_eos": True}
     healthy = [await client.post("/stream", json=body) for _ in range(3)]
@@ -248,7 +248,9 @@ class NaNOnMarker(RaisesOnMarker):
 
 async def test_a_request_that_cannot_be_sampled_ends_alone(make_client: MakeClient, tiny_lm: LoadedModel) -> None:
     marker = tiny_lm.tokenizer.convert_tokens_to_ids("<|endoftext|>")
-    client = await make_client(dataclasses.replace(tiny_lm, model=NaNOnMarker(tiny_lm.model, marker)))
+    client = await make_client(
+        dataclasses.replace(tiny_lm, model=NaNOnMarker(tiny_lm.model, marker), lean_decode=False)
+    )
     body = {"query": "fine", "max_tokens": 40, "ignore_eos": True}
     healthy = [await client.post("/stream", json=body) for _ in range(2)]
     for resp in healthy:
@@ -277,7 +279,7 @@ async def test_a_failed_decode_step_ends_its_batch_and_the_server_goes_on(
     make_client: MakeClient, tiny_lm: LoadedModel
 ) -> None:
     model = BreaksDecodeSteps(tiny_lm.model)
-    client = await make_client(dataclasses.replace(tiny_lm, model=model), max_batch_size=8)
+    client = await make_client(dataclasses.replace(tiny_lm, model=model, lean_decode=False), max_batch_size=8)
     body = {"query": "go", "max_tokens": 200, "ignore_eos": True}
     streams = [await client.post("/stream", json=body) for _ in range(3)]
     for resp in streams:

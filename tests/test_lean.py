@@ -1,0 +1,41 @@
+"""Decode steps as plain functions (lean.py): the same logits as transformers' forward pass, for the models whose
+layers have the Llama shape; other models keep transformers' path."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+from batch import KVBatch, decode_step, prefill
+from loader import LoadedModel, ModelConfig, load_model
+
+
+@pytest.mark.parametrize(("dtype", "bits"), [("float32", 16), ("bfloat16", 16), ("bfloat16", 4)])
+def test_plain_decode_steps_give_transformers_logits(dtype: str, bits: int, tiny_dir: Path) -> None:
+    lm = load_model(ModelConfig(path=tiny_dir, device="cpu", dtype=dtype, quantize=bits))
+    assert lm.lean_decode
+    plain = dataclasses.replace(lm, lean_decode=False)
+    prompts = [list(range(10, 30)), list(range(40, 47))]  # two rows, the second padded
+    batches = []
+    with torch.inference_mode():
+        for model in (lm, plain):
+            logits, cache, mask = prefill(model, prompts)
+            batch = KVBatch()
+            batch.add(cache, mask)
+            batches.append((model, batch, logits))
+        tokens = [[int(t) for t in batches[0][2].argmax(-1)]] * 2
+        for _ in range(12):
+            got, want = (decode_step(model, batch, tokens[0]) for model, batch, _ in batches)
+            assert torch.allclose(got, want, atol=1e-2 * float(want.abs().max()))
+            tokens[0] = [int(t) for t in want.argmax(-1)]
+        batches[0][1].keep([1])  # one row left, no padding: the step without a mask
+        batches[1][1].keep([1])
+        got, want = (decode_step(model, batch, tokens[0][1:]) for model, batch, _ in batches)
+        assert torch.allclose(got, want, atol=1e-2 * float(want.abs().max()))
+
+
+def test_other_architectures_keep_transformers_path(glm_lm: LoadedModel) -> None:
+    assert not glm_lm.lean_decode  # ChatGLM-6B: its own layers

@@ -220,7 +220,8 @@ def load_model(config: ModelConfig) -> LoadedModel:
     else:
         loaded = load_hf(path, devices, dtype, config)
     log.info(
-        "loaded %s on %s: %s, %s-bit weights (%d bytes), context %d, up to %d requests at once by default",
+        "loaded %s on %s: %s, %s-bit weights (%d bytes), context %d, up to %d requests at once by default; "
+        "attention in %s, decode steps through %s",
         loaded.name,
         ",".join(loaded.devices),
         loaded.dtype,
@@ -228,6 +229,8 @@ def load_model(config: ModelConfig) -> LoadedModel:
         loaded.weight_bytes,
         loaded.context_length,
         loaded.batch_size,
+        "float32" if loaded.fp32_attention else loaded.dtype,
+        "plain functions (lean.py)" if loaded.lean_decode else "transformers",
     )
     return loaded
 
@@ -302,7 +305,8 @@ def finish(
             )
         quantize_model(model, bits, INT4_GROUP, dtype, devices[0])
     context = _context_length(model.config)
-    plain_steps = len(devices) == 1 and lean.agrees(model, fp32, devices[0])
+    # measured on a CPU only; on a GPU transformers' step keeps its attention kernels' choices
+    plain_steps = devices == ["cpu"] and lean.agrees(model, fp32, "cpu")
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,

@@ -4,6 +4,7 @@ layers have the Llama shape; other models keep transformers' path."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 
 import pytest
@@ -39,3 +40,14 @@ def test_plain_decode_steps_give_transformers_logits(dtype: str, bits: int, tiny
 
 def test_other_architectures_keep_transformers_path(glm_lm: LoadedModel) -> None:
     assert not glm_lm.lean_decode  # ChatGLM-6B: its own layers
+
+
+def test_start_up_says_which_decode_path_it_takes(tiny_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from tests.glm import GOLDEN
+
+    with caplog.at_level(logging.INFO, logger="loader"):
+        load_model(ModelConfig(path=tiny_dir, device="cpu", dtype="bfloat16"))
+        assert "attention in float32, decode steps through plain functions (lean.py)" in caplog.text
+        caplog.clear()
+        load_model(ModelConfig(path=GOLDEN, device="cpu", dtype="float32"))
+        assert "attention in float32, decode steps through transformers" in caplog.text

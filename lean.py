@@ -67,14 +67,14 @@ def step(
     """Next-token logits [B, V] for one new token a row."""
     inner, config = model.model, model.config
     b = input_ids.shape[0]
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
     x = inner.embed_tokens(input_ids)  # [B, 1, hidden]
     cos, sin = inner.rotary_emb(x, position_ids)  # [B, 1, D]
     cos, sin = cos[:, None], sin[:, None]  # [B, 1, 1, D]
     mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]  # [B, 1, 1, T]
     for i, layer in enumerate(inner.layers):
-        attn, mlp = layer.self_attn, layer.mlp
-        heads, dim = config.num_attention_heads, attn.head_dim
-        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        attn, mlp, dim = layer.self_attn, layer.mlp, layer.self_attn.head_dim
         h = _norm(x, layer.input_layernorm)
         q = _rope(attn.q_proj(h).view(b, 1, heads, dim).transpose(1, 2), cos, sin)  # [B, H, 1, D]
         k = _rope(attn.k_proj(h).view(b, 1, kv_heads, dim).transpose(1, 2), cos, sin)
@@ -103,9 +103,8 @@ def agrees(model: Any, fp32: bool, device: str) -> bool:
         with torch.inference_mode():
             prefilled = []
             for _ in range(2):
-                cache = new_cache(model, fp32)
-                kwargs = {} if cache is None else {"cache": cache}
-                out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **kwargs)
+                cache = new_cache(model, fp32)  # None: the model makes its own, as in batch.prefill
+                out = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
                 prefilled.append(out.cache)
             token = torch.tensor([[6 % vocab], [7 % vocab]], device=device)
             position = positions[:, -1:] + 1

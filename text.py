@@ -155,13 +155,13 @@ def fit_chat(
     rest = list(messages[len(system) :])
     counts = drop_counts(len(rest))
     encoded: dict[int, list[int]] = {}
+    last = len(counts) - 1  # every droppable message dropped
 
     def fits(k: int) -> bool:  # counts[k] messages dropped
         encoded[k] = chat.encode(system + rest[counts[k] :])
-        within = budget is None or len(encoded[k]) <= budget or k == len(counts) - 1  # the query stays anyway
+        within = budget is None or len(encoded[k]) <= budget or k == last  # the query stays anyway
         return within and len(encoded[k]) + reserve <= context_length
 
-    last = len(counts) - 1
     if fits(0) or last == 0:
         best = 0
     elif not fits(last):

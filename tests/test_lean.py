@@ -27,14 +27,14 @@ def test_plain_decode_steps_give_transformers_logits(dtype: str, bits: int, tiny
             batch = KVBatch()
             batch.add(cache, mask)
             batches.append((model, batch, logits))
-        tokens = [[int(t) for t in batches[0][2].argmax(-1)]] * 2
+        tokens = [int(t) for t in batches[0][2].argmax(-1)]
         for _ in range(12):
-            got, want = (decode_step(model, batch, tokens[0]) for model, batch, _ in batches)
+            got, want = (decode_step(model, batch, tokens) for model, batch, _ in batches)
             assert torch.allclose(got, want, atol=1e-2 * float(want.abs().max()))
-            tokens[0] = [int(t) for t in want.argmax(-1)]
+            tokens = [int(t) for t in want.argmax(-1)]
         batches[0][1].keep([1])  # one row left, no padding: the step without a mask
         batches[1][1].keep([1])
-        got, want = (decode_step(model, batch, tokens[0][1:]) for model, batch, _ in batches)
+        got, want = (decode_step(model, batch, tokens[1:]) for model, batch, _ in batches)
         assert torch.allclose(got, want, atol=1e-2 * float(want.abs().max()))
 
 

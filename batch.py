@@ -18,7 +18,9 @@ import torch
 
 import lean
 from attention import PLAIN_LAYERS, new_cache
+from devices import free_memory
 from loader import LoadedModel
+from quantize import dense_bytes, dense_held
 
 
 def batchable(cache: Any) -> bool:
@@ -139,13 +141,23 @@ def prefill(lm: LoadedModel, prompts: list[list[int]]) -> tuple[torch.Tensor, An
     return logits, out.cache, mask
 
 
-def prefill_chunk(lm: LoadedModel, ids: list[int], cache: Any) -> tuple[torch.Tensor, Any]:
+HELD = "held_weights"  # the attribute of a chunked prompt's cache that keeps its dequantized weights until its end
+
+
+def prefill_chunk(lm: LoadedModel, ids: list[int], cache: Any, more: int = 0) -> tuple[torch.Tensor, Any]:
     """Feed the next piece of one prompt after the `cache` of the pieces before it (None for the first);
-    returns the last position's logits [1, V] and the grown cache."""
+    returns the last position's logits [1, V] and the grown cache. `more`: the prompt's tokens after this piece,
+    so that the first piece's cache has room for the whole prompt, and the pieces of a quantized model share one
+    dequantized copy of its weights while it lasts, if a quarter of the free memory holds it."""
     extra: dict[str, Any] = {"logits_to_keep": 1} if lm.accepts_logits_to_keep else {}
+    held: dict[Any, torch.Tensor] | None = getattr(cache, HELD, None)
     if cache is None:
-        cache = new_cache(lm.model, lm.fp32_attention)
-    out = lm.model(input_ids=torch.tensor([ids], device=lm.device), cache=cache, use_cache=True, **extra)
+        cache = new_cache(lm.model, lm.fp32_attention, reserve=len(ids) + more)
+        need = dense_bytes(lm.model) if more else 0
+        held = {} if need and need <= free_memory(list(lm.devices) or [lm.device]) // 4 else None
+    with dense_held(held):
+        out = lm.model(input_ids=torch.tensor([ids], device=lm.device), cache=cache, use_cache=True, **extra)
+    setattr(out.cache, HELD, held if more else None)
     logits: torch.Tensor = out.logits[:, -1].float()  # [1, V]
     return logits, out.cache
 

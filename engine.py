@@ -361,7 +361,8 @@ class Engine:
         size = chunk_size(self.config.prefill_chunk, seq.prefilled, self.model.attention_break_even)
         take = min(budget, size, len(seq.prompt) - seq.prefilled)
         try:
-            logits, seq.cache = prefill_chunk(self.model, seq.prompt[seq.prefilled : seq.prefilled + take], seq.cache)
+            chunk, more = seq.prompt[seq.prefilled : seq.prefilled + take], len(seq.prompt) - seq.prefilled - take
+            logits, seq.cache = prefill_chunk(self.model, chunk, seq.cache, more)
         except Exception as exc:
             log.exception("prefill failed for request %s", seq.handle.id)
             self._end(seq.handle, Failed(f"generation failed: {exc}"))

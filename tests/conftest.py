@@ -172,12 +172,18 @@ def plain_lm(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
     return load_model(ModelConfig(path=folder, device="cpu", dtype="float32"))
 
 
-class Slow(torch.nn.Module):
-    """A model 20 ms slower per forward pass, so a long request surely outlasts a test's next steps."""
+class Wrapped(torch.nn.Module):
+    """A model seen through a test's wrapper of its forward pass; the config (caches are made from it) is the
+    model's."""
 
     def __init__(self, model: Any) -> None:
         super().__init__()
         self.model = model
+        self.config = model.config
+
+
+class Slow(Wrapped):
+    """A model 20 ms slower per forward pass, so a long request surely outlasts a test's next steps."""
 
     def forward(self, **kwargs: Any) -> Any:
         time.sleep(0.02)

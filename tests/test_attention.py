@@ -1,5 +1,6 @@
-"""Half-precision models on a CPU keep their cache in float32 and attend in float32 (attention.py): the cache grows
-in place and survives the batch's padding, merging and row selection, and answers stay right."""
+"""Models on a CPU keep their cache in float32 and attend in float32 (attention.py): the cache grows in place and
+survives the batch's padding, merging and row selection, a prompt's chunk attends to the cache before it as a causal
+mask would have it, and answers stay right."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ from typing import Any
 
 import pytest
 import torch
+import torch.nn.functional as F
+from transformers.masking_utils import causal_mask_function, sliding_window_causal_mask_function
 
-from attention import FP32_SDPA, Fp32Layer
+from attention import FP32_SDPA, Fp32Layer, attend_fp32, causal_mask
 from batch import KVBatch, decode_step, prefill_chunk
 from loader import LoadedModel, ModelConfig, load_model
 from tests.conftest import MakeClient
@@ -21,9 +24,9 @@ def bf16_lm(tiny_dir: Path) -> LoadedModel:
     return load_model(ModelConfig(path=tiny_dir, device="cpu", dtype="bfloat16"))
 
 
-def test_only_half_precision_on_a_cpu_attends_in_float32(bf16_lm: LoadedModel, tiny_lm: LoadedModel) -> None:
+def test_models_on_a_cpu_attend_in_float32(bf16_lm: LoadedModel, tiny_lm: LoadedModel) -> None:
     assert bf16_lm.fp32_attention and bf16_lm.model.config._attn_implementation == FP32_SDPA
-    assert not tiny_lm.fp32_attention and tiny_lm.model.config._attn_implementation == "sdpa"  # float32 already
+    assert tiny_lm.fp32_attention and tiny_lm.model.config._attn_implementation == FP32_SDPA
 
 
 def test_the_cache_grows_in_place_and_takes_assigned_rows() -> None:
@@ -38,6 +41,46 @@ def test_the_cache_grows_in_place_and_takes_assigned_rows() -> None:
     extra = torch.randn(1, 3, 1, 8)
     keys, _ = layer.update(extra, extra)
     assert keys.shape == (1, 3, 79, 8) and torch.equal(keys, torch.cat([want[1:], extra], dim=2))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_chunk_attends_to_its_cache_as_the_causal_mask_says(dtype: torch.dtype) -> None:
+    """The queries of a chunk (the last 7 of 20 tokens; 6 query heads on 2 key heads) see every cached token and
+    the chunk's tokens up to their own, exactly as SDPA with the full mask computes it."""
+    torch.manual_seed(0)
+    q = torch.randn(2, 6, 7, 16)
+    k, v = torch.randn(2, 2, 20, 16), torch.randn(2, 2, 20, 16)
+    mask = torch.ones(7, 20, dtype=torch.bool).tril(13)
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3, enable_gqa=True).transpose(1, 2)
+    got, _ = attend_fp32(torch.nn.Module(), q.to(dtype), k, v, None, scaling=0.3)
+    assert got.dtype == dtype and got.shape == (2, 7, 6, 16)
+    assert torch.allclose(got.float(), want, atol=1e-5 if dtype == torch.float32 else 2e-2)
+
+
+def test_only_a_plain_causal_mask_after_the_cache_is_left_out() -> None:
+    def mask(**kwargs: Any) -> torch.Tensor | None:
+        args: dict[str, Any] = {"batch_size": 1, "q_length": 7, "kv_length": 20, "q_offset": 13} | kwargs
+        return causal_mask(**args)
+
+    assert mask() is None and mask(q_length=1, q_offset=19) is None  # a chunk after its cache; a decode step
+    padded = mask(attention_mask=torch.tensor([[0] * 3 + [1] * 17]))
+    assert padded is not None and not bool(padded[0, 0, :, :3].any())  # padding is masked
+    window = mask(mask_function=sliding_window_causal_mask_function(4))
+    assert window is not None and not bool(window[0, 0, -1, :16].any())  # the window stays
+    assert mask(mask_function=causal_mask_function, q_offset=10) is not None  # queries that are not the last
+
+
+def test_a_chunked_prompts_cache_is_made_once(bf16_lm: LoadedModel) -> None:
+    """Told how much of the prompt is still to come, the first chunk's cache has room for all of it: the later
+    chunks write into the same buffer instead of copying the cache to a bigger one."""
+    prompt = list(range(10, 310))
+    with torch.inference_mode():
+        _, cache = prefill_chunk(bf16_lm, prompt[:100], None, more=200)
+        first = [layer._k.data_ptr() for layer in cache.layers]
+        _, cache = prefill_chunk(bf16_lm, prompt[100:200], cache, more=100)
+        _, cache = prefill_chunk(bf16_lm, prompt[200:], cache)
+    assert [layer._k.data_ptr() for layer in cache.layers] == first
+    assert cache.get_seq_length() == 300
 
 
 def test_cached_decoding_matches_recomputing_the_whole_sequence(bf16_lm: LoadedModel) -> None:

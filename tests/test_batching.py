@@ -7,11 +7,9 @@ import dataclasses
 import threading
 from typing import Any
 
-import torch
-
 from common import BACKEND
 from loader import LoadedModel
-from tests.conftest import MakeClient
+from tests.conftest import MakeClient, Wrapped
 from tests.helpers import delta_frames, wait_until
 
 PROMPTS = ["hi", "Tell me a long story about the sea and the sky.", "你好，世界！", "1 2 3 4 5 6 7 8 9 10 11 12 13"]
@@ -121,12 +119,11 @@ async def test_32_requests_through_a_batch_of_4(make_client: MakeClient) -> None
         assert (await chat(alone_client, body))["response"] == result["response"]
 
 
-class RecordsPrefills(torch.nn.Module):
+class RecordsPrefills(Wrapped):
     """The tiny model, noting the batch size of every prefill (a forward pass over more than one position)."""
 
     def __init__(self, model: Any) -> None:
-        super().__init__()
-        self.model = model
+        super().__init__(model)
         self.prefill_sizes: list[int] = []
         self.gate = threading.Event()  # the first prefill waits for it
 

@@ -14,12 +14,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import pytest
-import torch
 
 from common import BACKEND
 from engine import chunk_size
 from loader import LoadedModel, ModelConfig, load_model
-from tests.conftest import MakeClient, build_tiny_model
+from tests.conftest import MakeClient, Wrapped, build_tiny_model
 from tests.helpers import wait_until
 from tests.test_cli import run_cli
 from text import ChatFormat, Message, PromptTooLong, SamplingDefaults, TextStream, fit_chat
@@ -184,12 +183,12 @@ def test_chunks_shrink_as_attention_grows_and_depend_only_on_the_prompt() -> Non
         assert 0.9 < size * (1500 + offset) / (512 * 1500) < 1.1
 
 
-class Recorder(torch.nn.Module):
+class Recorder(Wrapped):
     """Records each forward pass's batch and length, optionally slowed down."""
 
     def __init__(self, model: Any, delay: float = 0.0) -> None:
-        super().__init__()
-        self.model, self.delay = model, delay
+        super().__init__(model)
+        self.delay = delay
         self.calls: list[tuple[int, int]] = []  # (batch, new tokens)
 
     def forward(self, **kwargs: Any) -> Any:

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from common import BACKEND, LIFECYCLE
 from loader import LoadedModel
-from tests.conftest import MakeClient
+from tests.conftest import MakeClient, Wrapped
 from tests.helpers import delta_frames, wait_until
 
 KEY = "s3cret-key"
@@ -205,12 +205,11 @@ async def test_disconnect_storm(make_client: MakeClient) -> None:
     assert (await after.json())["usage"]["completion_tokens"] == 3
 
 
-class RaisesOnMarker(torch.nn.Module):
+class RaisesOnMarker(Wrapped):
     """The tiny model, except that a prompt containing the marker token breaks its forward pass."""
 
     def __init__(self, model: Any, marker: int) -> None:
-        super().__init__()
-        self.model = model
+        super().__init__(model)
         self.marker = marker
 
     def forward(self, **kwargs: Any) -> Any:
@@ -261,12 +260,11 @@ async def test_a_request_that_cannot_be_sampled_ends_alone(make_client: MakeClie
         assert delta_frames(await resp.read())[-1]["usage"]["completion_tokens"] == 40
 
 
-class BreaksDecodeSteps(torch.nn.Module):
+class BreaksDecodeSteps(Wrapped):
     """The tiny model, except that its one-token decode steps raise while `broken` is set."""
 
     def __init__(self, model: Any) -> None:
-        super().__init__()
-        self.model = model
+        super().__init__(model)
         self.broken = False
 
     def forward(self, **kwargs: Any) -> Any:

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import torch
 
+import batch
 import devices
 from common import BACKEND
 from devices import default_batch_size, resolve_dtype
@@ -88,6 +89,42 @@ def test_prefill_sized_inputs_use_the_same_weights_as_decoding(bits: int, width:
     together = layer(x).float()
     alone = torch.cat([layer(row[None]) for row in x]).float()
     assert torch.allclose(together, alone, atol=2e-2 * float(alone.abs().max()))
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_a_chunked_prompt_dequantizes_the_weights_once(
+    bits: int, sizes: dict[int, LoadedModel], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The chunks of one prompt share one dequantized copy of the weights while it lasts (where a quarter of the
+    free memory holds it) and free it with the last chunk; the answer is the one they get dequantizing each time."""
+    lm, prompt = sizes[bits], [10 + i % 300 for i in range(3 * DENSE_ROWS)]
+    dense = [m for m in lm.model.modules() if isinstance(m, QuantizedLinear) and m.dense_above]
+    assert dense
+    unpacked: list[QuantizedLinear] = []
+    original = QuantizedLinear._dense_now
+
+    def counted(self: QuantizedLinear, dtype: torch.dtype) -> torch.Tensor:
+        unpacked.append(self)
+        return original(self, dtype)
+
+    monkeypatch.setattr(QuantizedLinear, "_dense_now", counted)
+
+    def chunked() -> tuple[torch.Tensor, Any]:
+        cache = None
+        with torch.inference_mode():
+            for start in range(0, len(prompt), DENSE_ROWS):
+                more = len(prompt) - start - DENSE_ROWS
+                logits, cache = batch.prefill_chunk(lm, prompt[start : start + DENSE_ROWS], cache, more)
+        return logits, cache
+
+    shared, cache = chunked()
+    once = len(unpacked)
+    assert once >= len(dense) - 1 and len(set(unpacked)) == once  # all but the LM head, which sees one row
+    assert getattr(cache, batch.HELD) is None
+    unpacked.clear()
+    monkeypatch.setattr(batch, "free_memory", lambda devices: 0)  # no room: each chunk dequantizes for itself
+    each, _ = chunked()
+    assert len(unpacked) == 3 * once and torch.equal(shared, each)
 
 
 @pytest.mark.parametrize(("quant", "bits"), [(None, 16), ("Q8_0", 8), ("Q4_1", 4)])

@@ -4,9 +4,10 @@ PyTorch's CPU `scaled_dot_product_attention` is several times slower in bf16 tha
 new token against 256 cached: 0.19 ms in bf16, 0.02 ms in float32 per layer; at 16 rows, 2.7 ms against 0.25 ms),
 so on a CPU a bf16/fp16 model keeps its keys and values in float32 and attends in float32; only the query is cast.
 The cache costs twice the memory per token (the batch size chosen from memory accounts for it) and is more
-precise than bf16. float32 models take the same path for the rest: a cache that grows in place, and a chunk of a
-long prompt attending to the cache before it without a mask (`_attend_after_cache`). Models whose attention goes
-through transformers' attention interface get this by name (`FP32_SDPA`); the ChatGLM models keep their own.
+precise than bf16 (the cache layer is kvcache.py's). float32 models take the same path for the rest: a cache that
+grows in place, and a chunk of a long prompt attending to the cache before it without a mask
+(`_attend_after_cache`). Models whose attention goes through transformers' attention interface get this by name
+(`FP32_SDPA`); the ChatGLM models keep their own.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from typing import Any
 
 import torch
 from transformers import AttentionInterface
-from transformers.cache_utils import DynamicCache, DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, sdpa_mask
 
@@ -26,84 +26,10 @@ FP32_SDPA = "sdpa_fp32"
 log = logging.getLogger(__name__)
 
 
-class Fp32Layer(DynamicLayer):  # type: ignore[no-untyped-call]
-    """A growing cache layer [B, H, T, D] that stores keys and values in float32 whatever the model computes in.
-
-    It grows in place: room for more tokens is kept past the end (an eighth of the length, at least 64 tokens), so
-    a decode step writes its token instead of copying the whole cache as concatenation does (at 16 rows of 500
-    tokens that copy is hundreds of MB per step). `keys`/`values` are views of the used part; assigning them (as
-    batch.py does to pad, merge and select rows) replaces the buffers."""
-
-    def __init__(self, reserve: int = 0) -> None:
-        self._reserve = reserve  # tokens the first buffer holds room for (a prompt prefilled in chunks: all of it)
-        self._k: torch.Tensor | None = None  # [B, H, capacity, D], or the empty tensor before the first update
-        self._v: torch.Tensor | None = None
-        self._nk = self._nv = 0  # tokens held (set apart: batch.py assigns keys, then values)
-        super().__init__()  # type: ignore[no-untyped-call]
-
-    @property
-    def keys(self) -> torch.Tensor | None:
-        return _used(self._k, self._nk)
-
-    @keys.setter
-    def keys(self, t: torch.Tensor | None) -> None:
-        self._k, self._nk = t, _length(t)
-
-    @property
-    def values(self) -> torch.Tensor | None:
-        return _used(self._v, self._nv)
-
-    @values.setter
-    def values(self, t: torch.Tensor | None) -> None:
-        self._v, self._nv = t, _length(t)
-
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        super().lazy_initialization(key_states.float(), value_states.float())
-
-    def update(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append [B, H, L, D] new keys and values; returns all of them [B, H, T + L, D] in float32."""
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        n, added = self._nk, key_states.shape[-2]
-        assert self._nv == n, "keys and values of different lengths"
-        if self._k is None or self._v is None or self._k.dim() != 4 or self._k.shape[-2] < n + added:
-            need = n + added
-            self._k, self._v = self._grown(self._k, key_states, need), self._grown(self._v, value_states, need)
-        self._k[:, :, n : n + added] = key_states
-        self._v[:, :, n : n + added] = value_states
-        self._nk = self._nv = n + added
-        keys, values = self.keys, self.values
-        assert keys is not None and values is not None
-        return keys, values
-
-    def _grown(self, old: torch.Tensor | None, new: torch.Tensor, need: int) -> torch.Tensor:
-        """A float32 buffer with room for `need` tokens and some more, holding the tokens so far."""
-        b, h, _, d = new.shape
-        room = max(need, self._reserve)
-        room += max(64, room // 8)
-        buffer = new.new_empty((b, h, room, d), dtype=torch.float32)
-        if old is not None and old.dim() == 4 and self._nk:
-            buffer[:, :, : self._nk] = old[:, :, : self._nk]
-        return buffer
-
-
-def _used(t: torch.Tensor | None, n: int) -> torch.Tensor | None:
-    return t[:, :, :n] if t is not None and t.dim() == 4 else t
-
-
-def _length(t: torch.Tensor | None) -> int:
-    return t.shape[-2] if t is not None and t.dim() == 4 else 0
-
-
-PLAIN_LAYERS = (DynamicLayer, Fp32Layer)  # growing layers whose rows can be padded, merged and selected
-
-
 def attend_fp32(
     module: torch.nn.Module,
     query: torch.Tensor,  # [B, H, L, D] in the model's dtype
-    key: torch.Tensor,  # [B, Hkv, T, D] float32 from an Fp32Layer (or the model's dtype without a cache)
+    key: torch.Tensor,  # [B, Hkv, T, D] float32 from a kvcache.Fp32Layer (or the model's dtype without a cache)
     value: torch.Tensor,
     attention_mask: torch.Tensor | None,
     **kwargs: Any,
@@ -196,13 +122,3 @@ def fp32_attention(model: Any, device: str, dtype: torch.dtype) -> bool:
     AttentionMaskInterface.register(FP32_SDPA, causal_mask)
     model.set_attn_implementation(FP32_SDPA)
     return True
-
-
-def new_cache(model: Any, fp32: bool, reserve: int = 0) -> DynamicCache | None:
-    """An empty cache for a first forward pass: float32 layers where the model attends in float32, with room for
-    `reserve` tokens from the start, else None (the model makes its own)."""
-    if not fp32:
-        return None
-    cache = DynamicCache(config=model.config)
-    cache.layers = [Fp32Layer(reserve) if type(layer) is DynamicLayer else layer for layer in cache.layers]
-    return cache

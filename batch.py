@@ -17,8 +17,8 @@ from typing import Any
 import torch
 
 import lean
-from attention import PLAIN_LAYERS, new_cache
 from devices import free_memory
+from kvcache import PLAIN_LAYERS, Fp32Layer, new_cache
 from loader import LoadedModel
 from quantize import dense_bytes, dense_held
 
@@ -73,14 +73,18 @@ class KVBatch:
     def __len__(self) -> int:
         return len(self.positions)
 
-    def add(self, cache: Any, mask: torch.Tensor) -> None:
-        """Append prefilled sequences: their cache [b, H, S, D] per layer and mask [b, S] become the last rows."""
+    def add(self, cache: Any, mask: torch.Tensor, max_rows: int = 1) -> None:
+        """Append prefilled sequences: their cache [b, H, S, D] per layer and mask [b, S] become the last rows.
+        Float32 layers take them into spare rows where they can, and make room for up to `max_rows`."""
         if self.cache is None or self.mask is None:
             self.cache, self.mask = cache, mask
         else:
             width, length = self.mask.shape[1], mask.shape[1]
             grow, pad = max(0, length - width), max(0, width - length)
             for mine, theirs in zip(self.cache.layers, cache.layers, strict=True):
+                if isinstance(mine, Fp32Layer):
+                    mine.join(theirs.keys, theirs.values, grow, pad, max_rows)
+                    continue
                 mine.keys = torch.cat([_pad_left(mine.keys, grow), _pad_left(theirs.keys, pad)], dim=0)
                 mine.values = torch.cat([_pad_left(mine.values, grow), _pad_left(theirs.values, pad)], dim=0)
             if state := _row_state(self.cache):
@@ -95,7 +99,8 @@ class KVBatch:
         self.positions.extend(int(n) for n in mask.sum(dim=1))
 
     def keep(self, rows: list[int]) -> None:
-        """Drop every row not in `rows` (in order), then the padding columns no row needs any more."""
+        """Drop every row not in `rows` (in order), then the padding columns no row needs any more (float32 layers:
+        only when they are a quarter of the width or more, as dropping them copies the cache)."""
         if len(rows) == len(self):
             return
         if not rows:
@@ -105,7 +110,13 @@ class KVBatch:
         index = torch.tensor(rows, device=self.mask.device)
         mask = self.mask.index_select(0, index)
         start = int(mask.any(dim=0).long().argmax())  # first column some row still uses
+        in_place = all(isinstance(layer, Fp32Layer) for layer in self.cache.layers)
+        if in_place and 4 * start < mask.shape[1]:
+            start = 0
         for layer in self.cache.layers:
+            if in_place:
+                layer.keep(rows, start)
+                continue
             layer.keys = layer.keys.index_select(0, index)[:, :, start:]
             layer.values = layer.values.index_select(0, index)[:, :, start:]
         _select_row_state(self.cache, index)

@@ -406,7 +406,7 @@ class Engine:
             seq.history = History.of(seq.prompt, logits.shape[-1], seq.generator, logits.device)
         keep = self._sample_rows(seqs, logits)
         if keep:
-            self._batch.add(select_rows(cache, keep), mask[keep])
+            self._batch.add(select_rows(cache, keep), mask[keep], self.max_batch_size)
             self._running.extend(seqs[i] for i in keep)
         self._flush()  # first tokens go out now, not after the other prefills
 

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from attention import new_cache
+from kvcache import new_cache
 
 log = logging.getLogger(__name__)
 

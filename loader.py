@@ -453,7 +453,7 @@ def _plain_cache(model: Any) -> bool:
     """Whether the model's cache has only plain growing layers (no sliding windows), which chunks extend safely."""
     from transformers.cache_utils import DynamicCache
 
-    from attention import PLAIN_LAYERS
+    from kvcache import PLAIN_LAYERS
 
     try:
         layers = DynamicCache(config=model.config).layers

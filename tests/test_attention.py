@@ -13,8 +13,9 @@ import torch
 import torch.nn.functional as F
 from transformers.masking_utils import causal_mask_function, sliding_window_causal_mask_function
 
-from attention import FP32_SDPA, Fp32Layer, attend_fp32, causal_mask
+from attention import FP32_SDPA, attend_fp32, causal_mask
 from batch import KVBatch, decode_step, prefill_chunk
+from kvcache import Fp32Layer
 from loader import LoadedModel, ModelConfig, load_model
 from tests.conftest import MakeClient
 

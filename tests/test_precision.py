@@ -16,7 +16,7 @@ from common import BACKEND
 from devices import default_batch_size, resolve_dtype
 from loader import LoadedModel, ModelConfig, load_model
 from local import LocalBackend
-from quantize import DENSE_ROWS, QuantizedEmbedding, QuantizedLinear, quantize_linear
+from quantize import DENSE_ROWS, HELD_ROWS, QuantizedEmbedding, QuantizedLinear, quantize_linear
 from tests.conftest import MakeClient, build_tiny_gguf
 from tests.test_cli import run_cli
 
@@ -96,8 +96,10 @@ def test_a_chunked_prompt_dequantizes_the_weights_once(
     bits: int, sizes: dict[int, LoadedModel], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The chunks of one prompt share one dequantized copy of the weights while it lasts (where a quarter of the
-    free memory holds it) and free it with the last chunk; the answer is the one they get dequantizing each time."""
-    lm, prompt = sizes[bits], [10 + i % 300 for i in range(3 * DENSE_ROWS)]
+    free memory holds it), the short ones deep in the prompt too, and free it with the last chunk; the answer is
+    the one they get dequantizing each time."""
+    pieces = [DENSE_ROWS, 2 * HELD_ROWS, DENSE_ROWS]  # the middle one alone would run on the kernels
+    lm, prompt = sizes[bits], [10 + i % 300 for i in range(sum(pieces))]
     dense = [m for m in lm.model.modules() if isinstance(m, QuantizedLinear) and m.dense_above]
     assert dense
     unpacked: list[QuantizedLinear] = []
@@ -110,11 +112,12 @@ def test_a_chunked_prompt_dequantizes_the_weights_once(
     monkeypatch.setattr(QuantizedLinear, "_dense_now", counted)
 
     def chunked() -> tuple[torch.Tensor, Any]:
-        cache = None
+        cache, start = None, 0
         with torch.inference_mode():
-            for start in range(0, len(prompt), DENSE_ROWS):
-                more = len(prompt) - start - DENSE_ROWS
-                logits, cache = batch.prefill_chunk(lm, prompt[start : start + DENSE_ROWS], cache, more)
+            for size in pieces:
+                more = len(prompt) - start - size
+                logits, cache = batch.prefill_chunk(lm, prompt[start : start + size], cache, more)
+                start += size
         return logits, cache
 
     shared, cache = chunked()
@@ -124,7 +127,8 @@ def test_a_chunked_prompt_dequantizes_the_weights_once(
     unpacked.clear()
     monkeypatch.setattr(batch, "free_memory", lambda devices: 0)  # no room: each chunk dequantizes for itself
     each, _ = chunked()
-    assert len(unpacked) == 3 * once and torch.equal(shared, each)
+    assert len(unpacked) == 2 * once
+    assert torch.allclose(shared, each, atol=2e-2 * float(each.abs().max()))
 
 
 @pytest.mark.parametrize(("quant", "bits"), [(None, 16), ("Q8_0", 8), ("Q4_1", 4)])

@@ -321,16 +321,20 @@ class Engine:
         if self._chunking is not None and budget is not None:
             budget -= self._prefill_chunk(budget)
         new: list[_Sequence] = []
+        taken: set[int] = set()  # ids of the requests that leave the queue this step
         used = 0
-        while self._waiting and self._slots_taken(new) < self.max_batch_size:
+        for seq in list(self._waiting):
+            if self._slots_taken(new) >= self.max_batch_size:
+                break
             if (self._running or new or self._chunking) and not self._batchable:
                 break  # this model's cache cannot be batched: one request at a time
-            seq = self._waiting[0]
             room = None if budget is None else budget - used  # prompt tokens this step may still prefill
-            long = room is not None and len(seq.prompt) > room
-            if room is not None and long and (new or self._chunking is not None or room <= 0):
+            if room is not None and room <= 0:
                 break  # the rest of the queue waits for the next step's budget
-            self._waiting.popleft()
+            long = room is not None and len(seq.prompt) > room
+            if long and (new or self._chunking is not None):
+                continue  # it starts in a step with room for it; shorter prompts behind it need not wait
+            taken.add(id(seq))
             if not self._admitted(seq):
                 continue
             if room is not None and long:  # a prompt over the budget: prefilled a chunk per step from now on
@@ -339,6 +343,8 @@ class Engine:
                 break
             new.append(seq)
             used += len(seq.prompt)
+        if taken:
+            self._waiting = deque(seq for seq in self._waiting if id(seq) not in taken)
         for group in prefill_groups([seq.prompt for seq in new]):
             self._prefill([new[i] for i in group])
 

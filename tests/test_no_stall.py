@@ -262,6 +262,23 @@ async def test_a_request_cancelled_between_chunks_frees_its_slot(make_client: Ma
     assert resp.status == 200  # the slot is free again
 
 
+async def test_a_short_request_does_not_wait_behind_a_long_one(make_client: MakeClient, long_lm: LoadedModel) -> None:
+    """While one long prompt is prefilled in chunks and a second waits for its turn, a short request that comes
+    after both is answered within a few steps, before the first long one is."""
+    import dataclasses
+
+    recorder = Recorder(long_lm.model, delay=0.05)
+    client = await make_client(dataclasses.replace(long_lm, model=recorder, lean_decode=False), prefill_chunk=64)
+    engine = client.app[BACKEND]
+    first = asyncio.create_task(client.post("/chat", json={"query": LONG_PROMPT, "max_tokens": 2}))
+    await wait_until(lambda: sum(n > 1 for _, n in recorder.calls) >= 2)
+    second = asyncio.create_task(client.post("/chat", json={"query": LONG_PROMPT + "again", "max_tokens": 2}))
+    await wait_until(lambda: engine.counts == (1, 1))
+    short = await client.post("/chat", json={"query": "hi", "max_tokens": 3, "ignore_eos": True})
+    assert short.status == 200 and not first.done()
+    assert (await first).status == 200 and (await second).status == 200
+
+
 # ---- start-up ------------------------------------------------------------------------------------
 
 

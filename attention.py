@@ -54,9 +54,8 @@ def _attend_after_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale
     where the CPU flash kernel is not there.
 
     Done as two unmasked flash-attention calls merged by their log-sum-exps, which is the same softmax: a mask over
-    the cached part would cost its full size, and the kernel works in bigger blocks with more query rows, so the
-    query heads sharing a key head go as one sequence. Measured here (9 heads, 3 key heads, 512 new after 3072
-    cached, one layer): masked SDPA 38-55 ms, this 31-33 ms; and fewer chunks' worth of it than a mask costs."""
+    the cached part costs its full size, and the kernel works in bigger blocks with more query rows, so the query
+    heads sharing a key head go as one sequence (`bench/chunked_prefill.py` compares it with a masked chunk)."""
     if q.device.type != "cpu":
         return None
     b, heads, length, dim = q.shape

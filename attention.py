@@ -7,7 +7,7 @@ The cache costs twice the memory per token (the batch size chosen from memory ac
 precise than bf16 (the cache layer is kvcache.py's). float32 models take the same path for the rest: a cache that
 grows in place, and a chunk of a long prompt attending to the cache before it without a mask
 (`_attend_after_cache`). Models whose attention goes through transformers' attention interface get this by name
-(`FP32_SDPA`); the ChatGLM models keep their own.
+(`FP32_SDPA`), ChatGLM2/3 and GLM-4 too (they run as GlmForCausalLM); ChatGLM-6B keeps its own.
 """
 
 from __future__ import annotations

@@ -6,7 +6,9 @@ fifth faster a step on the bundled model (`bench/lean_decode.py`: 17.5 -> 13.8 m
 token a row) on a CPU take this path; prefill stays with transformers. A model takes it only when its layers have
 the Llama shape (attention q/k/v/o projections, a gated MLP, RMSNorm before each) and one step agrees with
 transformers' own at load (`agrees`), so an architecture that differs in anything this code does not do (partial
-rotary, another norm, another activation) keeps transformers' path.
+rotary, another norm, another activation) keeps transformers' path. Where a third or more of the batch is padding
+(one long prompt among short ones), each row attends to its own tokens only, one call a row, instead of every row
+reading the longest row's width.
 """
 
 from __future__ import annotations
@@ -72,7 +74,8 @@ def step(
     x = inner.embed_tokens(input_ids)  # [B, 1, hidden]
     cos, sin = inner.rotary_emb(x, position_ids)  # [B, 1, D]
     cos, sin = cos[:, None], sin[:, None]  # [B, 1, 1, D]
-    mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]  # [B, 1, 1, T]
+    lengths = _mostly_padding(attention_mask)
+    mask = None if attention_mask is None or lengths else attention_mask.bool()[:, None, None, :]  # [B, 1, 1, T]
     for i, layer in enumerate(inner.layers):
         attn, mlp, dim = layer.self_attn, layer.mlp, layer.self_attn.head_dim
         h = _norm(x, layer.input_layernorm)
@@ -81,9 +84,13 @@ def step(
         v = attn.v_proj(h).view(b, 1, kv_heads, dim).transpose(1, 2)
         keys, values = cache.layers[i].update(k, v)  # [B, Hkv, T, D]
         query = q.float() if fp32 else q
-        a = F.scaled_dot_product_attention(
-            query, keys.to(query.dtype), values.to(query.dtype), attn_mask=mask, scale=attn.scaling, enable_gqa=True
-        ).to(x.dtype)
+        keys, values = keys.to(query.dtype), values.to(query.dtype)
+        if lengths:
+            a = _attend_rows(query, keys, values, lengths, attn.scaling).to(x.dtype)
+        else:
+            a = F.scaled_dot_product_attention(
+                query, keys, values, attn_mask=mask, scale=attn.scaling, enable_gqa=True
+            ).to(x.dtype)
         x = x + attn.o_proj(a.transpose(1, 2).reshape(b, 1, heads * dim))
         h = _norm(x, layer.post_attention_layernorm)
         x = x + mlp.down_proj(F.silu(mlp.gate_proj(h)) * mlp.up_proj(h))
@@ -91,13 +98,41 @@ def step(
     return logits
 
 
+def _mostly_padding(attention_mask: torch.Tensor | None) -> list[int]:
+    """Each row's real tokens (the last ones of its T) where padding is a third or more of the batch's [B, T]
+    positions, else []: then attending row by row to the real tokens only reads less than the padded batch does
+    (one long prompt among short ones makes every row as wide as it is)."""
+    if attention_mask is None:
+        return []
+    lengths: list[int] = attention_mask.sum(dim=1).tolist()
+    return lengths if 2 * attention_mask.numel() >= 3 * sum(lengths) else []
+
+
+def _attend_rows(
+    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengths: list[int], scale: float
+) -> torch.Tensor:
+    """[B, H, 1, D] queries, each against the last `lengths[i]` of its row's keys [B, Hkv, T, D]; [B, H, 1, D]."""
+    t = keys.shape[2]
+    rows = [
+        F.scaled_dot_product_attention(
+            query[i : i + 1], keys[i : i + 1, :, t - n :], values[i : i + 1, :, t - n :], scale=scale, enable_gqa=True
+        )
+        for i, n in enumerate(lengths)
+    ]
+    return torch.cat(rows)
+
+
 def agrees(model: Any, fp32: bool, device: str) -> bool:
-    """Whether two decode steps (two rows, one padded) give transformers' logits; run once at load."""
-    if not supports(model):
-        return False
+    """Whether decode steps of two rows, the second padded, give transformers' logits; run once at load, with a
+    little padding (the padded attention) and with much (row by row)."""
+    return supports(model) and all(_agrees(model, fp32, device, pad) for pad in (1, 4))
+
+
+def _agrees(model: Any, fp32: bool, device: str, pad: int) -> bool:
     vocab = model.config.vocab_size
-    ids = torch.tensor([[1 % vocab, 2 % vocab, 3 % vocab], [0, 4 % vocab, 5 % vocab]], device=device)
-    mask = torch.tensor([[1, 1, 1], [0, 1, 1]], device=device)
+    first = [(1 + i) % vocab for i in range(5)]
+    ids = torch.tensor([first, [0] * pad + first[pad:]], device=device)
+    mask = torch.tensor([[1] * 5, [0] * pad + [1] * (5 - pad)], device=device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     try:
         with torch.inference_mode():

@@ -4,6 +4,7 @@ device has, and the batch size it affords."""
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -18,13 +19,47 @@ class DeviceError(Exception):
     """A device or precision that cannot work here; the message says what would."""
 
 
-def cpu_has_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (AVX-512 BF16 or AMX on x86, BF16 on Arm), from the kernel's flags."""
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as the kernel lists them (empty where /proc/cpuinfo is unreadable)."""
     try:
-        flags = CPUINFO.read_text().split()
+        text = CPUINFO.read_text()
     except OSError:
-        return False
-    return any(flag in flags for flag in ("avx512_bf16", "amx_bf16", "bf16"))
+        return set()
+    for line in text.splitlines():
+        name, _, value = line.partition(":")
+        if name.strip() in ("flags", "Features"):
+            return set(value.split())
+    return set()
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX-512 BF16 or AMX on x86, BF16 on Arm), from the kernel's flags,
+    and PyTorch dispatches to code that uses it: with `ATEN_CPU_CAPABILITY=avx2` (how this project emulates an
+    AVX2-only CPU, or how a user caps PyTorch) it does not, whatever the flags say."""
+    import torch
+
+    flags = cpu_flags()
+    if flags & {"avx512_bf16", "amx_bf16"}:
+        return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+    return "bf16" in flags
+
+
+def cpu_identity() -> dict[str, object]:
+    """What makes measurements on this CPU valid for another start: its model, flags, cores and the instruction set
+    PyTorch dispatches to."""
+    import torch
+
+    try:
+        text = CPUINFO.read_text()
+    except OSError:
+        text = ""
+    model = next((line.partition(":")[2].strip() for line in text.splitlines() if line.startswith("model name")), "")
+    return {
+        "model": model,
+        "flags": sorted(cpu_flags()),
+        "cores": os.cpu_count(),
+        "capability": torch.backends.cpu.get_cpu_capability(),
+    }
 
 
 def resolve_devices(spec: str | None) -> list[str]:

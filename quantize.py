@@ -7,18 +7,25 @@ and a zero each (`quantize_groups`), which keeps small models' answers far bette
 A few rows at a time (decoding) are multiplied by the packed weights directly: `_weight_int8pack_mm` and the int4
 tile kernels read a quarter or an eighth of the bytes bf16 would. Each layer checks its kernel once against a plain
 dequantize-then-matmul and keeps that plain path where the kernel is missing or disagrees (a device, dtype or shape
-it does not support). From `DENSE_ROWS` rows on (prefill chunks) the CPU kernels are 2.5-3x slower than a bf16
-matmul (measured here, 1536x576 at 256 rows: int4 2.7 ms, int8 3.3 ms, bf16 1.05 ms), so the layer is dequantized
-for that call (0.14 ms for int8, 0.75 ms for int4) and multiplied densely. Nothing dense is kept, except while a
-long prompt is prefilled in chunks: its chunks share one dequantized copy (`dense_held`), where memory allows.
+it does not support). From `DENSE_ROWS` rows on (prefill chunks) the CPU kernels are 2.5-3x slower than a dense
+matmul (measured here, 1536x576 at 256 rows: int4 2.7 ms, int8 3.3 ms, bf16 1.05 ms), so the layer can be
+dequantized for that call (0.14 ms for int8, 0.75 ms for int4) and multiplied densely. Nothing dense is kept, except
+while a long prompt is prefilled in chunks: its chunks share one dequantized copy (`dense_held`), where memory allows.
+
+A CPU layer's route is measured (calibrate.py), not assumed: the dtype its kernel is fed (`set_act`: the CPU kernels
+take float32 or bf16 activations, and on a CPU without native bf16 they are still 10x faster fed bf16, the input cast
+around the call) and the dtype of the dequantized copy for many rows, or none (`dense`). The kernels are looked up
+in `KERNELS` at each call, so a test can slow one down and see the calibration choose another.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
+from functools import partial
 from typing import Any
 
 import torch
@@ -29,10 +36,21 @@ log = logging.getLogger(__name__)
 
 # the int4 tile kernels take one (scale, zero) per group of input columns
 GROUP_SIZES = (256, 128, 64, 32)
+INT4_GROUP = 32  # columns per int4 (scale, zero): GGUF's own block size, so a Q4 file is re-packed almost as it is
 DENSE_ROWS = 128  # rows from which a CPU layer is dequantized for the call rather than run on its kernel
+# the LM head's top logits recomputed in float32 from its int8 rows where its kernel is fed bf16 (see `exact_top`)
+EXACT_TOP = 16
+
 # rows from which a layer whose dequantized copy is held multiplies by it (1536x576, ms: 16 rows int4 kernel 0.24,
 # int8 0.23, held bf16 0.14; 8 rows 0.11 against 0.11), so the short chunks deep in a long prompt use it too
 HELD_ROWS = 16
+
+# the weight-only kernels, by the name a layer records in `kernel`; looked up at each call
+KERNELS: dict[str, Callable[..., torch.Tensor]] = {
+    "int8pack": torch.ops.aten._weight_int8pack_mm.default,
+    "int4pack_cpu": torch.ops.aten._weight_int4pack_mm_for_cpu.default,
+    "int4pack_cuda": torch.ops.aten._weight_int4pack_mm.default,
+}
 
 # where the layers keep the dequantized weights they compute, while `dense_held` says so (None: nowhere)
 _HELD: ContextVar[dict[nn.Module, torch.Tensor] | None] = ContextVar("held_dense_weights", default=None)
@@ -52,10 +70,11 @@ def dense_held(store: dict[nn.Module, torch.Tensor] | None) -> Iterator[None]:
 
 def dense_bytes(model: nn.Module) -> int:
     """What `dense_held` may keep at most: every layer's dequantized weights, in the dtype of the model's floats."""
-    floats = (p.dtype for p in model.parameters() if p.is_floating_point())
-    size = torch.empty((), dtype=next(floats, torch.float32)).element_size()
-    layers = (m for m in model.modules() if isinstance(m, QuantizedLinear) and m.dense_above)
-    return sum(m.in_features * m.out_features * size for m in layers)
+    return sum(
+        m.in_features * m.out_features * m.dense.itemsize
+        for m in model.modules()
+        if isinstance(m, QuantizedLinear) and m.dense is not None
+    )
 
 
 def quantize_rows(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,6 +103,36 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
     return ((q[:, 0::2] << 4) | (q[:, 1::2] & 0xF)).to(torch.int8)
 
 
+@functools.cache
+def int4_cpu_layout() -> tuple[int, bool] | None:
+    """How `_convert_weight_to_int4pack_for_cpu` lays out nibbles on this CPU, which differs with the instruction set
+    PyTorch dispatches to: (output rows per block, whether a byte holds two neighbouring rows) where each input
+    column of a block takes block/2 bytes; None if no known layout fits (then no dense copy is made). Found by packing
+    a random matrix and reading it back each known way (AVX-512: 64 rows, low nibbles rows 0-31, high 32-63; AVX2:
+    32 rows, 0-15 and 16-31; no vector unit: 32 rows, neighbours in one byte)."""
+    u = torch.randint(0, 16, (128, 64), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+    try:
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(u, 1)
+    except (RuntimeError, NotImplementedError):
+        return None
+    for layout in ((64, False), (32, False), (32, True), (64, True), (16, False), (16, True)):
+        try:
+            if torch.equal(read_int4_cpu(packed, 128, 64, layout), u.to(torch.uint8)):
+                return layout
+        except RuntimeError:  # the packed size does not fit this layout
+            continue
+    return None
+
+
+def read_int4_cpu(packed: torch.Tensor, n: int, k: int, layout: tuple[int, bool]) -> torch.Tensor:
+    """The values 0..15 [n, k] uint8 of an int4 CPU tile packing with the given `int4_cpu_layout`."""
+    block, neighbours = layout
+    x = packed.view(torch.uint8).reshape(n // block, k, block // 2)
+    low, high = x & 0xF, x >> 4
+    u = torch.stack([low, high], dim=-1).flatten(-2) if neighbours else torch.cat([low, high], dim=-1)
+    return u.transpose(1, 2).reshape(n, k)
+
+
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     """The inverse of `pack_int4`, sign-extending each nibble."""
     high = packed >> 4
@@ -99,11 +148,59 @@ class QuantizedLinear(nn.Module):
         self.in_features, self.out_features, self.bits = in_features, out_features, bits
         self.kernel = "dequantize"
         self.group = 0
-        self.dense_above = False  # whether many rows go through a dequantized copy (CPU kernels, when it agrees)
+        self.unpacks = False  # whether a dequantized copy can be made for many rows (CPU kernels, when it agrees)
+        # the dtype of that copy, from DENSE_ROWS rows (None: the kernel, whatever the rows); calibrate.py sets it
+        self.dense: torch.dtype | None = None
         self.bias: nn.Parameter | None = None
+        self._few: Callable[[torch.Tensor], torch.Tensor] | None = None  # see `few_rows`
+        self.exact_top = 0  # an LM head: its top logits recomputed in float32 (see `_exact`)
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, kernel={self.kernel}"
+        return (
+            f"in={self.in_features}, out={self.out_features}, bits={self.bits}, kernel={self.kernel}, "
+            f"act={_name(self.act)}, dense={_name(self.dense)}"
+        )
+
+    @property
+    def act(self) -> torch.dtype | None:
+        """The dtype the kernel is fed (its scales are kept in it): inputs are cast to it and the output back; None
+        for the plain path, which computes in the input's dtype."""
+        scales = self._buffers.get("scale") if "scale" in self._buffers else self._buffers.get("scales_zeros")
+        return None if self.kernel == "dequantize" or scales is None else scales.dtype
+
+    def set_act(self, dtype: torch.dtype) -> None:
+        """Feed the kernel `dtype` from now on (its scales are converted once: the kernels take them in it)."""
+        if self.kernel in ("int8pack", "int4pack_cpu"):
+            for name in ("scale", "scales_zeros"):
+                if (t := self._buffers.get(name)) is not None:
+                    self._buffers[name] = t.to(dtype)
+        self._few = None
+
+    def keep_top_exact(self, top: int = EXACT_TOP) -> None:
+        """For an LM head on the int8 kernel: whenever it is fed a 16-bit dtype, recompute each row's `top` largest
+        logits in float32 from the int8 rows and return float32 logits. A bf16 logit near 25 is rounded to 0.125,
+        which makes near-ties exact and hands them to the lower token id: on the bundled model, "What is the
+        capital of France?" starts "The" by 0.04 in float32 and "L'" in bf16, and goes on to a wrong answer."""
+        scale = self._buffers.get("scale")
+        if self.kernel == "int8pack" and scale is not None:
+            self.exact_top = top
+            self.register_buffer("scale32", scale.float())  # [V]: the scales as computed, before any cast
+            self._few = None
+
+    def _exact(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Logits y [M, V] with each row's top `exact_top` recomputed in float32 from x [M, in]; float32."""
+        weight, scale = self._buffers["weight"], self._buffers["scale32"]
+        assert weight is not None and scale is not None
+        top = y.topk(self.exact_top, dim=-1).indices  # [M, k]
+        rows = weight[top].float()  # [M, k, in]
+        exact = torch.bmm(rows, x.float()[:, :, None])[..., 0] * scale[top]  # [M, k]
+        if self.bias is not None:
+            exact = exact + self.bias.float()[top]
+        return y.float().scatter_(-1, top, exact)
+
+    def set_dense(self, dtype: torch.dtype | None) -> None:
+        """Multiply DENSE_ROWS rows or more by a copy dequantized to `dtype` (None: by the kernel)."""
+        self.dense = dtype if self.unpacks else None
 
     def set_weights(
         self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype, device: str
@@ -155,6 +252,7 @@ class QuantizedLinear(nn.Module):
                 self._store(kernel, *weights)
                 if self._agrees(dense, dtype, device):
                     self._check_dense(dense, dtype, device)
+                    self.set_dense(dtype)
                     return
             except (RuntimeError, NotImplementedError) as exc:  # not built for this device, dtype or shape
                 log.debug("%s kernel unavailable for %s: %s", kernel, self.extra_repr(), exc)
@@ -162,20 +260,21 @@ class QuantizedLinear(nn.Module):
         self._store("dequantize", first, second)
 
     def _check_dense(self, dense: torch.Tensor, dtype: torch.dtype, device: str) -> None:
-        """Use the dequantized copy for many rows where the kernel is a CPU one and the copy equals the weights."""
-        self.dense_above = False
+        """A dequantized copy can serve many rows where the kernel is a CPU one and the copy equals the weights."""
+        self.unpacks = False
         if device == "cpu" and self.kernel in ("int8pack", "int4pack_cpu"):
             try:
                 copy = self._dense_now(dtype).float()
-            except RuntimeError as exc:  # a packed layout other than the one `_dense_now` reads
+            except (RuntimeError, ValueError) as exc:  # a packed layout `_dense_now` cannot read
                 log.debug("no dense path for %s: %s", self.extra_repr(), exc)
                 return
-            self.dense_above = bool(torch.allclose(copy, dense, rtol=2e-2, atol=1e-2 * float(dense.abs().max())))
+            self.unpacks = bool(torch.allclose(copy, dense, rtol=2e-2, atol=1e-2 * float(dense.abs().max())))
 
     def _store(self, kernel: str, first: torch.Tensor, second: torch.Tensor) -> None:
         for name in ("weight", "scale", "packed", "scales_zeros"):
             self._buffers.pop(name, None)
         self.kernel = kernel
+        self._few = None
         if kernel == "int8pack":
             self.register_buffer("weight", first.contiguous())  # int8 [out, in]
             self.register_buffer("scale", second)  # [out]
@@ -206,11 +305,13 @@ class QuantizedLinear(nn.Module):
         b = self._buffers
         out: torch.Tensor
         if self.kernel == "int8pack":
-            out = torch.ops.aten._weight_int8pack_mm(x, b["weight"], b["scale"])
+            out = KERNELS["int8pack"](x, b["weight"], b["scale"])
         elif self.kernel == "int4pack_cpu":
-            out = torch.ops.aten._weight_int4pack_mm_for_cpu(x, b["packed"], self.group, b["scales_zeros"])
+            scales = b["scales_zeros"]  # a fused layer's part holds a view of its scales: the kernel needs them whole
+            assert scales is not None
+            out = KERNELS["int4pack_cpu"](x, b["packed"], self.group, scales.contiguous())
         elif self.kernel.startswith("int4pack_cuda"):
-            out = torch.ops.aten._weight_int4pack_mm(x, b["packed"], self.group, b["scales_zeros"])
+            out = KERNELS["int4pack_cuda"](x, b["packed"], self.group, b["scales_zeros"])
         else:
             out = F.linear(x, self.dense_weight().to(x.dtype))
         return out
@@ -224,11 +325,11 @@ class QuantizedLinear(nn.Module):
             return weight.to(dtype) * scale.to(dtype)[:, None]
         packed, sz = b["packed"], b["scales_zeros"]
         assert packed is not None and sz is not None
-        # the CPU tile format: per block of 64 output rows and per input column, 32 bytes whose low nibbles are
-        # rows 0-31 of the block and high nibbles rows 32-63 (found by probing the packer; `_check_dense` verifies)
+        layout = int4_cpu_layout()  # the tile format differs with the instruction set; `_check_dense` verifies
+        if layout is None:
+            raise ValueError("unknown int4 tile layout on this CPU")
         n, k = self.out_features, self.in_features
-        x = packed.reshape(n // 64, k, 32)
-        u = torch.cat([x & 0xF, x >> 4], dim=-1).transpose(1, 2).reshape(n, k // self.group, self.group)
+        u = read_int4_cpu(packed, n, k, layout).reshape(n, k // self.group, self.group)
         s = sz.transpose(0, 1).to(dtype)  # [out, in/group, (scale, zero)]
         return ((u.to(dtype) - 8) * s[..., :1] + s[..., 1:]).reshape(n, k)
 
@@ -247,19 +348,103 @@ class QuantizedLinear(nn.Module):
             self.out_features, self.in_features
         )
 
+    def few_rows(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """This layer for the few rows of a decode step, as one function with the kernel, its buffers and the casts
+        bound once: a step calls some 200 layers, and a module call's bookkeeping costs about a tenth of a small
+        kernel's time (`bench/lean_decode.py`). Made again when the weights or the route change."""
+        if self._few is None:
+            self._few = self._bind()
+        return self._few
+
+    def _bind(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        b, act, out, bias = self._buffers, self.act, self.out_features, self.bias
+        if self.exact_top and act in (torch.bfloat16, torch.float16):
+            return self.forward  # the LM head, once a step: its bookkeeping does not count
+        args: tuple[Any, ...]
+        if self.kernel == "int8pack":
+            kernel, args = KERNELS["int8pack"], (b["weight"], b["scale"])
+        elif self.kernel == "int4pack_cpu" and b["scales_zeros"] is not None and b["scales_zeros"].is_contiguous():
+            kernel, args = KERNELS["int4pack_cpu"], (b["packed"], self.group, b["scales_zeros"])
+        else:  # the plain path, or a fused layer's part whose scales are a view
+            return self.forward
+        assert act is not None
+
+        def few(x: torch.Tensor) -> torch.Tensor:
+            y = kernel(x.reshape(-1, x.shape[-1]).to(act).contiguous(), *args)
+            if bias is not None:
+                y = y + bias.to(y.dtype)
+            return y.to(x.dtype).view(*x.shape[:-1], out)
+
+        return few
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        rows = x.reshape(-1, self.in_features).contiguous()
+        rows = x.reshape(-1, self.in_features)
         held = _HELD.get()
-        if self.dense_above and rows.shape[0] >= (DENSE_ROWS if held is None else HELD_ROWS):
+        if self.dense is not None and rows.shape[0] >= (DENSE_ROWS if held is None else HELD_ROWS):
             weight = None if held is None else held.get(self)
             if weight is None:
-                weight = self._dense_now(x.dtype)
+                weight = self._dense_now(self.dense)
                 if held is not None:
                     held[self] = weight
-            return F.linear(rows, weight, self.bias).reshape(*shape[:-1], self.out_features)
-        y = self._matmul(rows).reshape(*shape[:-1], self.out_features)
-        return y + self.bias if self.bias is not None else y
+            y = F.linear(rows.to(self.dense), weight, None if self.bias is None else self.bias.to(self.dense))
+        else:
+            y = self._matmul(rows.to(self.act or x.dtype).contiguous())
+            if self.bias is not None:
+                y = y + self.bias.to(y.dtype)
+            if self.exact_top and y.dtype in (torch.bfloat16, torch.float16):
+                return self._exact(rows, y).reshape(*shape[:-1], self.out_features)  # float32 logits
+        return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+
+
+def fuse_outputs(layers: Sequence[nn.Module]) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """One function for layers that read the same input, their outputs side by side [..., Σ out]: one kernel call
+    and one pair of casts instead of one each (q/k/v and gate/up of a decode step: `bench/lean_decode.py`). The fused
+    weights are the layers' own: each layer's weights become a view of the fused copy, so nothing is held twice; an
+    int4 layer's scales become a view too, which its own kernel calls copy whole (only prefill calls them then). None
+    where the layers differ in kernel, dtype, width or group, or an int4 layer's rows do not fill whole tiles."""
+    if all(type(m) is nn.Linear for m in layers):
+        return _fuse_dense([m for m in layers if isinstance(m, nn.Linear)])
+    quantized = [m for m in layers if isinstance(m, QuantizedLinear)]
+    if len(quantized) != len(layers):
+        return None
+    first = quantized[0]
+    same = {(m.kernel, m.in_features, m.group, m.act, m.bias is None) for m in quantized}
+    layout = int4_cpu_layout() if first.kernel == "int4pack_cpu" else None
+    if len(same) != 1 or first.kernel not in ("int8pack", "int4pack_cpu") or first.act is None:
+        return None
+    if first.kernel == "int4pack_cpu" and (layout is None or any(m.out_features % layout[0] for m in quantized)):
+        return None
+    names = ("weight", "scale") if first.kernel == "int8pack" else ("packed", "scales_zeros")
+    dims = (0, 0) if first.kernel == "int8pack" else (0, 1)  # int4 scales are [in/group, out, 2]
+    fused = QuantizedLinear(first.in_features, sum(m.out_features for m in quantized), first.bits)
+    fused.kernel, fused.group = first.kernel, first.group
+    for name, dim in zip(names, dims, strict=True):
+        whole = torch.cat([m._buffers[name] for m in quantized], dim=dim)  # type: ignore[misc]
+        fused.register_buffer(name, whole)
+        start = 0
+        for m in quantized:
+            m._buffers[name] = whole.narrow(dim, start, m.out_features)
+            m._few = None
+            start += m.out_features
+    if first.bias is not None:
+        fused.bias = nn.Parameter(torch.cat([m.bias.data for m in quantized if m.bias is not None]), False)
+    return fused.few_rows()
+
+
+def _fuse_dense(layers: list[nn.Linear]) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    first = layers[0]
+    if len({(m.in_features, m.weight.dtype, m.weight.device, m.bias is None) for m in layers}) != 1:
+        return None
+    weight = torch.cat([m.weight.data for m in layers])
+    bias = None if first.bias is None else torch.cat([m.bias.data for m in layers if m.bias is not None])
+    start = 0
+    for m in layers:
+        m.weight = nn.Parameter(weight[start : start + m.out_features], requires_grad=False)
+        if bias is not None:
+            m.bias = nn.Parameter(bias[start : start + m.out_features], requires_grad=False)
+        start += m.out_features
+    return partial(F.linear, weight=weight, bias=bias)
 
 
 def int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -273,16 +458,17 @@ class QuantizedEmbedding(nn.Module):
     """An embedding table held as int8 rows with one scale each; a lookup dequantizes only the rows it reads. With
     tied embeddings the rows are the LM head's own int8 weights: one copy serves both."""
 
-    def __init__(self, q: torch.Tensor, scale: torch.Tensor) -> None:
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> None:
         super().__init__()
+        self.dtype = dtype  # of the vectors it returns: the model's, whatever dtype the scales are kept in
         self.register_buffer("weight", q)  # int8 [V, H]
-        self.register_buffer("scale", scale)  # [V], in the model dtype
+        self.register_buffer("scale", scale)  # [V]
         self.num_embeddings, self.embedding_dim = q.shape
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         weight, scale = self._buffers["weight"], self._buffers["scale"]
         assert weight is not None and scale is not None
-        return weight[ids].to(scale.dtype) * scale[ids][..., None]
+        return weight[ids].to(self.dtype) * scale[ids].to(self.dtype)[..., None]
 
 
 def quantize_linear(linear: nn.Linear, bits: int, group: int, dtype: torch.dtype, device: str) -> QuantizedLinear:
@@ -314,6 +500,8 @@ def quantize_model(model: Any, bits: int, group: int, dtype: torch.dtype, device
         layer_bits = 8 if linear is head else bits
         if layer_bits == 8 or linear.in_features % GROUP_SIZES[-1] == 0:
             quantized = quantize_linear(linear, layer_bits, group, dtype, device)
+            if linear is head:
+                quantized.keep_top_exact()
             _replace(model, name, quantized)
             quantized_head = quantized if linear is head else quantized_head
     if not isinstance(embeddings, nn.Embedding):
@@ -321,11 +509,15 @@ def quantize_model(model: Any, bits: int, group: int, dtype: torch.dtype, device
     rows = quantized_head._buffers if tied and quantized_head is not None else {}
     q_rows, scales = rows.get("weight"), rows.get("scale")
     if q_rows is not None and scales is not None and q_rows.dtype == torch.int8:
-        lookup = QuantizedEmbedding(q_rows, scales)  # the head's int8 rows serve lookups too
+        lookup = QuantizedEmbedding(q_rows, scales, dtype)  # the head's int8 rows serve lookups too
     else:
         q, scale = int8_rows(embeddings.weight)
-        lookup = QuantizedEmbedding(q.to(device), scale.to(device=device, dtype=dtype))
+        lookup = QuantizedEmbedding(q.to(device), scale.to(device=device, dtype=dtype), dtype)
     _replace(model, _name_of(model, embeddings), lookup)
+
+
+def _name(dtype: torch.dtype | None) -> str:
+    return "-" if dtype is None else str(dtype).removeprefix("torch.")
 
 
 def _name_of(model: nn.Module, module: nn.Module) -> str:

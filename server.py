@@ -224,7 +224,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--default-max-tokens", type=int, default=1024, help="answer length when a request sets none")
     a("--max-batch-size", type=int, help="requests decoded together in one forward pass (default: what memory holds)")
     a("--max-queue", type=int, default=64, help="requests waiting for a slot before 429")
-    a("--prefill-chunk", type=int, default=512, help="prompt tokens prefilled between two decode steps (0: no limit)")
+    a(
+        "--prefill-chunk",
+        type=int,
+        default=512,
+        help="prompt tokens prefilled between two decode steps at most (0: no limit)",
+    )
+    a(
+        "--prefill-seconds",
+        type=float,
+        default=0.5,
+        help="seconds of prompt work between two decode steps: fewer tokens than --prefill-chunk where they take "
+        "longer on this machine (measured while serving)",
+    )
+    a("--threads", type=int, help="torch compute threads (default: measured while serving, at most the cores)")
     a("--queue-timeout", type=float, default=600.0, help="seconds a request may wait for a slot before 503")
     a("--api-key", default=os.environ.get(API_KEY_ENV), help=f"require this bearer key (or set ${API_KEY_ENV})")
     a("--metrics-no-key", action="store_true", help="serve /metrics without the API key")
@@ -256,6 +269,7 @@ def local_flags(args: argparse.Namespace) -> list[str]:
         "--quantize": args.quantize != "auto",
         "--dtype": args.dtype != "auto",
         "--save-native": args.save_native is not None,
+        "--threads": args.threads is not None,
     }
     return [flag for flag, set_ in given.items() if set_]
 
@@ -267,6 +281,10 @@ def main(argv: list[str] | None = None) -> int:
     cache = None if args.no_cache else args.cache_dir
     model_config = ModelConfig(args.model, args.device, quantize, cache, args.dtype, args.save_native)
     try:
+        if args.threads is not None and args.threads < 1:
+            raise StartupError(f"--threads {args.threads}: expected 1 or more")
+        if args.prefill_seconds <= 0:
+            raise StartupError(f"--prefill-seconds {args.prefill_seconds:g}: expected more than 0")
         if args.upstream and (flags := local_flags(args)):
             raise StartupError(f"--upstream serves from another engine: {', '.join(flags)} belong to a local model")
         if not args.upstream:
@@ -299,6 +317,8 @@ def main(argv: list[str] | None = None) -> int:
         max_queue=args.max_queue,
         queue_timeout=args.queue_timeout,
         prefill_chunk=max(0, args.prefill_chunk),
+        prefill_seconds=args.prefill_seconds,
+        threads=args.threads,
     )
     backend: Backend | Engine
     if args.upstream:

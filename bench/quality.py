@@ -1,9 +1,12 @@
 """Does quantization keep the answers? 20 short factual questions, greedy, on the bundled model (or --model), in
-float32 and at --quantize 16 (the default dtype), 8 and 4; an answer is right when it holds the expected word.
+float32 and at the defaults (the weight format and kernels measured fastest on this CPU), --quantize 16 (the default
+dtype), 8 and 4; an answer is right when it holds the expected word. A finer measure beside it: float32's own
+answers fed back token by token through each configuration's decode steps (teacher forcing), and how often its
+top token is float32's (top-1 agreement) and how far its distribution is (mean KL divergence, nats a token).
 
     .venv/bin/python bench/quality.py
 
-Writes bench/results/quality.json.
+Writes bench/results/quality_<instruction set>.json.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import argparse
 import json
 import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +46,19 @@ QUESTIONS = [
 ]
 
 
-def answers(model: Path | None, dtype: str, quantize: int | None, tokens: int) -> list[str]:
+@dataclass
+class Reference:
+    """float32's greedy answers and its log-probabilities at each of their tokens."""
+
+    ids: list[list[int]]
+    logprobs: list[Any]  # per question: [tokens, V] float16
+
+
+def answers(
+    model: Path | None, dtype: str, quantize: int | None, tokens: int, reference: Reference | None
+) -> tuple[list[str], Reference, dict[str, Any]]:
+    """Greedy answers (text, and ids with their log-probabilities); against `reference`'s answers fed back token by
+    token through the decode steps: how often the top token is the reference's, and the mean KL divergence."""
     import torch
 
     from batch import KVBatch, decode_step, prefill
@@ -50,18 +66,41 @@ def answers(model: Path | None, dtype: str, quantize: int | None, tokens: int) -
     from text import Message
 
     lm = load_model(ModelConfig(model, "cpu", quantize=quantize, cache_dir=default_cache_dir(), dtype=dtype))
-    out = []
+    texts, own = [], Reference([], [])
+    agree = total = 0
+    divergence = 0.0
     with torch.inference_mode():
-        for question, _ in QUESTIONS:
+        for i, (question, _) in enumerate(QUESTIONS):
+            prompt = lm.chat.encode([Message("user", question)])
+            forced = None if reference is None else reference.ids[i]
             batch = KVBatch()
-            logits, cache, mask = prefill(lm, [lm.chat.encode([Message("user", question)])])
+            logits, cache, mask = prefill(lm, [prompt])
             batch.add(cache, mask)
-            token, tokens_out = int(logits[0].argmax()), list[int]()
-            while token not in lm.eos_token_ids and len(tokens_out) < tokens:
-                tokens_out.append(token)
-                token = int(decode_step(lm, batch, [token])[0].argmax())
-            out.append(str(lm.tokenizer.decode(tokens_out, skip_special_tokens=True)))
-    return out
+            ids: list[int] = []
+            steps = []
+            while True:
+                steps.append(torch.log_softmax(logits[0].float(), dim=-1))
+                token = int(logits[0].argmax())
+                if forced is not None:
+                    want = reference.logprobs[i][len(ids)].float() if reference is not None else None
+                    assert want is not None
+                    agree += token == forced[len(ids)]
+                    divergence += float((want.exp() * (want - steps[-1])).sum())
+                    total += 1
+                    token = forced[len(ids)]
+                ids.append(token)
+                done = len(ids) == len(forced) if forced is not None else token in lm.eos_token_ids
+                if done or len(ids) >= tokens:
+                    break
+                logits = decode_step(lm, batch, [token])
+            answer = ids if forced is not None or ids[-1] not in lm.eos_token_ids else ids[:-1]
+            texts.append(str(lm.tokenizer.decode(answer, skip_special_tokens=True)))
+            own.ids.append(ids)
+            own.logprobs.append(torch.stack(steps).half())
+    measured: dict[str, Any] = {"bits": lm.bits, "dtype": lm.dtype, "kernels": lm.kernels}
+    if reference is not None:
+        measured.update(top1_agreement=round(agree / total, 4), mean_kl_nats=round(divergence / total, 5))
+    return texts, own, measured
 
 
 def right(answer: str, words: list[str]) -> bool:
@@ -73,22 +112,40 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, help="default: the bundled model")
     p.add_argument("--tokens", type=int, default=48)
+    p.add_argument("--dtype", default="auto", help="the dtype of every configuration but float32 (default: auto)")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = p.parse_args()
+    import torch
+
     runs: dict[str, Any] = {}
-    for name, dtype, quantize in [("float32", "float32", 16), ("16", "auto", 16), ("8", "auto", 8), ("4", "auto", 4)]:
-        got = answers(args.model, dtype, quantize, args.tokens)
+    reference: Reference | None = None
+    d = args.dtype
+    configs = [("float32", "float32", 16), ("defaults", d, None), ("16", d, 16), ("8", d, 8), ("4", d, 4)]
+    for name, dtype, quantize in configs:
+        got, ids, measured = answers(args.model, dtype, quantize, args.tokens, reference)
+        if reference is None:  # float32's answers, its end token included: the others are held to it too
+            reference = ids
         runs[name] = {"answers": got, "right": [right(a, w) for a, (_, w) in zip(got, QUESTIONS, strict=True)]}
-    reference = runs["float32"]["right"]
-    summary = {"float32_right": sum(reference)}
-    for name in ("16", "8", "4"):
-        kept = sum(r and ref for r, ref in zip(runs[name]["right"], reference, strict=True))
-        summary[f"quantize_{name}_right"] = sum(runs[name]["right"])
-        summary[f"quantize_{name}_keeps_of_float32_right"] = kept
+        runs[name].update(measured)
+        print(json.dumps({name: {k: v for k, v in runs[name].items() if k not in ("answers", "kernels")}}), flush=True)
+    expected = runs["float32"]["right"]
+    summary: dict[str, Any] = {"float32_right": sum(expected)}
+    for name in ("defaults", "16", "8", "4"):
+        kept = sum(r and ref for r, ref in zip(runs[name]["right"], expected, strict=True))
+        summary[name] = {
+            "bits": runs[name]["bits"],
+            "dtype": runs[name]["dtype"],
+            "right": sum(runs[name]["right"]),
+            "keeps_of_float32_right": kept,
+            "top1_agreement": runs[name]["top1_agreement"],
+            "mean_kl_nats": runs[name]["mean_kl_nats"],
+        }
     print(json.dumps(summary, indent=1))
     args.out.mkdir(parents=True, exist_ok=True)
-    report = {"command": " ".join(sys.argv), "summary": summary, "questions": [q for q, _ in QUESTIONS], **runs}
-    (args.out / "quality.json").write_text(json.dumps(report, indent=1, ensure_ascii=False))
+    isa = torch.backends.cpu.get_cpu_capability().lower()
+    report = {"command": " ".join(sys.argv), "cpu": isa, "summary": summary, "questions": [q for q, _ in QUESTIONS]}
+    suffix = "" if d == "auto" else f"_{d}"
+    (args.out / f"quality_{isa}{suffix}.json").write_text(json.dumps({**report, **runs}, indent=1, ensure_ascii=False))
 
 
 if __name__ == "__main__":

@@ -5,8 +5,10 @@ and optionally next to llama.cpp's `llama-server` on the same GGUF file with the
     .venv/bin/python bench/serve_bench.py                 # bundled model, CPU, our defaults
     .venv/bin/python bench/serve_bench.py --against-llama-server /path/to/llama-server --quantize-sweep
     .venv/bin/python bench/serve_bench.py --url http://127.0.0.1:8000/v1 --model NAME   # any OpenAI-compatible server
+    .venv/bin/python bench/serve_bench.py --closed-only --quantize-sweep --against-llama-server PATH   # the ISA table
 
-Writes bench/results/serve_bench.json and bench/results/serve_bench.png.
+It records the instruction set PyTorch dispatches to (`AVX512`, or `AVX2` on a CPU without AVX-512 or under the
+emulation in bench/README.md) and writes bench/results/serve_bench_<instruction set>.json and .png.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import socket
 import statistics
@@ -303,9 +306,14 @@ def main() -> None:
     p.add_argument("--against-llama-server", type=Path, help="also measure this llama-server binary on the same GGUF")
     p.add_argument("--quantize-sweep", action="store_true", help="also measure our server at --quantize 16, 8 and 4")
     p.add_argument("--poisson-only", action="store_true", help="only the Poisson runs, chunked prefill and whole")
+    p.add_argument(
+        "--closed-only", action="store_true", help="only the closed-loop runs (no Poisson, late joiner or batch 1)"
+    )
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    report: dict[str, Any] = {"command": " ".join(sys.argv), "device": args.device}
+    report: dict[str, Any] = {"command": " ".join(sys.argv), "device": args.device, "cpu": cpu_report()}
+    isa = report["cpu"]["capability"].lower()
+    print(json.dumps({"cpu": report["cpu"]}), flush=True)
     top = max(args.concurrency)
 
     if args.poisson_only:
@@ -317,7 +325,7 @@ def main() -> None:
         report["poisson_chunked"] = served([*base, "--max-queue", "256"], mixed)
         report["poisson_prefill_whole"] = served([*base, "--max-queue", "256", "--prefill-chunk", "0"], mixed)
         print(json.dumps({k: report[k] for k in ("poisson_chunked", "poisson_prefill_whole")}, indent=1))
-        (args.out / "poisson_bench.json").write_text(json.dumps(report, indent=1))
+        (args.out / f"poisson_bench_{isa}.json").write_text(json.dumps(report, indent=1))
         return
     if args.url:
         model = args.model or served_model(args.url)
@@ -329,24 +337,27 @@ def main() -> None:
         base = [*(["--model", str(args.model_path)] if args.model_path else []), "--device", args.device]
 
         async def defaults(url: str, model: str) -> None:
-            report["server"] = await measure(url, model, args)
-            report["late_joiner"] = await late_joiner(url, model, top - 1, args.tokens)
-            print(json.dumps(report["late_joiner"]), flush=True)
+            report["server"] = await measure(url, model, args, poisson_run=not args.closed_only)
+            report["health"] = health(url)
+            if not args.closed_only:
+                report["late_joiner"] = await late_joiner(url, model, top - 1, args.tokens)
+                print(json.dumps(report["late_joiner"]), flush=True)
 
         served([*base, "--max-queue", "256"], defaults)
+        print(json.dumps({"chosen": report["health"].get("kernels", {}).get("bits")}), flush=True)
 
         async def batch1(url: str, model: str) -> dict[str, Any]:
             return (await closed_loop(url, model, top, args.tokens, f"batch1 c={top}")).summary()
 
-        report["server_batch1"] = served([*base, "--max-batch-size", "1", "--max-queue", "256"], batch1)
-        print(json.dumps(report["server_batch1"]), flush=True)
-
         async def poisson_only(url: str, model: str) -> dict[str, Any]:
             return (await poisson(url, model, args.rate, args.poisson_requests)).summary()
 
-        # the Poisson run of mixed prompt lengths with whole prompts prefilled at once, as before chunked prefill
-        report["poisson_prefill_whole"] = served([*base, "--prefill-chunk", "0"], poisson_only)
-        print(json.dumps(report["poisson_prefill_whole"]), flush=True)
+        if not args.closed_only:
+            report["server_batch1"] = served([*base, "--max-batch-size", "1", "--max-queue", "256"], batch1)
+            print(json.dumps(report["server_batch1"]), flush=True)
+            # the Poisson run of mixed prompt lengths with whole prompts prefilled at once, as before chunked prefill
+            report["poisson_prefill_whole"] = served([*base, "--prefill-chunk", "0"], poisson_only)
+            print(json.dumps(report["poisson_prefill_whole"]), flush=True)
         if args.quantize_sweep:
             report["quantize"] = {}
             for bits in ("16", "8", "4"):
@@ -362,22 +373,42 @@ def main() -> None:
             gguf = args.model_path or bundled_model_path()
 
             async def peer(url: str, model: str) -> list[dict[str, Any]]:
-                return await measure(url, model, args)
+                return await measure(url, model, args, poisson_run=not args.closed_only)
 
             command = llama_server(args.against_llama_server, gguf, top)
             report["llama_server"] = served([], peer, command)
         report["ratios"] = ratios(report, top)
         print(json.dumps(report["ratios"], indent=1))
-    (args.out / "serve_bench.json").write_text(json.dumps(report, indent=1))
-    chart(report, args.out / "serve_bench.png")
-    print(f"wrote {args.out / 'serve_bench.json'} and {args.out / 'serve_bench.png'}")
+    (args.out / f"serve_bench_{isa}.json").write_text(json.dumps(report, indent=1))
+    chart(report, args.out / f"serve_bench_{isa}.png")
+    print(f"wrote {args.out / f'serve_bench_{isa}.json'} and {args.out / f'serve_bench_{isa}.png'}")
+
+
+def cpu_report() -> dict[str, Any]:
+    """The CPU this ran on as the server sees it: the instruction set PyTorch dispatches to, and the model name."""
+    import torch
+
+    from devices import cpu_has_bf16, cpu_identity
+
+    identity = cpu_identity()
+    return {
+        "capability": torch.backends.cpu.get_cpu_capability(),
+        "model": identity["model"],
+        "native_bf16": cpu_has_bf16(),
+        "emulated": {k: v for k, v in os.environ.items() if k.endswith(("CPU_CAPABILITY", "_ISA", "_INSTRUCTIONS"))},
+    }
+
+
+def health(url: str) -> dict[str, Any]:
+    import urllib.request
+
+    with urllib.request.urlopen(url.removesuffix("/v1") + "/health", timeout=10) as r:
+        return dict(json.load(r))
 
 
 def ratios(report: dict[str, Any], top: int) -> dict[str, float]:
     ip = report["in_process"]
     runs = {r["concurrency"]: r for r in report["server"] if r["name"].startswith("closed")}
-    late = report["late_joiner"]
-    poisson_now = next(r for r in report["server"] if r["name"].startswith("poisson"))
     peer: dict[str, float] = {}
     if report.get("llama_server"):
         theirs = {r["concurrency"]: r for r in report["llama_server"] if r["name"].startswith("closed")}
@@ -388,20 +419,35 @@ def ratios(report: dict[str, Any], top: int) -> dict[str, float]:
             f"c{top}_ttft_p50_ms_ours": runs[top]["ttft_p50_ms"],
             f"c{top}_ttft_p50_ms_llama_server": theirs[top]["ttft_p50_ms"],
         }
-    return {
+    out = {
         **peer,
-        "poisson_itl_p95_ms_chunked": poisson_now["itl_p95_ms"],
-        "poisson_itl_p95_ms_prefill_whole": report["poisson_prefill_whole"]["itl_p95_ms"],
         "single_stream_decode_vs_in_process": runs[1]["per_request_decode_tok_s"]
         / ip["batch1"]["decode_tok_s_per_seq"],
         "single_stream_ttft_minus_prefill_ms": runs[1]["ttft_p50_ms"] - ip["prefill_ms"],
         f"c{top}_aggregate_vs_in_process_batch{top}": runs[top]["aggregate_tok_s"]
         / ip[f"batch{top}"]["aggregate_tok_s"],
-        f"c{top}_batched_vs_max_batch_size_1": runs[top]["aggregate_tok_s"]
-        / report["server_batch1"]["aggregate_tok_s"],
-        "late_joiner_ttft_minus_prefill_in_steps": (late["late_ttft_ms"] - ip["prefill_ms"])
-        / late["batch_step_p50_ms"],
     }
+    if "late_joiner" in report:
+        poisson_now = next(r for r in report["server"] if r["name"].startswith("poisson"))
+        late = report["late_joiner"]
+        out.update(
+            {
+                "poisson_itl_p95_ms_chunked": poisson_now["itl_p95_ms"],
+                "poisson_itl_p95_ms_prefill_whole": report["poisson_prefill_whole"]["itl_p95_ms"],
+                f"c{top}_batched_vs_max_batch_size_1": runs[top]["aggregate_tok_s"]
+                / report["server_batch1"]["aggregate_tok_s"],
+                "late_joiner_ttft_minus_prefill_in_steps": (late["late_ttft_ms"] - ip["prefill_ms"])
+                / late["batch_step_p50_ms"],
+            }
+        )
+    if "quantize" in report:  # the sweep beside the default: is the default the fastest within the noise?
+        for bits, runs_at in report["quantize"].items():
+            closed = {r["concurrency"]: r for r in runs_at if r["name"].startswith("closed")}
+            out[f"quantize_{bits}_single_stream_vs_default"] = (
+                closed[1]["per_request_decode_tok_s"] / runs[1]["per_request_decode_tok_s"]
+            )
+            out[f"quantize_{bits}_c{top}_vs_default"] = closed[top]["aggregate_tok_s"] / runs[top]["aggregate_tok_s"]
+    return out
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """Precision and size for every model: `--dtype` (bf16 where the CPU has it), `--quantize 16/8/4` on PyTorch's
-weight-only kernels, a GGUF file served at its own level, and the batch size memory affords."""
+weight-only kernels, a GGUF file served at its own level or above, and the batch size memory affords."""
 
 from __future__ import annotations
 
@@ -11,25 +11,36 @@ import pytest
 import torch
 
 import batch
+import calibrate
 import devices
 from common import BACKEND
 from devices import default_batch_size, resolve_dtype
 from loader import LoadedModel, ModelConfig, load_model
 from local import LocalBackend
-from quantize import DENSE_ROWS, HELD_ROWS, QuantizedEmbedding, QuantizedLinear, quantize_linear
+from quantize import DENSE_ROWS, HELD_ROWS, QuantizedEmbedding, QuantizedLinear, int4_cpu_layout, quantize_linear
 from tests.conftest import MakeClient, build_tiny_gguf
 from tests.test_cli import run_cli
 
 FLAGS = "fpu vme de pse tsc msr pae mce cx8 apic avx2 avx512f avx512bw"
 
 
-@pytest.mark.parametrize(("flags", "want"), [(FLAGS, torch.float32), (FLAGS + " avx512_bf16", torch.bfloat16)])
+@pytest.mark.parametrize(
+    ("flags", "capability", "want"),
+    [
+        (FLAGS, "AVX512", torch.float32),
+        (FLAGS + " avx512_bf16", "AVX512", torch.bfloat16),
+        # the flags say bf16, but PyTorch dispatches to AVX2 code (ATEN_CPU_CAPABILITY=avx2, how the tests emulate an
+        # AVX2-only CPU): bf16 would be emulated there
+        (FLAGS + " avx512_bf16", "AVX2", torch.float32),
+    ],
+)
 def test_auto_dtype_follows_the_cpus_bf16_support(
-    flags: str, want: torch.dtype, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    flags: str, capability: str, want: torch.dtype, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
     monkeypatch.setattr(devices, "CPUINFO", cpuinfo)  # the capability probe reads this file
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
     assert resolve_dtype("auto", "cpu") == want
     assert resolve_dtype("float32", "cpu") == torch.float32 and resolve_dtype("float16", "cpu") == torch.float16
 
@@ -78,13 +89,16 @@ async def test_quantized_models_answer_deterministically_alone_and_in_a_batch(
 
 
 @pytest.mark.parametrize("bits", [8, 4])
-@pytest.mark.parametrize("width", [192, 96])  # 96: not whole blocks of the int4 tile format's 64 rows
+@pytest.mark.parametrize("width", [192, 96])  # 96: not whole blocks of the AVX-512 int4 tile format's 64 rows
 def test_prefill_sized_inputs_use_the_same_weights_as_decoding(bits: int, width: int) -> None:
     """Many rows at once (a prefill chunk) go through a dequantized copy on a CPU, a row at a time through the
-    kernel: both compute with the same quantized weights."""
+    kernel: both compute with the same quantized weights, whichever tile format this CPU's kernels pack int4 in."""
     torch.manual_seed(0)
     layer = quantize_linear(torch.nn.Linear(256, width), bits, 32, torch.bfloat16, "cpu")
-    assert layer.dense_above or width % 64  # the int4 tile format is read in blocks of 64 rows
+    layout = int4_cpu_layout()
+    assert layout is not None  # every instruction set PyTorch dispatches to on x86 packs one of the known ways
+    rows_per_tile = layout[0] if bits == 4 else 1
+    assert layer.unpacks == (width % rows_per_tile == 0) and layer.dense == (torch.bfloat16 if layer.unpacks else None)
     x = torch.randn(DENSE_ROWS + 3, 256).bfloat16()
     together = layer(x).float()
     alone = torch.cat([layer(row[None]) for row in x]).float()
@@ -100,8 +114,10 @@ def test_a_chunked_prompt_dequantizes_the_weights_once(
     the one they get dequantizing each time."""
     pieces = [DENSE_ROWS, 2 * HELD_ROWS, DENSE_ROWS]  # the middle one alone would run on the kernels
     lm, prompt = sizes[bits], [10 + i % 300 for i in range(sum(pieces))]
-    dense = [m for m in lm.model.modules() if isinstance(m, QuantizedLinear) and m.dense_above]
+    dense = [m for m in lm.model.modules() if isinstance(m, QuantizedLinear) and m.unpacks]
     assert dense
+    for m in dense:  # the route where a copy serves many rows (the calibration may have chosen the kernel)
+        monkeypatch.setattr(m, "dense", torch.float32)
     unpacked: list[QuantizedLinear] = []
     original = QuantizedLinear._dense_now
 
@@ -132,13 +148,23 @@ def test_a_chunked_prompt_dequantizes_the_weights_once(
 
 
 @pytest.mark.parametrize(("quant", "bits"), [(None, 16), ("Q8_0", 8), ("Q4_1", 4)])
-def test_a_gguf_file_is_served_at_its_own_level(quant: str | None, bits: int, tmp_path: Path) -> None:
+def test_a_gguf_file_is_served_at_its_own_level_or_the_one_measured_fastest(
+    quant: str | None, bits: int, tmp_path: Path
+) -> None:
+    """The file's own width is where the measurement starts: never fewer bits (that would lose what the file kept),
+    more where they measure faster here; the choice is kept with the converted copy, and `--quantize` overrides."""
     path = build_tiny_gguf(tmp_path, quant)
     lm = load_model(ModelConfig(path=path, device="cpu", cache_dir=tmp_path / "cache"))
     again = load_model(ModelConfig(path=path, device="cpu", cache_dir=tmp_path / "cache"))  # from the copy
-    assert lm.bits == again.bits == bits
+    if bits == 16:
+        assert lm.bits == again.bits == 16 and lm.kernels is None  # nothing to choose
+    else:
+        assert lm.kernels is not None and again.kernels is not None
+        measured = {int(b): step for b, step in lm.kernels["step_us"].items()}
+        assert set(measured) == {b for b in (4, 8, 16) if b >= bits}
+        assert lm.bits == calibrate.choose(measured) and again.bits == lm.bits and again.kernels["cached"]
     plain = load_model(ModelConfig(path=path, device="cpu", cache_dir=tmp_path / "cache", quantize=16))
-    assert plain.bits == 16 and (plain.weight_bytes > lm.weight_bytes) == (bits < 16)
+    assert plain.bits == 16 and (plain.weight_bytes > lm.weight_bytes) == (lm.bits < 16)
 
 
 def test_the_batch_size_follows_memory() -> None:

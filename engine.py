@@ -337,11 +337,14 @@ class Engine:
             return full
         return max(MIN_CHUNK, min(full, int(self.config.prefill_seconds / self._token_s)))
 
-    def _measured(self, tokens: int, seconds: float) -> None:
-        """A prefill of `tokens` (padding counted: it is computed) took `seconds`: update the per-token cost."""
+    def _measured(self, tokens: int, offset: int, seconds: float) -> None:
+        """A prefill of `tokens` (padding counted: it is computed) `offset` tokens into its prompt took `seconds`:
+        update the cost of a token at a prompt's start. A token deeper in also attends to those before it, which
+        `chunk_size` counts as (K + offset) / K tokens at the start, and so does this."""
         if tokens < MIN_CHUNK:  # a few tokens cost their step's fixed part more than their own
             return
-        cost = seconds / tokens
+        k = self.model.attention_break_even
+        cost = seconds / (tokens * (k + offset) / k)
         self._token_s = cost if self._token_s is None else 0.7 * self._token_s + 0.3 * cost
 
     def _admit(self) -> None:
@@ -400,8 +403,7 @@ class Engine:
             chunk, more = seq.prompt[seq.prefilled : seq.prefilled + take], len(seq.prompt) - seq.prefilled - take
             started = time.perf_counter()
             logits, seq.cache = prefill_chunk(self.model, chunk, seq.cache, more)
-            # a chunk deep in the prompt also attends to what came before: counted as the full chunk it stands for
-            self._measured(self.chunk_tokens if take == size else take, time.perf_counter() - started)
+            self._measured(take, seq.prefilled, time.perf_counter() - started)
         except Exception as exc:
             log.exception("prefill failed for request %s", seq.handle.id)
             self._end(seq.handle, Failed(f"generation failed: {exc}"))
@@ -420,7 +422,7 @@ class Engine:
         try:
             started = time.perf_counter()
             logits, cache, mask = prefill(self.model, [seq.prompt for seq in seqs])
-            self._measured(mask.numel(), time.perf_counter() - started)
+            self._measured(mask.numel(), 0, time.perf_counter() - started)
         except Exception as exc:
             if len(seqs) > 1:  # find the broken request: alone, only it fails
                 for seq in seqs:

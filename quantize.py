@@ -193,7 +193,8 @@ class QuantizedLinear(nn.Module):
         assert weight is not None and scale is not None
         top = y.topk(self.exact_top, dim=-1).indices  # [M, k]
         rows = weight[top].float()  # [M, k, in]
-        exact = torch.bmm(rows, x.float()[:, :, None])[..., 0] * scale[top]  # [M, k]
+        # a product and a sum over each row's own values: a row sums the same alone as beside others (bmm may not)
+        exact = (rows * x.float()[:, None, :]).sum(-1) * scale[top]  # [M, k]
         if self.bias is not None:
             exact = exact + self.bias.float()[top]
         return y.float().scatter_(-1, top, exact)

@@ -8,7 +8,7 @@ Starts the real server (bundled model, CPU) through its CLI and measures, as a c
 
     .venv/bin/python bench/stall_bench.py [--chunks 0 256 512 1024]
 
-Writes bench/results/stall_bench.json.
+Writes bench/results/stall_bench_<instruction set>.json.
 """
 
 from __future__ import annotations
@@ -134,7 +134,10 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=250, help="repeats of a 15-word sentence (250: about 4000 tokens)")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = p.parse_args()
-    report: dict[str, Any] = {"command": " ".join(sys.argv)}
+    import torch
+
+    isa = torch.backends.cpu.get_cpu_capability()
+    report: dict[str, Any] = {"command": " ".join(sys.argv), "cpu": isa}
     if not args.skip_huge:
         proc, url = start_server(["--device", "cpu"])
         try:
@@ -154,8 +157,9 @@ def main() -> None:
         report["long_prompt"][str(chunk)] = result
         print(json.dumps({"prefill_chunk": chunk, **result}), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "stall_bench.json").write_text(json.dumps(report, indent=1))
-    print(f"wrote {args.out / 'stall_bench.json'}")
+    path = args.out / f"stall_bench_{isa.lower()}.json"
+    path.write_text(json.dumps(report, indent=1))
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -188,9 +188,9 @@ def test_each_quantized_path_answers_as_its_dequantized_weights(
         m.set_dense(torch.float32)  # 128 rows and up (the second prompt): the copy
     lean.fuse(lm.model)  # the fused step takes its scales as they are now
     reference = dequantized(lm)
-    prompts = [lm.chat.encode([message("What is the capital of France?")]), list(range(200, 360))]
-    agree, clear = greedy_agreement(lm, reference, prompts, 12)
-    assert clear >= 12 and agree == clear
+    prompts = [lm.chat.encode([message("What is the capital of France?")]), list(range(200, 340))]
+    agree, clear = greedy_agreement(lm, reference, prompts, 8)
+    assert clear >= 8 and agree == clear
 
 
 def message(text: str) -> Any:
@@ -201,20 +201,16 @@ def message(text: str) -> Any:
 
 @pytest.mark.parametrize("act", [torch.float32, torch.bfloat16])
 def test_quantized_rows_alone_and_together(act: torch.dtype, q4_gguf: Path) -> None:
-    """Batch invariance where the kernels allow it: the int8 kernel computes a row the same alone and beside others
-    fed either dtype; the int4 kernel only fed float32 (fed bf16 it rounds a row differently with the rows beside
-    it, within 1% of the largest output, as the README says)."""
+    """A decode batch's rows each get what they get alone, from every kernel fed either dtype (the LM head's exact
+    top logits too). A prefill chunk of 128 rows and more may take the dequantized copy, and a batch of rows is not
+    a batch of prompts: padding and attention are tested with the models (test_batching.py)."""
     lm = load_model(ModelConfig(path=q4_gguf, device="cpu", dtype="float32", quantize=4))
     torch.manual_seed(0)
     for m in quantized_layers(lm):
         m.set_act(act)
         x = torch.randn(5, m.in_features)
         alone = torch.cat([m(row[None]) for row in x])
-        together = m(x)
-        if m.kernel == "int8pack" or act == torch.float32:
-            assert torch.equal(alone, together), m
-        else:
-            assert torch.allclose(alone, together, atol=1e-2 * float(alone.abs().max())), m
+        assert torch.equal(alone, m(x)), m
 
 
 # ---- fused projections -------------------------------------------------------------------------------------------
@@ -267,7 +263,7 @@ def test_the_thread_count_follows_the_steps_speed() -> None:
         run_tuner(tuner, {2: 0.050, 1: 0.017}.__getitem__, 20)
         assert tuner.current == 1
         seen = run_tuner(tuner, {2: 0.050, 1: 0.017}.__getitem__, 60)
-        assert seen.count(1) >= 50
+        assert seen.count(1) >= 45  # probes at 2 every 0.2 s of decoding
         # quiet again: back to 2
         run_tuner(tuner, {2: 0.010, 1: 0.016}.__getitem__, 40)
         assert tuner.current == 2
@@ -282,26 +278,3 @@ def test_the_thread_count_follows_the_steps_speed() -> None:
         assert set(run_tuner(fixed, lambda n: 0.01, 30)) == {2}
     finally:
         torch.set_num_threads(most)
-
-
-# ---- prefill in seconds ------------------------------------------------------------------------------------------
-
-
-async def test_slow_prefill_takes_smaller_chunks(make_client: MakeClient, tmp_path: Path) -> None:
-    """Where a prompt's tokens take long to prefill, a step prefills fewer of them than --prefill-chunk, so that the
-    running streams wait about --prefill-seconds, not a whole chunk's time."""
-    import dataclasses
-
-    from tests.conftest import build_tiny_model
-    from tests.test_no_stall import LONG_PROMPT, Recorder
-
-    folder = build_tiny_model(tmp_path, context=8192)
-    lm = load_model(ModelConfig(path=folder, device="cpu", dtype="float32"))
-    recorder = Recorder(lm.model, delay=0.2)  # 0.2 s a forward pass: 256 tokens take 0.8 ms each
-    client = await make_client(
-        dataclasses.replace(lm, model=recorder, lean_decode=False), prefill_chunk=256, prefill_seconds=0.1
-    )
-    response = await client.post("/chat", json={"query": LONG_PROMPT, "max_tokens": 2})
-    assert response.status == 200
-    chunks = [n for _, n in recorder.calls if n > 1]
-    assert chunks[0] == 256 and len(chunks) >= 4 and all(n <= 160 for n in chunks[1:])

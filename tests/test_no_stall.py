@@ -186,15 +186,15 @@ def test_chunks_shrink_as_attention_grows_and_depend_only_on_the_prompt() -> Non
 class Recorder(Wrapped):
     """Records each forward pass's batch and length, optionally slowed down."""
 
-    def __init__(self, model: Any, delay: float = 0.0) -> None:
+    def __init__(self, model: Any, delay: float = 0.0, per_token: float = 0.0) -> None:
         super().__init__(model)
-        self.delay = delay
+        self.delay, self.per_token = delay, per_token
         self.calls: list[tuple[int, int]] = []  # (batch, new tokens)
 
     def forward(self, **kwargs: Any) -> Any:
         ids = kwargs["input_ids"]
         self.calls.append((ids.shape[0], ids.shape[1]))
-        time.sleep(self.delay)
+        time.sleep(self.delay + self.per_token * ids.numel())
         return self.model(**kwargs)
 
 
@@ -242,6 +242,23 @@ async def test_chunked_prefill_gives_the_one_piece_answer(
         answers.append((await (await client.post("/chat", json=body)).json())["response"])
         await other
     assert answers[0] == answers[1] and answers[0]
+
+
+async def test_slow_prefill_takes_smaller_chunks(make_client: MakeClient, long_lm: LoadedModel) -> None:
+    """Where a prompt's tokens take long to prefill, a step prefills fewer of them than --prefill-chunk, so that the
+    running streams wait about --prefill-seconds, not a whole chunk's time."""
+    import dataclasses
+
+    recorder = Recorder(long_lm.model, per_token=0.001)  # a millisecond a token, as on a slow CPU
+    # attention as cheap as the rest (the recorder's cost does not grow deeper in): chunks keep their size
+    slow = dataclasses.replace(long_lm, model=recorder, lean_decode=False, attention_break_even=1 << 20)
+    client = await make_client(slow, prefill_chunk=256, prefill_seconds=0.12)
+    response = await client.post("/chat", json={"query": LONG_PROMPT, "max_tokens": 2})
+    assert response.status == 200
+    chunks = [n for _, n in recorder.calls if n > 1]
+    assert chunks[0] == 256 and len(chunks) >= 5 and all(60 <= n <= 160 for n in chunks[1:-1])  # about 120
+    health = await (await client.get("/health")).json()
+    assert 60 <= health["prefill_tokens_per_step"] <= 160
 
 
 async def test_a_request_cancelled_between_chunks_frees_its_slot(make_client: MakeClient, long_lm: LoadedModel) -> None:

@@ -13,10 +13,12 @@ the same `QuantizedLinear` code that serves:
   `--dtype` fixes it);
 - for a prefill chunk's many rows, the kernel or a copy dequantized for the call, in float32 or bf16.
 
-Each timing cycles through enough layers that their weights come from memory, as in a decode step, not from the
-cache (a single layer timed alone looks 2-4x faster than it runs in a step). The weight format is the one whose
-estimated step (all linear layers of the model) is closest to the best at both one row and a decode batch; each
-format's own kernels are chosen the same way. The result is kept in the cache directory, keyed by the CPU, torch,
+What is timed is what a decode step multiplies in one call (a unit): a layer, or a layer's q/k/v and its gate/up
+projections, which the plain decode step computes as one (lean.fuse). Each timing cycles through enough copies that
+their weights come from memory, as in a decode step, not from the cache (a single layer timed alone looks 2-4x
+faster than it runs in a step). The model gets the width whose estimated step (its units' times added up) is closest
+to the best at both one row and a decode batch (the smallest worst ratio; within 3%, the fewer bits); each unit's
+kernels are chosen the same way at that width. The result is kept in the cache directory, keyed by the CPU, torch,
 the thread count and the model, so a machine measures once and every start serves the same way.
 """
 
@@ -28,6 +30,7 @@ import json
 import logging
 import math
 import os
+import statistics
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -36,36 +39,44 @@ from typing import Any
 import torch
 from torch import nn
 
+import lean
 from devices import cpu_identity
 from quantize import GROUP_SIZES, INT4_GROUP, QuantizedLinear, quantize_linear
 
 log = logging.getLogger(__name__)
 
-VERSION = 1  # of what is measured and how; a new one measures again
+VERSION = 3  # of what is measured and how; a new one measures again
 DECODE_ROWS = (1, 16)  # a lone stream and a decode batch
 PREFILL_ROWS = 256  # a prefill chunk's rows (from quantize.DENSE_ROWS on, a dequantized copy may serve them)
 SAMPLE_BYTES = 64 << 20  # weights one timing cycles through: past the last-level cache of most CPUs
-TIMING_S = 0.015  # wall time a timing runs for, at least two passes over its layers
+TIMING_S = 0.02  # wall time a timing runs for
 SLOWER = 2.0  # an activation dtype this much slower at one row is not timed at a decode batch
+TIE = 1.03  # formats within this of each other: the fewer bits
 
 
 @dataclass(frozen=True)
 class Shape:
-    """The linear layers of one shape in a model: (in, out), how many, and whether it is the LM head."""
+    """A unit of the model's linear layers: one layer, or layers that read the same input and a decode step
+    multiplies as one (their output widths in `parts`); how many such units the model has; whether it is the LM
+    head; the width it is already quantized at (a checkpoint published quantized)."""
 
     inputs: int
-    outputs: int
+    parts: tuple[int, ...]
     count: int
     head: bool = False
-    bits: int | None = None  # already quantized at this width (a checkpoint published quantized)
+    bits: int | None = None
+
+    @property
+    def outputs(self) -> int:
+        return sum(self.parts)
 
     @property
     def key(self) -> str:
-        return f"{self.inputs}x{self.outputs}{'-head' if self.head else ''}"
+        return f"{self.inputs}x{'+'.join(map(str, self.parts))}{'-head' if self.head else ''}"
 
     def format(self, bits: int) -> int:
-        """The weight bits this shape gets when the model is served at `bits` (as quantize_model does it: the LM
-        head at 8, a width int4 cannot group stays dense)."""
+        """The weight bits this unit gets when asked for `bits` (as quantize_model does it: the LM head at 8 below
+        16, a width int4 cannot group stays dense)."""
         if self.bits is not None:
             return self.bits
         if bits == 16:
@@ -77,7 +88,7 @@ class Shape:
 
 @dataclass(frozen=True)
 class Route:
-    """How the layers of one shape multiply at one weight format, and what each way measured (µs per call)."""
+    """How a unit multiplies at one weight format, and what each way measured (µs per call)."""
 
     bits: int
     act: str | None  # dtype the kernel is fed; None: dense layers, in the model's dtype
@@ -90,37 +101,50 @@ class Route:
 class Plan:
     """The measured choice for one model on this machine."""
 
-    bits: int  # weight bits served
+    bits: int  # the width most of the weights are served at
     shapes: tuple[Shape, ...]
-    routes: dict[str, dict[int, Route]]  # shape key → format bits → route
-    step_us: dict[int, dict[str, float]]  # bits → rows → µs of all linear layers of one step
-    prefill_us_per_token: float  # the linear layers' cost of one prompt token at PREFILL_ROWS, at `bits`
+    routes: dict[str, dict[int, Route]]  # unit key → format bits → route
+    choice: dict[str, int]  # unit key → the format served
+    step_us: dict[str, dict[str, float]]  # "4"/"8"/"16" (every unit at it) and "chosen" → rows → µs of one step
     seconds: float  # how long the measurement took
     cached: bool = False
     forced: str = ""  # the flags that fixed a choice, for the log
 
-    def route(self, shape: Shape) -> Route | None:
-        return self.routes.get(shape.key, {}).get(shape.format(self.bits))
+    def route(self, key: str) -> Route | None:
+        return self.routes.get(key, {}).get(self.choice.get(key, 0))
+
+    @property
+    def prefill_us_per_token(self) -> float:
+        """The linear layers' cost of one prompt token at PREFILL_ROWS rows, as chosen."""
+        total = 0.0
+        for shape in self.shapes:
+            route = self.route(shape.key)
+            total += shape.count * (route.us.get(str(PREFILL_ROWS), 0.0) if route is not None else 0.0)
+        return total / PREFILL_ROWS
 
     def slower_than_best(self) -> float:
-        """How much slower the served bits estimate against the best candidate (1.0: it is the best)."""
-        return max(self.step_us[self.bits][r] / min(s[r] for s in self.step_us.values()) for r in _rows_keys())
+        """How much slower the served choice estimates against the best uniform width (1.0: no slower)."""
+        best = {r: min(s[r] for b, s in self.step_us.items() if b != "chosen") for r in _rows_keys()}
+        return max(self.step_us["chosen"][r] / best[r] for r in _rows_keys())
 
     def describe(self) -> dict[str, Any]:
-        """What /health and the log show: the chosen path per shape and its measured times."""
+        """What /health and the log show: the chosen path per unit, its measured times and the other widths'."""
         layers = {}
         for shape in self.shapes:
-            if (r := self.route(shape)) is not None:
+            if (r := self.route(shape.key)) is not None:
                 layers[shape.key] = {
                     "count": shape.count,
                     "bits": r.bits,
                     "act": r.act,
                     "dense": r.dense,
                     "us": r.us,
+                    "by_bits": {
+                        str(b): {k: route.us[k] for k in _rows_keys()} for b, route in self.routes[shape.key].items()
+                    },
                 }
         return {
             "bits": self.bits,
-            "step_us": {str(b): v for b, v in sorted(self.step_us.items())},
+            "step_us": self.step_us,
             "layers": layers,
             "prefill_us_per_token": round(self.prefill_us_per_token, 1),
             "seconds": round(self.seconds, 2),
@@ -133,20 +157,51 @@ def _rows_keys() -> tuple[str, ...]:
     return tuple(str(r) for r in DECODE_ROWS)
 
 
-def shapes_of(model: nn.Module) -> list[Shape]:
-    """The linear layers of a model grouped by shape (nn.Linear, and QuantizedLinear at their fixed width)."""
+def units(model: nn.Module) -> dict[str, str]:
+    """Every linear layer's name → the key of its unit (a layer alone, or the projections a decode step fuses)."""
     head = _head(model)
-    counts: dict[tuple[int, int, bool, int | None], int] = {}
-    key: tuple[int, int, bool, int | None]
-    for module in model.modules():
-        if isinstance(module, nn.Linear):
-            key = (module.in_features, module.out_features, module is head, None)
-        elif isinstance(module, QuantizedLinear):
-            key = (module.in_features, module.out_features, module is head, module.bits)
-        else:
+    modules = {name: m for name, m in model.named_modules() if isinstance(m, (nn.Linear, QuantizedLinear))}
+    keys: dict[str, str] = {}
+    for group in lean.projection_groups(model):
+        members = [modules.get(name) for name in group]
+        if any(m is None for m in members) or len({_width(m) for m in members}) != 1:
             continue
-        counts[key] = counts.get(key, 0) + 1
-    return [Shape(i, o, n, h, b) for (i, o, h, b), n in sorted(counts.items(), key=lambda kv: str(kv[0]))]
+        shape = _shape([m for m in members if m is not None], head)
+        keys.update((name, shape.key) for name in group)
+    for name, m in modules.items():
+        keys.setdefault(name, _shape([m], head).key)
+    return keys
+
+
+def shapes_of(model: nn.Module) -> list[Shape]:
+    """The model's units grouped by shape, with how many of each."""
+    head = _head(model)
+    names = units(model)
+    members: dict[str, list[str]] = {}
+    for name, key in names.items():
+        members.setdefault(key, []).append(name)
+    shapes = []
+    for key, group in members.items():
+        first = [model.get_submodule(n) for n in group if names[n] == key]
+        parts = len(_shape_parts(key))
+        shapes.append(replace(_shape(first[:parts], head), count=len(group) // parts))
+    return sorted(shapes, key=lambda s: s.key)
+
+
+def _shape_parts(key: str) -> list[str]:
+    return key.split("x", 1)[1].removesuffix("-head").split("+")
+
+
+def _width(m: nn.Module | None) -> tuple[int, int | None]:
+    assert isinstance(m, (nn.Linear, QuantizedLinear))
+    return (m.in_features, m.bits if isinstance(m, QuantizedLinear) else None)
+
+
+def _shape(members: list[nn.Module], head: nn.Module | None) -> Shape:
+    layers = [m for m in members if isinstance(m, (nn.Linear, QuantizedLinear))]
+    first = layers[0]
+    bits = first.bits if isinstance(first, QuantizedLinear) else None
+    return Shape(first.in_features, tuple(m.out_features for m in layers), 1, first is head, bits)
 
 
 def calibrate(
@@ -157,38 +212,75 @@ def calibrate(
     cache: Path | None = None,
     identity: dict[str, Any] | None = None,
     forced: str = "",
+    fixed: int | None = None,
 ) -> Plan:
-    """Measure (or read from `cache`) the routes of every shape at each candidate bits and choose the bits."""
+    """Measure (or read from `cache`) every unit at each candidate width, and choose each unit's (or serve every
+    unit at `fixed`, measuring the rest only to say how it compares)."""
     key = _key(shapes, candidates, dtype, acts, identity or {})
     path = None if cache is None else cache / "calibration" / f"{key}.json"
-    if path is not None and (plan := _read(path)) is not None:
-        return replace(plan, cached=True, forced=forced)
-    log.info("measuring this CPU's kernels at %s bits (once per machine and model)", "/".join(map(str, candidates)))
-    start = time.perf_counter()
-    routes: dict[str, dict[int, Route]] = {}
-    with torch.inference_mode():
-        for shape in shapes:
-            for bits in sorted({shape.format(b) for b in candidates}):
-                routes.setdefault(shape.key, {})[bits] = _measure(shape, bits, dtype, acts)
-    step_us = {
-        b: {r: round(sum(s.count * routes[s.key][s.format(b)].us[r] for s in shapes), 1) for r in _rows_keys()}
-        for b in candidates
-    }
-    bits = choose(step_us)
-    prefill = sum(s.count * routes[s.key][s.format(bits)].us.get(str(PREFILL_ROWS), 0.0) for s in shapes) / PREFILL_ROWS
-    plan = Plan(bits, tuple(shapes), routes, step_us, prefill, time.perf_counter() - start, False, forced)
-    if path is not None:
-        _write(path, plan)
-    return plan
+    plan = None if path is None else _read(path)
+    if plan is None:
+        log.info("measuring this CPU's kernels at %s bits (once per machine and model)", "/".join(map(str, candidates)))
+        start = time.perf_counter()
+        routes: dict[str, dict[int, Route]] = {}
+        with torch.inference_mode():
+            for shape in shapes:
+                for bits in sorted({shape.format(b) for b in candidates}):
+                    routes.setdefault(shape.key, {})[bits] = _measure(shape, bits, dtype, acts)
+        uniform = _plan(shapes, candidates, routes, {}, 0.0).step_us
+        bits = choose({int(b): step for b, step in uniform.items() if b != "chosen"})
+        choice = {s.key: s.format(bits) for s in shapes}
+        plan = _plan(shapes, candidates, routes, choice, time.perf_counter() - start)
+        if path is not None:
+            _write(path, plan)
+    else:
+        plan = replace(plan, cached=True)
+    if fixed is not None:
+        plan = _plan(
+            list(plan.shapes),
+            candidates,
+            plan.routes,
+            {s.key: s.format(fixed) for s in plan.shapes},
+            plan.seconds,
+            plan.cached,
+        )
+        plan = replace(plan, bits=fixed)
+    return replace(plan, forced=forced)
+
+
+def _plan(
+    shapes: list[Shape],  # every unit's format comes from `choice` (empty: only the uniform estimates)
+    candidates: list[int],
+    routes: dict[str, dict[int, Route]],
+    choice: dict[str, int],
+    seconds: float,
+    cached: bool = False,
+) -> Plan:
+    def step(pick: dict[str, int]) -> dict[str, float]:
+        return {r: round(sum(s.count * routes[s.key][pick[s.key]].us[r] for s in shapes), 1) for r in _rows_keys()}
+
+    step_us = {str(b): step({s.key: s.format(b) for s in shapes}) for b in candidates}
+    if choice:
+        step_us["chosen"] = step(choice)
+    weights: dict[int, int] = {}
+    for s in shapes:
+        if not s.head and s.key in choice:
+            weights[choice[s.key]] = weights.get(choice[s.key], 0) + s.count * s.inputs * s.outputs
+    bits = max(weights, key=lambda b: (weights[b], -b)) if weights else 16
+    return Plan(bits, tuple(shapes), routes, choice, step_us, seconds, cached)
 
 
 def choose(step_us: dict[int, dict[str, float]]) -> int:
-    """The bits whose estimated step is closest to the best at every row count (the smallest worst ratio); within
-    3% of each other, the fewer bits (less memory, room for more requests)."""
-    best = {r: min(s[r] for s in step_us.values()) for r in _rows_keys()}
-    regret = {b: max(s[r] / best[r] for r in _rows_keys()) for b, s in step_us.items()}
+    """The width whose estimated step is closest to the best at every decode row count (the smallest worst ratio);
+    within 3% of each other, the fewer bits (less memory, room for more requests). One width for the whole model:
+    choosing it unit by unit (8 bits where a unit alone measured faster at 8) measured about 5% slower in whole
+    decode steps on an AVX2 CPU than 4 bits throughout, as units timed alone do not see each other's memory
+    traffic (bench/README.md)."""
+    rows = _rows_keys()
+    best = {r: min(s[r] for s in step_us.values()) for r in rows}
+    regret = {b: max(s[r] / best[r] for r in rows) for b, s in step_us.items()}
     least = min(regret.values())
-    return min(b for b, g in regret.items() if g <= least * 1.03)
+    return min(b for b, g in regret.items() if g <= least * TIE)
 
 
 def choose_act(tried: dict[str, dict[int, float]]) -> str:
@@ -202,11 +294,10 @@ def choose_act(tried: dict[str, dict[int, float]]) -> str:
 
 
 def _measure(shape: Shape, bits: int, dtype: torch.dtype, acts: list[torch.dtype]) -> Route:
-    """Time one shape at one weight format: its kernel's activation dtype, then how it takes many rows."""
+    """Time one unit at one weight format: its kernel's activation dtype, then how it takes many rows."""
     layers = _sample(shape, bits, dtype)
-    inputs = {
-        r: torch.randn(r, shape.inputs, generator=torch.Generator().manual_seed(r)).to(dtype) for r in _all_rows()
-    }
+    generator = torch.Generator().manual_seed(0)
+    inputs = {r: torch.randn(r, shape.inputs, generator=generator).to(dtype) for r in _all_rows()}
     tried: dict[str, float] = {}
     if bits == 16:
         us = {str(r): _time(layers, inputs[r]) for r in _all_rows(shape)}
@@ -253,9 +344,9 @@ def _all_rows(shape: Shape | None = None) -> tuple[int, ...]:
 
 
 def _sample(shape: Shape, bits: int, dtype: torch.dtype) -> list[nn.Module]:
-    """Enough layers of this shape and format, with random weights, that cycling through them reads memory: one made
-    by the serving code (quantize_linear, with its checks), the rest copies of it (a kernel's speed does not depend on
-    the values, and copying is far quicker than quantizing)."""
+    """Enough copies of this unit, as one layer of its whole width with random weights, that cycling through them
+    reads memory: one made by the serving code (quantize_linear, with its checks), the rest copies of it (a
+    kernel's speed does not depend on the values, and copying is far quicker than quantizing)."""
     per_layer = shape.inputs * shape.outputs * (dtype.itemsize if bits == 16 else bits / 8)
     count = max(1, min(shape.count, math.ceil(SAMPLE_BYTES / per_layer)))
     generator = torch.Generator().manual_seed(shape.inputs * 7 + shape.outputs)
@@ -266,19 +357,21 @@ def _sample(shape: Shape, bits: int, dtype: torch.dtype) -> list[nn.Module]:
 
 
 def _time(layers: list[nn.Module], x: torch.Tensor) -> float:
-    """µs per call of `layer(x)` for about TIMING_S, cycling through the layers: after a first pass over all of
-    them, each call finds its weights as long ago as the whole sample (out of the cache, as in a step). A prefill's
-    many rows reuse each weight they read, so there one layer does."""
+    """µs per call of `layer(x)`, cycling through the layers: after a first pass over all of them each call finds
+    its weights as long ago as the whole sample (out of the cache, as in a step). Timed in rounds of a pass each for
+    about TIMING_S; the median round, so that a burst of other work on the machine does not decide. A prefill's many
+    rows reuse each weight they read, so there two layers do."""
     layers = layers if x.shape[0] < PREFILL_ROWS else layers[:2]
     for layer in layers:  # the first call of a kernel may set itself up
         layer(x)
-    calls, start = 0, time.perf_counter()
-    while True:
-        layers[calls % len(layers)](x)
-        calls += 1
-        elapsed = time.perf_counter() - start
-        if elapsed >= TIMING_S and calls >= 3:
-            return round(elapsed / calls * 1e6, 1)
+    rounds: list[float] = []
+    start = time.perf_counter()
+    while len(rounds) < 3 or time.perf_counter() - start < TIMING_S:
+        began = time.perf_counter()
+        for layer in layers:
+            layer(x)
+        rounds.append((time.perf_counter() - began) / len(layers))
+    return round(statistics.median(rounds) * 1e6, 1)
 
 
 def _head(model: nn.Module) -> nn.Module | None:
@@ -289,6 +382,22 @@ def _head(model: nn.Module) -> nn.Module | None:
 
 def _name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+def apply(model: nn.Module, plan: Plan) -> None:
+    """Set every quantized layer of the model on its unit's measured route."""
+    for name, key in units(model).items():
+        module = model.get_submodule(name)
+        route = plan.route(key)
+        if not isinstance(module, QuantizedLinear) or route is None or route.act is None or route.bits != module.bits:
+            continue
+        module.set_act(getattr(torch, route.act))
+        module.set_dense(None if route.dense is None else getattr(torch, route.dense))
+
+
+def layer_bits(model: nn.Module, plan: Plan) -> dict[str, int]:
+    """Every linear layer's name → the width its unit is served at (for quantize.quantize_model)."""
+    return {name: plan.choice[key] for name, key in units(model).items() if key in plan.choice}
 
 
 # ---- the cache ---------------------------------------------------------------------------------
@@ -323,9 +432,8 @@ def _read(path: Path) -> Plan | None:
         routes = {
             key: {int(b): Route(**route) for b, route in formats.items()} for key, formats in raw["routes"].items()
         }
-        step_us = {int(b): rows for b, rows in raw["step_us"].items()}
-        shapes = tuple(Shape(**s) for s in raw["shapes"])
-        return Plan(raw["bits"], shapes, routes, step_us, raw["prefill_us_per_token"], raw["seconds"])
+        shapes = tuple(Shape(**{**s, "parts": tuple(s["parts"])}) for s in raw["shapes"])
+        return Plan(raw["bits"], shapes, routes, raw["choice"], raw["step_us"], raw["seconds"])
     except FileNotFoundError:
         return None
     except (OSError, ValueError, KeyError, TypeError) as exc:  # a damaged entry is measured again
@@ -344,17 +452,3 @@ def _write(path: Path, plan: Plan) -> None:
         os.replace(partial, path)
     except OSError as exc:
         log.warning("could not keep the kernel calibration in %s: %s", path, exc)
-
-
-def apply(model: nn.Module, plan: Plan) -> None:
-    """Set every quantized layer of the model on its shape's measured route."""
-    head = _head(model)
-    routes = {s.key: plan.route(s) for s in plan.shapes}
-    for module in model.modules():
-        if not isinstance(module, QuantizedLinear):
-            continue
-        route = routes.get(Shape(module.in_features, module.out_features, 0, module is head).key)
-        if route is None or route.act is None or route.bits != module.bits:
-            continue
-        module.set_act(getattr(torch, route.act))
-        module.set_dense(None if route.dense is None else getattr(torch, route.dense))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
 import hashlib
 import importlib.util
 import inspect
@@ -11,6 +10,7 @@ import json
 import logging
 import os
 import shutil
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -307,11 +307,13 @@ def finish(
     kv_per_token = _kv_bytes_per_token(model.config, torch.float32 if fp32 else dtype)
     break_even = _break_even(model)
     plan = _calibrate(path, model, dtype, bits, config, quantize) if devices == ["cpu"] else None
+    widths = None if plan is None else calibrate.layer_bits(model, plan)
     if plan is not None:
         bits = plan.bits
-    if quantize and bits in (8, 4):
-        log.info("quantizing the linear layers to int%d and the embeddings to int8", bits)
-        quantize_model(model, bits, INT4_GROUP, dtype, devices[0])
+    if quantize and (bits in (8, 4) or any(b < 16 for b in (widths or {}).values())):
+        mix = ", ".join(f"{n} at {b} bits" for b, n in sorted(Counter((widths or {}).values()).items()))
+        log.info("quantizing the linear layers to int%d%s and the embeddings to int8", bits, f" ({mix})" if mix else "")
+        quantize_model(model, bits, INT4_GROUP, dtype, devices[0], widths)
     if plan is not None:
         calibrate.apply(model, plan)
         log.info(
@@ -368,11 +370,11 @@ def _calibrate(
     acts = [dtype] if forced_dtype else list(dict.fromkeys([dtype, torch.float32, torch.bfloat16]))
     flags = ((f"--quantize {bits}", config.quantize is not None), (f"--dtype {config.dtype}", forced_dtype))
     forced = " ".join(flag for flag, given in flags if given)
+    identity = calibrate.model_identity(path)
     plan = calibrate.calibrate(
-        shapes, candidates, dtype, acts, config.cache_dir, calibrate.model_identity(path), forced
+        shapes, candidates, dtype, acts, config.cache_dir, identity, forced, fixed=bits if fixed else None
     )
     if fixed:
-        plan = dataclasses.replace(plan, bits=bits)
         if (slower := plan.slower_than_best()) > 1.5:
             log.warning(
                 "%s: %d-bit weights measure %.1fx slower here than the fastest path (%s)",

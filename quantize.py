@@ -487,19 +487,21 @@ def quantize_linear(linear: nn.Linear, bits: int, group: int, dtype: torch.dtype
     return quantized
 
 
-def quantize_model(model: Any, bits: int, group: int, dtype: torch.dtype, device: str) -> None:
-    """Every linear layer of a Hugging Face causal LM to int8 rows or int4 groups, its LM head to int8 rows (the
-    layer answers are most sensitive to; GGUF files keep it at 6 or 8 bits too) and its input embeddings to int8
-    rows (tied embeddings get a copy of each kind). A layer whose width does not split into int4's groups of 32
-    stays as it is."""
+def quantize_model(
+    model: Any, bits: int, group: int, dtype: torch.dtype, device: str, bits_of: dict[str, int] | None = None
+) -> None:
+    """Every linear layer of a Hugging Face causal LM to int8 rows or int4 groups (`bits`, or each layer's own in
+    `bits_of`, where 16 leaves it as it is), its LM head to int8 rows (the layer answers are most sensitive to; GGUF
+    files keep it at 6 or 8 bits too) and its input embeddings to int8 rows (tied embeddings get a copy of each
+    kind). A layer whose width does not split into int4's groups of 32 stays as it is."""
     embeddings, head = model.get_input_embeddings(), model.get_output_embeddings()
     tied = isinstance(head, nn.Linear) and isinstance(embeddings, nn.Embedding) and head.weight is embeddings.weight
     quantized_head = None
     for name, linear in list(model.named_modules()):
         if not isinstance(linear, nn.Linear):
             continue
-        layer_bits = 8 if linear is head else bits
-        if layer_bits == 8 or linear.in_features % GROUP_SIZES[-1] == 0:
+        layer_bits = 8 if linear is head else (bits_of or {}).get(name, bits)
+        if layer_bits == 8 or (layer_bits == 4 and linear.in_features % GROUP_SIZES[-1] == 0):
             quantized = quantize_linear(linear, layer_bits, group, dtype, device)
             if linear is head:
                 quantized.keep_top_exact()

@@ -6,9 +6,9 @@ matmul waits for it: one stream of the bundled model on 2 cores measured 64 toke
 busy loop (0.29x), while one thread keeps its own core and ran 50 quiet and 50 busy (`bench/busy_bench.py`; the
 README has the runs). Passive waiting (`OMP_WAIT_POLICY=PASSIVE`) keeps the busy speed but halves the quiet one
 (30 tokens/s), and a short spin (`GOMP_SPINCOUNT=1000`) gives up 14% quiet for 0.51x busy. So the count is measured
-while serving: every `every` seconds of decoding the worker runs `probe` steps at another count and moves to it when
-they are faster by a margin than the steps just before at the current count; on a quiet machine the probes cost
-under 1% of the steps. `--threads N` fixes the count instead.
+while serving: now and then the worker runs a few steps at another count and moves to it when they are faster by a
+margin than the steps just before at the current count (see ThreadTuner); on a quiet machine the probes come further
+and further apart and cost well under 1% of the steps. `--threads N` fixes the count instead.
 """
 
 from __future__ import annotations
@@ -28,28 +28,37 @@ def candidates(most: int) -> list[int]:
 
 @dataclass
 class ThreadTuner:
-    """Picks the intra-op thread count from the speed of the decode steps around a probe. Runs on the worker."""
+    """Picks the intra-op thread count from the speed of the decode steps around a probe. Runs on the worker.
+
+    A probe runs `probe` steps at another count and wins when they take under `margin` of the steps just before.
+    Probes come `every` seconds of decoding, twice as far apart after each one lost (up to `longest`: on a quiet
+    machine they cost almost nothing), and at once when the steps at the current count slow down by `slowdown`
+    against the fastest seen at that batch size (another process just took a core)."""
 
     most: int
     fixed: bool = False  # --threads: never probe
-    every: float = 2.0  # seconds of decoding between probes
+    every: float = 2.0  # seconds of decoding between probes, after a won one
+    longest: float = 60.0
     probe: int = 3  # steps a probe runs at the other count
     margin: float = 0.9  # a probe must take at most this fraction of the current count's time to win
+    slowdown: float = 1.3
     current: int = field(init=False)
+    _wait: float = field(init=False)  # seconds of decoding until the next probe
     _trying: int | None = field(default=None, init=False)  # the count a probe runs at, while it does
     _recent: list[tuple[int, float]] = field(default_factory=list, init=False)  # (rows, seconds) at `current`
+    _best: dict[int, float] = field(default_factory=dict, init=False)  # rows → fastest step at `current`
     _probed: list[float] = field(default_factory=list, init=False)
     _rows: int = field(default=0, init=False)
     _next: int = field(default=0, init=False)  # which candidate the next probe tries
     _since: float = field(default=0.0, init=False)  # decoding seconds since the last probe
 
     def __post_init__(self) -> None:
-        self.current = self.most
+        self.current, self._wait = self.most, self.every
         torch.set_num_threads(self.most)
 
     def before_decode(self, rows: int) -> None:
         """Set the count for the next decode step of `rows` rows (a probe's, or the current one)."""
-        if self.fixed or self._trying is not None or self._since < self.every or len(self._recent) < self.probe:
+        if self.fixed or self._trying is not None or self._since < self._wait or len(self._recent) < self.probe:
             return
         others = [n for n in candidates(self.most) if n != self.current]
         if not others:
@@ -64,25 +73,34 @@ class ThreadTuner:
             return
         self._since += seconds
         if self._trying is None:
-            self._recent = (
-                [*self._recent[-(self.probe - 1) :], (rows, seconds)] if self.probe > 1 else [(rows, seconds)]
-            )
+            self._recent = [*self._recent, (rows, seconds)][-self.probe :]
+            same = [s for r, s in self._recent if r == rows]
+            if len(same) == self.probe:
+                mean = sum(same) / len(same)
+                best = self._best.setdefault(rows, mean)
+                if mean > self.slowdown * best:  # slower than this count ran it: probe now
+                    self._since = self._wait
+                self._best[rows] = min(best, mean)
             return
         if rows != self._rows:  # the batch changed under the probe: its steps compare with nothing
-            self._end_probe(won=False)
+            self._end_probe(won=False, before=0.0)
             return
         self._probed.append(seconds)
         if len(self._probed) < self.probe:
             return
         before = [s for r, s in self._recent if r == rows]
-        won = bool(before) and sum(self._probed) / len(self._probed) < self.margin * sum(before) / len(before)
-        self._end_probe(won)
+        mean = sum(before) / len(before) if before else 0.0
+        self._end_probe(bool(before) and sum(self._probed) / len(self._probed) < self.margin * mean, mean)
 
-    def _end_probe(self, won: bool) -> None:
+    def _end_probe(self, won: bool, before: float) -> None:
         trying, self._trying, self._since = self._trying, None, 0.0
         if won and trying is not None:
             log.info("computing with %d threads from now on (faster than %d in the last probe)", trying, self.current)
-            self.current, self._recent = trying, []
+            self.current, self._recent, self._best, self._wait = trying, [], {}, self.every
+        else:
+            self._wait = min(self.longest, 2 * self._wait)
+            if before:  # what the current count does now is the bar a slowdown is measured against
+                self._best[self._rows] = before
         torch.set_num_threads(self.current)
 
     def describe(self) -> dict[str, object]:

@@ -26,8 +26,11 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
         (["--model", str(ROOT)], "no config.json"),
         (["--device", "0,1"], "this torch build sees no CUDA device (use --device cpu)"),
         (["--device", "tpu"], "expected cpu"),
+        (["--threads", "0"], "--threads 0: expected 1 or more"),
+        (["--prefill-seconds", "0"], "--prefill-seconds 0: expected more than 0"),
+        (["--upstream", "http://127.0.0.1:9/v1", "--threads", "2"], "--threads belong to a local model"),
     ],
-    ids=["missing", "not-gguf", "not-hf-dir", "gpus-without-cuda", "device"],
+    ids=["missing", "not-gguf", "not-hf-dir", "gpus-without-cuda", "device", "threads", "prefill-seconds", "upstream"],
 )
 def test_start_up_errors_are_clear(args: list[str], message: str, tiny_dir: Path) -> None:
     if args[0] in ("--quantize", "--device"):

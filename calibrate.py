@@ -14,7 +14,7 @@ the same `QuantizedLinear` code that serves:
 - for a prefill chunk's many rows, the kernel or a copy dequantized for the call, in float32 or bf16.
 
 What is timed is what a decode step multiplies in one call (a unit): a layer, or a layer's q/k/v and its gate/up
-projections, which the plain decode step computes as one (lean.fuse). Each timing cycles through enough copies that
+projections, which the plain decode step computes as one (lean.prepare). Each timing cycles through enough copies that
 their weights come from memory, as in a decode step, not from the cache (a single layer timed alone looks 2-4x
 faster than it runs in a step). The model gets the width whose estimated step (its units' times added up) is closest
 to the best at both one row and a decode batch (the smallest worst ratio; within 3%, the fewer bits); each unit's

@@ -327,7 +327,12 @@ class Engine:
         """Prompt tokens this step may prefill; None: no limit (chunking is off or the model cannot be chunked)."""
         if not self.config.prefill_chunk or not self.model.chunked_prefill:
             return None
-        return self.chunk_tokens
+        return self._full_chunk()
+
+    def _full_chunk(self) -> int:
+        """A full chunk this step: `chunk_tokens` while streams decode (they wait for it), `prefill_chunk` when none
+        does: then a bigger step only brings first tokens sooner (16 prompts arriving together on an AVX2 CPU)."""
+        return self.chunk_tokens if self._running else self.config.prefill_chunk
 
     @property
     def chunk_tokens(self) -> int:
@@ -397,7 +402,7 @@ class Engine:
         """Prefill the next chunk of the chunked prompt, at most `budget` tokens; returns how many it took."""
         seq = self._chunking
         assert seq is not None
-        size = chunk_size(self.chunk_tokens, seq.prefilled, self.model.attention_break_even)
+        size = chunk_size(self._full_chunk(), seq.prefilled, self.model.attention_break_even)
         take = min(budget, size, len(seq.prompt) - seq.prefilled)
         try:
             chunk, more = seq.prompt[seq.prefilled : seq.prefilled + take], len(seq.prompt) - seq.prefilled - take

@@ -16,8 +16,9 @@ from __future__ import annotations
 import logging
 import weakref
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -60,38 +61,86 @@ def projection_groups(model: Any) -> list[tuple[str, ...]]:
     return groups
 
 
-# per model, per layer: its q/k/v and its gate/up projections each as one function (None: the layer runs them apart)
-_FUSED: weakref.WeakKeyDictionary[Any, list[tuple[Linear, Linear] | None]] = weakref.WeakKeyDictionary()
 Linear = Callable[[torch.Tensor], torch.Tensor]
 
 
-def fuse(model: Any) -> None:
-    """Fuse each layer's q/k/v and gate/up projections for decode steps (quantize.fuse_outputs: the weights stay
-    where they are, the layers' own become views of the fused ones)."""
-    fused: list[tuple[Linear, Linear] | None] = []
+@dataclass(frozen=True)
+class _Layer:
+    """One decoder layer as the plain step calls it: its norms' weights and projections, looked up once (a module's
+    attributes go through nn.Module.__getattr__, a microsecond each, a dozen a layer)."""
+
+    norm: tuple[torch.Tensor, float]  # the input RMSNorm's weight and epsilon
+    qkv: Linear | None  # q, k and v as one call (None: apart)
+    q: Linear
+    k: Linear
+    v: Linear
+    o: Linear
+    post: tuple[torch.Tensor, float]
+    gate_up: Linear | None  # gate and up as one call (None: apart)
+    gate: Linear
+    up: Linear
+    down: Linear
+    scaling: float
+    dim: int
+
+
+@dataclass(frozen=True)
+class _Plan:
+    layers: list[_Layer]
+    norm: tuple[torch.Tensor, float]
+    head: Linear
+    heads: int
+    kv_heads: int
+
+
+_PLANS: weakref.WeakKeyDictionary[Any, _Plan] = weakref.WeakKeyDictionary()
+
+
+def prepare(model: Any, fuse: bool = True, bind: bool = True) -> None:
+    """Look up what the plain step calls, once: each projection's kernel bound with its weights (`bind`,
+    QuantizedLinear.few_rows) and each layer's q/k/v and gate/up as one call each (`fuse`, quantize.fuse_outputs:
+    the weights stay where they are, the layers' own become views of the fused ones). Done at load by `agrees`;
+    again after a layer's weights or route change."""
+    config = model.config
+    heads = config.num_attention_heads
+    layers = []
     for layer in model.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
-        qkv = fuse_outputs([attn.q_proj, attn.k_proj, attn.v_proj])
+        qkv = fuse_outputs([attn.q_proj, attn.k_proj, attn.v_proj]) if fuse else None
         gate_up = fuse_outputs([mlp.gate_proj, mlp.up_proj]) if qkv is not None else None
-        fused.append(None if qkv is None or gate_up is None else (qkv, gate_up))
-    _FUSED[model] = fused
+        if gate_up is None:
+            qkv = None
+        q, k, v, o = (_linear(getattr(attn, n), bind) for n in _ATTENTION)
+        gate, up, down = (_linear(getattr(mlp, n), bind) for n in _MLP)
+        norm, post = _norm_of(layer.input_layernorm), _norm_of(layer.post_attention_layernorm)
+        layers.append(_Layer(norm, qkv, q, k, v, o, post, gate_up, gate, up, down, attn.scaling, attn.head_dim))
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    _PLANS[model] = _Plan(layers, _norm_of(model.model.norm), _linear(model.lm_head, bind), heads, kv_heads)
 
 
-def _linear(module: Any) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A layer as a plain function: a quantized one's bound kernel, else the matmul on its own weights."""
+def _linear(module: Any, bind: bool = True) -> Linear:
+    """A layer as a plain function: a quantized one's bound kernel, else the matmul on its own weights (or, with
+    `bind` off, the module itself)."""
+    if not bind:
+        return cast(Linear, module)
     if type(module) is QuantizedLinear:
         return module.few_rows()
     return partial(F.linear, weight=module.weight, bias=module.bias)
 
 
-def _norm(x: torch.Tensor, module: Any) -> torch.Tensor:
+def _norm_of(module: Any) -> tuple[torch.Tensor, float]:
+    return module.weight, float(module.variance_epsilon)
+
+
+def _norm(x: torch.Tensor, norm: tuple[torch.Tensor, float]) -> torch.Tensor:
     """RMSNorm in float32, as Llama's: weight · (x / rms(x)) in the input's dtype. A float32 model takes PyTorch's
     own op, one call instead of seven, with the same result."""
-    if x.dtype == torch.float32 and module.weight.dtype == torch.float32:
-        return F.rms_norm(x, (x.shape[-1],), module.weight, module.variance_epsilon)
+    weight, eps = norm
+    if x.dtype == torch.float32 and weight.dtype == torch.float32:
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
     xf = x.float()
-    normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + module.variance_epsilon)
-    out: torch.Tensor = module.weight * normed.to(x.dtype)
+    normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    out: torch.Tensor = weight * normed.to(x.dtype)
     return out
 
 
@@ -110,44 +159,45 @@ def step(
     fp32: bool,  # attend in float32 (the cache holds float32, see attention.py)
 ) -> torch.Tensor:
     """Next-token logits [B, V] for one new token a row."""
-    inner, config = model.model, model.config
-    b = input_ids.shape[0]
-    heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    plan = _PLANS.get(model)
+    if plan is None:
+        prepare(model)
+        plan = _PLANS[model]
+    inner = model.model
+    b, heads, kv_heads = input_ids.shape[0], plan.heads, plan.kv_heads
     x = inner.embed_tokens(input_ids)  # [B, 1, hidden]
     cos, sin = inner.rotary_emb(x, position_ids)  # [B, 1, D]
     cos, sin = cos[:, None], sin[:, None]  # [B, 1, 1, D]
     lengths = _mostly_padding(attention_mask)
     mask = None if attention_mask is None or lengths else attention_mask.bool()[:, None, None, :]  # [B, 1, 1, T]
-    fused = _FUSED.get(model) or [None] * len(inner.layers)
-    for i, layer in enumerate(inner.layers):
-        attn, mlp, dim, both = layer.self_attn, layer.mlp, layer.self_attn.head_dim, fused[i]
-        h = _norm(x, layer.input_layernorm)
-        if both is not None:  # one call for q, k and v; one rotary embedding for q and k
-            qkv = both[0](h).view(b, 1, heads + 2 * kv_heads, dim).transpose(1, 2)  # [B, H + 2·Hkv, 1, D]
+    for layer, kv in zip(plan.layers, cache.layers, strict=True):
+        dim = layer.dim
+        h = _norm(x, layer.norm)
+        if layer.qkv is not None:  # one call for q, k and v; one rotary embedding for q and k
+            qkv = layer.qkv(h).view(b, 1, heads + 2 * kv_heads, dim).transpose(1, 2)  # [B, H + 2·Hkv, 1, D]
             qk = _rope(qkv[:, : heads + kv_heads], cos, sin)
             q, k, v = qk[:, :heads], qk[:, heads:], qkv[:, heads + kv_heads :]
         else:
-            q = _rope(_linear(attn.q_proj)(h).view(b, 1, heads, dim).transpose(1, 2), cos, sin)  # [B, H, 1, D]
-            k = _rope(_linear(attn.k_proj)(h).view(b, 1, kv_heads, dim).transpose(1, 2), cos, sin)
-            v = _linear(attn.v_proj)(h).view(b, 1, kv_heads, dim).transpose(1, 2)
-        keys, values = cache.layers[i].update(k, v)  # [B, Hkv, T, D]
+            q = _rope(layer.q(h).view(b, 1, heads, dim).transpose(1, 2), cos, sin)  # [B, H, 1, D]
+            k = _rope(layer.k(h).view(b, 1, kv_heads, dim).transpose(1, 2), cos, sin)
+            v = layer.v(h).view(b, 1, kv_heads, dim).transpose(1, 2)
+        keys, values = kv.update(k, v)  # [B, Hkv, T, D]
         query = q.float() if fp32 else q
         keys, values = keys.to(query.dtype), values.to(query.dtype)
         if lengths:
-            a = _attend_rows(query, keys, values, lengths, attn.scaling).to(x.dtype)
+            a = _attend_rows(query, keys, values, lengths, layer.scaling).to(x.dtype)
         else:
             a = F.scaled_dot_product_attention(
-                query, keys, values, attn_mask=mask, scale=attn.scaling, enable_gqa=True
+                query, keys, values, attn_mask=mask, scale=layer.scaling, enable_gqa=True
             ).to(x.dtype)
-        x = x + _linear(attn.o_proj)(a.transpose(1, 2).reshape(b, 1, heads * dim))
-        h = _norm(x, layer.post_attention_layernorm)
-        if both is not None:
-            gate, up = both[1](h).chunk(2, dim=-1)
+        x = x + layer.o(a.transpose(1, 2).reshape(b, 1, heads * dim))
+        h = _norm(x, layer.post)
+        if layer.gate_up is not None:
+            gate, up = layer.gate_up(h).chunk(2, dim=-1)
         else:
-            gate, up = _linear(mlp.gate_proj)(h), _linear(mlp.up_proj)(h)
-        x = x + _linear(mlp.down_proj)(F.silu(gate) * up)
-    logits: torch.Tensor = _linear(model.lm_head)(_norm(x, inner.norm))[:, -1].float()
+            gate, up = layer.gate(h), layer.up(h)
+        x = x + layer.down(F.silu(gate) * up)
+    logits: torch.Tensor = plan.head(_norm(x, plan.norm))[:, -1].float()
     return logits
 
 
@@ -181,7 +231,7 @@ def agrees(model: Any, fp32: bool, device: str) -> bool:
     covers the step as it will run."""
     if not supports(model):
         return False
-    fuse(model)
+    prepare(model)
     return all(_agrees(model, fp32, device, pad) for pad in (1, 4))
 
 

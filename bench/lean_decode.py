@@ -34,21 +34,24 @@ sys.path.insert(0, str(ROOT))
 import batch  # noqa: E402
 import lean  # noqa: E402
 from loader import LoadedModel, ModelConfig, bundled_model_path, default_cache_dir, load_model  # noqa: E402
+from quantize import QuantizedLinear  # noqa: E402
 
 
 @contextmanager
 def way(lm: LoadedModel, name: str) -> Iterator[LoadedModel]:
-    """The model switched to one way of decoding, and back."""
-    fused = lean._FUSED.pop(lm.model, None) if name in ("modules", "bound") else None
-    linear = lean._linear
-    if name == "modules":
-        lean._linear = lambda module: module
+    """The model switched to one way of decoding, and back to the served one. Unfused, each layer gets its own
+    int4 scales back (fused, they are views of the fused layer's, which its kernel would copy at every call)."""
+    if name != "fused":
+        for m in lm.model.modules():
+            scales = m._buffers.get("scales_zeros") if isinstance(m, QuantizedLinear) else None
+            if scales is not None and not scales.is_contiguous():
+                m._buffers["scales_zeros"] = scales.contiguous()
+                m._few = None
+    lean.prepare(lm.model, fuse=name == "fused", bind=name in ("bound", "fused"))
     try:
         yield dataclasses.replace(lm, lean_decode=name != "transformers")
     finally:
-        lean._linear = linear
-        if fused is not None:
-            lean._FUSED[lm.model] = fused
+        lean.prepare(lm.model)
 
 
 def step_ms(lm: LoadedModel, rows: int, steps: int) -> tuple[float, torch.Tensor]:

@@ -186,7 +186,7 @@ def test_each_quantized_path_answers_as_its_dequantized_weights(
     for m in quantized_layers(lm):
         m.set_act(act)
         m.set_dense(torch.float32)  # 128 rows and up (the second prompt): the copy
-    lean.fuse(lm.model)  # the fused step takes its scales as they are now
+    lean.prepare(lm.model)  # the step binds the kernels as they are now
     reference = dequantized(lm)
     prompts = [lm.chat.encode([message("What is the capital of France?")]), list(range(200, 340))]
     agree, clear = greedy_agreement(lm, reference, prompts, 8)
@@ -225,12 +225,12 @@ def test_fused_projections_hold_no_second_copy(bits: int, q4_gguf: Path) -> None
     assert layout is not None
     # the tiny model's k/v projections have 32 rows: int4 tiles of 64 rows (AVX-512) cannot be cut between them
     fusable = bits != 4 or 32 % layout[0] == 0
-    assert lm.lean_decode and all((pair is not None) == fusable for pair in lean._FUSED[lm.model])
+    assert lm.lean_decode and all((layer.qkv is not None) == fusable for layer in lean._PLANS[lm.model].layers)
     before = weight_bytes(lm.model)
     x = torch.randn(3, lm.model.config.hidden_size)
     q_proj = lm.model.model.layers[0].self_attn.q_proj
     out = q_proj(x)
-    lean.fuse(lm.model)  # again: views of views, still one copy
+    lean.prepare(lm.model)  # again: views of views, still one copy
     assert weight_bytes(lm.model) == before and torch.equal(q_proj(x), out)
 
 

@@ -245,20 +245,30 @@ async def test_chunked_prefill_gives_the_one_piece_answer(
 
 
 async def test_slow_prefill_takes_smaller_chunks(make_client: MakeClient, long_lm: LoadedModel) -> None:
-    """Where a prompt's tokens take long to prefill, a step prefills fewer of them than --prefill-chunk, so that the
-    running streams wait about --prefill-seconds, not a whole chunk's time."""
+    """Where a prompt's tokens take long to prefill, a step prefills fewer of them than --prefill-chunk while other
+    streams decode, so that they wait about --prefill-seconds, not a whole chunk's time; with none decoding, a step
+    takes whole chunks (nobody waits for it)."""
     import dataclasses
 
     recorder = Recorder(long_lm.model, per_token=0.001)  # a millisecond a token, as on a slow CPU
     # attention as cheap as the rest (the recorder's cost does not grow deeper in): chunks keep their size
     slow = dataclasses.replace(long_lm, model=recorder, lean_decode=False, attention_break_even=1 << 20)
     client = await make_client(slow, prefill_chunk=256, prefill_seconds=0.12)
+    alone = await client.post("/chat", json={"query": LONG_PROMPT, "max_tokens": 2})
+    assert alone.status == 200
+    whole = [n for _, n in recorder.calls if n > 1]
+    assert whole[:3] == [256, 256, 256]
+    recorder.calls.clear()
+    started = asyncio.Event()
+    running = asyncio.create_task(stream_gaps(client, {"query": "go", "max_tokens": 300, "ignore_eos": True}, started))
+    await started.wait()
     response = await client.post("/chat", json={"query": LONG_PROMPT, "max_tokens": 2})
     assert response.status == 200
-    chunks = [n for _, n in recorder.calls if n > 1]
-    assert chunks[0] == 256 and len(chunks) >= 5 and all(60 <= n <= 160 for n in chunks[1:-1])  # about 120
+    chunks = [n for _, n in recorder.calls if n > 1][1:]  # after the running stream's own prompt
+    assert len(chunks) >= 5 and all(60 <= n <= 160 for n in chunks[:-1])  # about 120 tokens: 0.12 s
     health = await (await client.get("/health")).json()
     assert 60 <= health["prefill_tokens_per_step"] <= 160
+    running.cancel()
 
 
 async def test_a_request_cancelled_between_chunks_frees_its_slot(make_client: MakeClient, long_lm: LoadedModel) -> None:

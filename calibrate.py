@@ -45,7 +45,7 @@ from quantize import GROUP_SIZES, INT4_GROUP, QuantizedLinear, quantize_linear
 
 log = logging.getLogger(__name__)
 
-VERSION = 3  # of what is measured and how; a new one measures again
+VERSION = 4  # of what is measured and how; a new one measures again
 DECODE_ROWS = (1, 16)  # a lone stream and a decode batch
 PREFILL_ROWS = 256  # a prefill chunk's rows (from quantize.DENSE_ROWS on, a dequantized copy may serve them)
 SAMPLE_BYTES = 64 << 20  # weights one timing cycles through: past the last-level cache of most CPUs
@@ -94,6 +94,7 @@ class Route:
     act: str | None  # dtype the kernel is fed; None: dense layers, in the model's dtype
     dense: str | None  # dtype of the copy dequantized for many rows; None: the kernel
     us: dict[str, float] = field(default_factory=dict)  # "1", "16", "256" rows → µs for the route chosen
+    held: str | None = None  # dtype of the copy a long prompt's chunks share (dequantized once); None: as `dense`
     tried: dict[str, float] = field(default_factory=dict)  # "act@rows" / "dense@rows" → µs of every candidate
 
 
@@ -137,6 +138,7 @@ class Plan:
                     "bits": r.bits,
                     "act": r.act,
                     "dense": r.dense,
+                    "held": r.held or r.dense,
                     "us": r.us,
                     "by_bits": {
                         str(b): {k: route.us[k] for k in _rows_keys()} for b, route in self.routes[shape.key].items()
@@ -230,6 +232,10 @@ def calibrate(
         uniform = _plan(shapes, candidates, routes, {}, 0.0).step_us
         bits = choose({int(b): step for b, step in uniform.items() if b != "chosen"})
         choice = {s.key: s.format(bits) for s in shapes}
+        with torch.inference_mode():
+            for shape in shapes:
+                route = routes[shape.key][choice[shape.key]]
+                routes[shape.key][choice[shape.key]] = _measure_held(shape, route, dtype, acts)
         plan = _plan(shapes, candidates, routes, choice, time.perf_counter() - start)
         if path is not None:
             _write(path, plan)
@@ -302,7 +308,7 @@ def _measure(shape: Shape, bits: int, dtype: torch.dtype, acts: list[torch.dtype
     if bits == 16:
         us = {str(r): _time(layers, inputs[r]) for r in _all_rows(shape)}
         tried.update({f"dense@{r}": t for r, t in us.items()})
-        return Route(16, None, None, us, tried)
+        return Route(16, None, None, us, tried=tried)
     quantized = [m for m in layers if isinstance(m, QuantizedLinear)]
     for m in quantized:
         m.set_dense(None)
@@ -336,7 +342,29 @@ def _measure(shape: Shape, bits: int, dtype: torch.dtype, acts: list[torch.dtype
         way = min(many, key=lambda k: many[k])
         dense = None if way == "kernel" else way
         us[str(PREFILL_ROWS)] = many[way]
-    return Route(bits, act_name, dense, us, tried)
+    return Route(bits, act_name, dense, us, tried=tried)
+
+
+def _measure_held(shape: Shape, route: Route, dtype: torch.dtype, acts: list[torch.dtype]) -> Route:
+    """The dtype of the copy a long prompt's chunks share (dequantized once, so only its matmul counts), where
+    such a copy beats the chosen many-rows route; timed for the served width only."""
+    if shape.head or route.bits == 16 or str(PREFILL_ROWS) not in route.us:
+        return route
+    layers = [m for m in _sample(replace(shape, count=2), route.bits, dtype) if isinstance(m, QuantizedLinear)]
+    if not all(m.unpacks for m in layers):
+        return route
+    x = torch.randn(PREFILL_ROWS, shape.inputs, generator=torch.Generator().manual_seed(0))
+    kept = {_name(o): _time([_copy(m, o) for m in layers], x.to(o)) for o in acts}
+    best = min(kept, key=lambda k: kept[k])
+    held = best if kept[best] < route.us[str(PREFILL_ROWS)] else route.dense
+    return replace(route, held=held, tried={**route.tried, **{f"held_{k}@{PREFILL_ROWS}": t for k, t in kept.items()}})
+
+
+def _copy(layer: QuantizedLinear, dtype: torch.dtype) -> nn.Module:
+    """A dense layer holding `layer`'s weights dequantized to `dtype`: what a held copy multiplies with."""
+    dense = nn.Linear(layer.in_features, layer.out_features, bias=False)
+    dense.weight.data = layer._dense_now(dtype)
+    return dense
 
 
 def _all_rows(shape: Shape | None = None) -> tuple[int, ...]:
@@ -392,7 +420,10 @@ def apply(model: nn.Module, plan: Plan) -> None:
         if not isinstance(module, QuantizedLinear) or route is None or route.act is None or route.bits != module.bits:
             continue
         module.set_act(getattr(torch, route.act))
-        module.set_dense(None if route.dense is None else getattr(torch, route.dense))
+        held = route.held or route.dense
+        module.set_dense(
+            None if route.dense is None else getattr(torch, route.dense), None if held is None else getattr(torch, held)
+        )
 
 
 def layer_bits(model: nn.Module, plan: Plan) -> dict[str, int]:

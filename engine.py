@@ -43,7 +43,7 @@ class EngineConfig:
     prefill_chunk: int = 512
     # seconds of prefill work per step: fewer tokens than `prefill_chunk` where this device prefills them slower (a
     # CPU without AVX-512 takes about 2 ms a token for the bundled model, so 512 would pause the streams for a second)
-    prefill_seconds: float = 0.5
+    prefill_seconds: float = 0.7
     threads: int | None = None  # torch's compute threads; None: measured while serving (threads.py)
 
 
@@ -74,15 +74,15 @@ class _Sequence:
     prefilled: int = 0  # prompt tokens in that cache
 
 
+MIN_CHUNK = 16  # tokens: fewer per step would spend more on the step than on the prompt
+
+
 def chunk_size(full: int, offset: int, break_even: int) -> int:
     """Tokens of a prompt's chunk that starts `offset` tokens in: a token there also attends to `offset` others, so
     the chunk shrinks to cost about what `full` tokens cost at the start. `break_even` is the model's prompt length
     at which attention costs a token as much as the rest of its layer. A pure function of the prompt, so a prompt is
     always cut the same way, whatever else the server is doing."""
     return max(MIN_CHUNK, min(full, round(full * break_even / (break_even + offset))))
-
-
-MIN_CHUNK = 16  # tokens: fewer per step would spend more on the step than on the prompt
 
 
 def _deliver(items: list[tuple[RequestHandle, Delta | Finished | Failed]]) -> None:
@@ -113,8 +113,9 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self._ids = count(1)
-        self.tuner: ThreadTuner | None = None  # made on the worker once the model is loaded
+        self.tuner: ThreadTuner | None = None  # made on the worker, before the model loads
         self._token_s: float | None = None  # measured seconds a prompt token takes to prefill (moving average)
+        self._prefills = 0  # prefill calls so far (a decode step after one in the same engine step is not clean)
         # guarded by _lock, shared with the event loop: requests not yet ended, and those of them admitted
         self._lock = threading.Lock()
         self._open: dict[int, RequestHandle] = {}
@@ -238,9 +239,10 @@ class Engine:
         self._take_new(block=idle)
         self._drop_cancelled()
         self._expire_waiting()
+        prefills = self._prefills
         self._admit()
         if self._running:
-            self._decode()
+            self._decode(clean=self._prefills == prefills)
             self._flush()
 
     def _abandon_live(self, message: str) -> None:
@@ -346,6 +348,7 @@ class Engine:
         """A prefill of `tokens` (padding counted: it is computed) `offset` tokens into its prompt took `seconds`:
         update the cost of a token at a prompt's start. A token deeper in also attends to those before it, which
         `chunk_size` counts as (K + offset) / K tokens at the start, and so does this."""
+        self._prefills += 1
         if tokens < MIN_CHUNK:  # a few tokens cost their step's fixed part more than their own
             return
         k = self.model.attention_break_even
@@ -409,6 +412,14 @@ class Engine:
             started = time.perf_counter()
             logits, seq.cache = prefill_chunk(self.model, chunk, seq.cache, more)
             self._measured(take, seq.prefilled, time.perf_counter() - started)
+            log.debug(
+                "request %s: prefilled %d tokens at %d in %.3f s (a full chunk is %d now)",
+                seq.handle.id,
+                take,
+                seq.prefilled,
+                time.perf_counter() - started,
+                self.chunk_tokens,
+            )
         except Exception as exc:
             log.exception("prefill failed for request %s", seq.handle.id)
             self._end(seq.handle, Failed(f"generation failed: {exc}"))
@@ -460,15 +471,16 @@ class Engine:
 
     # -- decode
 
-    def _decode(self) -> None:
-        """One forward pass over every running request, then each samples its own token."""
+    def _decode(self, clean: bool = True) -> None:
+        """One forward pass over every running request, then each samples its own token. `clean`: no prefill ran
+        in this engine step (the thread tuner counts only such steps)."""
         rows = len(self._running)
         assert self.tuner is not None
         self.tuner.before_decode(rows)
         try:
             started = time.perf_counter()
             logits = decode_step(self.model, self._batch, [seq.tokens[-1] for seq in self._running])
-            self.tuner.after_decode(rows, time.perf_counter() - started)
+            self.tuner.after_decode(rows, time.perf_counter() - started, clean)
         except Exception as exc:  # one forward pass for all: the failure cannot be pinned on one request
             log.exception("decode step failed")
             self._abandon_live(f"generation failed: {exc}")

@@ -69,11 +69,11 @@ def dense_held(store: dict[nn.Module, torch.Tensor] | None) -> Iterator[None]:
 
 
 def dense_bytes(model: nn.Module) -> int:
-    """What `dense_held` may keep at most: every layer's dequantized weights, in the dtype of the model's floats."""
+    """What `dense_held` may keep at most: every layer's dequantized weights, in the dtype of its held copy."""
     return sum(
-        m.in_features * m.out_features * m.dense.itemsize
+        m.in_features * m.out_features * m.held.itemsize
         for m in model.modules()
-        if isinstance(m, QuantizedLinear) and m.dense is not None
+        if isinstance(m, QuantizedLinear) and m.held is not None
     )
 
 
@@ -151,6 +151,9 @@ class QuantizedLinear(nn.Module):
         self.unpacks = False  # whether a dequantized copy can be made for many rows (CPU kernels, when it agrees)
         # the dtype of that copy, from DENSE_ROWS rows (None: the kernel, whatever the rows); calibrate.py sets it
         self.dense: torch.dtype | None = None
+        # the dtype of the copy the chunks of one long prompt share while `dense_held` is on (None: none is made):
+        # made once, so it pays where a dense matmul beats the kernel even if dequantizing each time does not
+        self.held: torch.dtype | None = None
         self.bias: nn.Parameter | None = None
         self._few: Callable[[torch.Tensor], torch.Tensor] | None = None  # see `few_rows`
         self.exact_top = 0  # an LM head: its top logits recomputed in float32 (see `_exact`)
@@ -199,9 +202,11 @@ class QuantizedLinear(nn.Module):
             exact = exact + self.bias.float()[top]
         return y.float().scatter_(-1, top, exact)
 
-    def set_dense(self, dtype: torch.dtype | None) -> None:
-        """Multiply DENSE_ROWS rows or more by a copy dequantized to `dtype` (None: by the kernel)."""
+    def set_dense(self, dtype: torch.dtype | None, held: torch.dtype | None = None) -> None:
+        """Multiply DENSE_ROWS rows or more by a copy dequantized to `dtype` (None: by the kernel), and the chunks
+        of a long prompt by one dequantized to `held` once (default: `dtype`)."""
         self.dense = dtype if self.unpacks else None
+        self.held = (held or dtype) if self.unpacks else None
 
     def set_weights(
         self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype, device: str
@@ -381,14 +386,15 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         rows = x.reshape(-1, self.in_features)
-        held = _HELD.get()
-        if self.dense is not None and rows.shape[0] >= (DENSE_ROWS if held is None else HELD_ROWS):
+        held = _HELD.get() if rows.shape[0] >= HELD_ROWS else None
+        dtype = self.held if held is not None else self.dense
+        if dtype is not None and rows.shape[0] >= (DENSE_ROWS if held is None else HELD_ROWS):
             weight = None if held is None else held.get(self)
             if weight is None:
-                weight = self._dense_now(self.dense)
+                weight = self._dense_now(dtype)
                 if held is not None:
                     held[self] = weight
-            y = F.linear(rows.to(self.dense), weight, None if self.bias is None else self.bias.to(self.dense))
+            y = F.linear(rows.to(dtype), weight, None if self.bias is None else self.bias.to(dtype))
         else:
             y = self._matmul(rows.to(self.act or x.dtype).contiguous())
             if self.bias is not None:

@@ -233,7 +233,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a(
         "--prefill-seconds",
         type=float,
-        default=0.5,
+        default=0.7,
         help="seconds of prompt work between two decode steps: fewer tokens than --prefill-chunk where they take "
         "longer on this machine (measured while serving)",
     )

@@ -14,6 +14,7 @@ and further apart and cost well under 1% of the steps. `--threads N` fixes the c
 from __future__ import annotations
 
 import logging
+import statistics
 from dataclasses import dataclass, field
 
 import torch
@@ -30,23 +31,26 @@ def candidates(most: int) -> list[int]:
 class ThreadTuner:
     """Picks the intra-op thread count from the speed of the decode steps around a probe. Runs on the worker.
 
-    A probe runs `probe` steps at another count and wins when they take under `margin` of the steps just before.
-    Probes come `every` seconds of decoding, twice as far apart after each one lost (up to `longest`: on a quiet
-    machine they cost almost nothing), and at once when the steps at the current count slow down by `slowdown`
-    against the fastest seen at that batch size (another process just took a core)."""
+    A probe runs `probe` steps at another count and wins when their median takes under `margin` of the median of
+    the last `window` steps at the current count with as many rows. Probes come `every` seconds of decoding apart,
+    twice as far after each lost one (up to `longest`: on a quiet machine they cost almost nothing), and at once
+    when the median step at the current count slows down by `slowdown` against the fastest seen at that batch size
+    (another process just took a core). Steps that follow a prefill in the same engine step are not counted: the
+    prefill's work leaves them slower, which says nothing of the thread count."""
 
     most: int
     fixed: bool = False  # --threads: never probe
     every: float = 2.0  # seconds of decoding between probes, after a won one
     longest: float = 60.0
     probe: int = 3  # steps a probe runs at the other count
-    margin: float = 0.9  # a probe must take at most this fraction of the current count's time to win
+    window: int = 5  # steps at the current count a probe is measured against
+    margin: float = 0.8  # a probe's median must take at most this fraction of the current count's to win
     slowdown: float = 1.3
     current: int = field(init=False)
     _wait: float = field(init=False)  # seconds of decoding until the next probe
     _trying: int | None = field(default=None, init=False)  # the count a probe runs at, while it does
     _recent: list[tuple[int, float]] = field(default_factory=list, init=False)  # (rows, seconds) at `current`
-    _best: dict[int, float] = field(default_factory=dict, init=False)  # rows → fastest step at `current`
+    _best: dict[int, float] = field(default_factory=dict, init=False)  # rows → fastest median step at `current`
     _probed: list[float] = field(default_factory=list, init=False)
     _rows: int = field(default=0, init=False)
     _next: int = field(default=0, init=False)  # which candidate the next probe tries
@@ -58,7 +62,7 @@ class ThreadTuner:
 
     def before_decode(self, rows: int) -> None:
         """Set the count for the next decode step of `rows` rows (a probe's, or the current one)."""
-        if self.fixed or self._trying is not None or self._since < self._wait or len(self._recent) < self.probe:
+        if self.fixed or self._trying is not None or self._since < self._wait or len(self._same(rows)) < self.probe:
             return
         others = [n for n in candidates(self.most) if n != self.current]
         if not others:
@@ -67,30 +71,35 @@ class ThreadTuner:
         self._next += 1
         torch.set_num_threads(self._trying)
 
-    def after_decode(self, rows: int, seconds: float) -> None:
-        """Record a decode step's time; end a probe once it has its steps."""
+    def after_decode(self, rows: int, seconds: float, clean: bool = True) -> None:
+        """Record a decode step's time (`clean`: no prefill ran before it in the same engine step); end a probe once
+        it has its steps."""
         if self.fixed:
             return
         self._since += seconds
         if self._trying is None:
-            self._recent = [*self._recent, (rows, seconds)][-self.probe :]
-            same = [s for r, s in self._recent if r == rows]
+            if not clean:
+                return
+            self._recent = [*self._recent, (rows, seconds)][-self.window :]
+            same = self._same(rows)[-self.probe :]
             if len(same) == self.probe:
-                mean = sum(same) / len(same)
-                best = self._best.setdefault(rows, mean)
-                if mean > self.slowdown * best:  # slower than this count ran it: probe now
+                now = statistics.median(same)
+                best = self._best.setdefault(rows, now)
+                if now > self.slowdown * best:  # slower than this count ran it: probe now
                     self._since = self._wait
-                self._best[rows] = min(best, mean)
+                self._best[rows] = min(best, now)
             return
-        if rows != self._rows:  # the batch changed under the probe: its steps compare with nothing
+        if rows != self._rows or not clean:  # the batch changed, or a prefill ran: the probe compares with nothing
             self._end_probe(won=False, before=0.0)
             return
         self._probed.append(seconds)
         if len(self._probed) < self.probe:
             return
-        before = [s for r, s in self._recent if r == rows]
-        mean = sum(before) / len(before) if before else 0.0
-        self._end_probe(bool(before) and sum(self._probed) / len(self._probed) < self.margin * mean, mean)
+        before = statistics.median(self._same(rows)) if self._same(rows) else 0.0
+        self._end_probe(bool(before) and statistics.median(self._probed) < self.margin * before, before)
+
+    def _same(self, rows: int) -> list[float]:
+        return [s for r, s in self._recent if r == rows]
 
     def _end_probe(self, won: bool, before: float) -> None:
         trying, self._trying, self._since = self._trying, None, 0.0

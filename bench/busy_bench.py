@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import statistics
 import sys
@@ -30,8 +31,11 @@ from serve_bench import PROMPT, Result, llama_server, one_request, served  # noq
 
 
 def rate(result: Result) -> float:
-    """Decode tokens/s of one request: tokens after the first over the time after the first."""
-    return (result.tokens - 1) / (result.total - result.ttft) if result.total > result.ttft else 0.0
+    """Decode tokens/s of one request: tokens after the first over the time after the first (nan if it failed:
+    llama-server drops a connection now and then)."""
+    if result.failed or result.total <= result.ttft:
+        return math.nan
+    return (result.tokens - 1) / (result.total - result.ttft)
 
 
 async def quiet_then_busy(url: str, model: str, tokens: int, busy: int) -> dict[str, Any]:
@@ -48,11 +52,20 @@ async def quiet_then_busy(url: str, model: str, tokens: int, busy: int) -> dict[
                 loop.kill()
                 await loop.wait()
     return {
-        "quiet_tok_s": [round(x, 1) for x in quiet],
-        "settling_tok_s": round(settling, 1),
-        "busy_tok_s": [round(x, 1) for x in loaded],
-        "busy_over_quiet": round(statistics.mean(loaded) / statistics.mean(quiet), 2),
+        "quiet_tok_s": [shown(x) for x in quiet],
+        "settling_tok_s": shown(settling),
+        "busy_tok_s": [shown(x) for x in loaded],
+        "busy_over_quiet": shown(mean(loaded) / mean(quiet), 2),
     }
+
+
+def shown(x: float, digits: int = 1) -> float | None:
+    return None if math.isnan(x) else round(x, digits)
+
+
+def mean(rates: list[float]) -> float:
+    done = [r for r in rates if not math.isnan(r)]
+    return statistics.mean(done) if done else math.nan
 
 
 def main() -> None:

@@ -214,7 +214,9 @@ def start_server(args: list[str], command: list[str] | None = None) -> tuple[sub
         port = s.getsockname()[1]
     if command is None:
         command = [sys.executable, str(ROOT / "server.py"), "--log-level", "WARNING", *args, "--port"]
-    proc = subprocess.Popen([*command, str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [*command, str(port)], stdout=subprocess.DEVNULL, stderr=open(os.environ.get("SERVER_LOG", os.devnull), "w")
+    )
     url = f"http://127.0.0.1:{port}"
     import urllib.request
 

@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import itertools
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -129,17 +130,19 @@ async def long_prompt(base: str, repeats: int) -> dict[str, Any]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--chunks", type=int, nargs="+", default=[0, 256, 512, 768])
+    p.add_argument("--chunks", type=int, nargs="*", default=[0, 256, 512, 768])
     p.add_argument("--skip-huge", action="store_true", help="only the long-prompt runs")
     p.add_argument("--repeats", type=int, default=250, help="repeats of a 15-word sentence (250: about 4000 tokens)")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    p.add_argument("--server-args", default="", help="more flags for server.py, e.g. '--prefill-seconds 1'")
     args = p.parse_args()
+    extra = shlex.split(args.server_args)
     import torch
 
     isa = torch.backends.cpu.get_cpu_capability()
     report: dict[str, Any] = {"command": " ".join(sys.argv), "cpu": isa}
     if not args.skip_huge:
-        proc, url = start_server(["--device", "cpu"])
+        proc, url = start_server(["--device", "cpu", *extra])
         try:
             report["huge_requests"] = asyncio.run(huge_requests(url.removesuffix("/v1")))
             print(json.dumps(report["huge_requests"]), flush=True)
@@ -148,7 +151,7 @@ def main() -> None:
             proc.wait()
     report["long_prompt"] = {}
     for chunk in args.chunks:
-        proc, url = start_server(["--device", "cpu", "--prefill-chunk", str(chunk)])
+        proc, url = start_server(["--device", "cpu", "--prefill-chunk", str(chunk), *extra])
         try:
             result = asyncio.run(long_prompt(url.removesuffix("/v1"), args.repeats))
         finally:

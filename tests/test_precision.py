@@ -118,6 +118,7 @@ def test_a_chunked_prompt_dequantizes_the_weights_once(
     assert dense
     for m in dense:  # the route where a copy serves many rows (the calibration may have chosen the kernel)
         monkeypatch.setattr(m, "dense", torch.float32)
+        monkeypatch.setattr(m, "held", torch.float32)
     unpacked: list[QuantizedLinear] = []
     original = QuantizedLinear._dense_now
 

@@ -147,7 +147,8 @@ def prefill(lm: LoadedModel, prompts: list[list[int]]) -> tuple[torch.Tensor, An
     extra: dict[str, Any] = {"logits_to_keep": 1} if lm.accepts_logits_to_keep else {}
     if len(prompts) > 1:  # a lone prompt needs no mask: the plain causal path is the fastest
         extra.update(attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0))
-    out = lm.model(input_ids=ids, cache=new_cache(lm.model, lm.fp32_attention), use_cache=True, **extra)
+    with dense_held(lm.prefill_copy):
+        out = lm.model(input_ids=ids, cache=new_cache(lm.model, lm.fp32_attention), use_cache=True, **extra)
     logits: torch.Tensor = out.logits[:, -1].float()  # [B, V]
     return logits, out.cache, mask
 
@@ -159,16 +160,17 @@ def prefill_chunk(lm: LoadedModel, ids: list[int], cache: Any, more: int = 0) ->
     """Feed the next piece of one prompt after the `cache` of the pieces before it (None for the first);
     returns the last position's logits [1, V] and the grown cache. `more`: the prompt's tokens after this piece,
     so that the first piece's cache has room for the whole prompt, and the pieces of a quantized model share one
-    dequantized copy of its weights while it lasts, if a quarter of the free memory holds it."""
+    dequantized copy of its weights while it lasts, if a quarter of the free memory holds it (the model's own
+    prefill copy, where it keeps one)."""
     extra: dict[str, Any] = {"logits_to_keep": 1} if lm.accepts_logits_to_keep else {}
-    held: dict[Any, torch.Tensor] | None = getattr(cache, HELD, None)
+    held: dict[Any, torch.Tensor] | None = getattr(cache, HELD, None) or lm.prefill_copy
     if cache is None:
         cache = new_cache(lm.model, lm.fp32_attention, reserve=len(ids) + more)
-        need = dense_bytes(lm.model) if more else 0
-        held = {} if need and need <= free_memory(list(lm.devices) or [lm.device]) // 4 else None
+        need = dense_bytes(lm.model) if more and lm.prefill_copy is None else 0
+        held = {} if need and need <= free_memory(list(lm.devices) or [lm.device]) // 4 else lm.prefill_copy
     with dense_held(held):
         out = lm.model(input_ids=torch.tensor([ids], device=lm.device), cache=cache, use_cache=True, **extra)
-    setattr(out.cache, HELD, held if more else None)
+    setattr(out.cache, HELD, held if more and held is not lm.prefill_copy else None)
     logits: torch.Tensor = out.logits[:, -1].float()  # [1, V]
     return logits, out.cache
 

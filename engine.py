@@ -386,6 +386,14 @@ class Engine:
             used += len(seq.prompt)
         if taken:
             self._waiting = deque(seq for seq in self._waiting if id(seq) not in taken)
+        if new:
+            log.debug(
+                "admitting %d requests (%d prompt tokens) beside %d running, %d waiting",
+                len(new),
+                used,
+                len(self._running),
+                len(self._waiting),
+            )
         for group in prefill_groups([seq.prompt for seq in new]):
             self._prefill([new[i] for i in group])
 

@@ -74,6 +74,9 @@ class LoadedModel:
     bits: int = 16  # weight bits: 16 (the dtype), 8 or 4
     kernels: dict[str, Any] | None = None  # what calibrate.py measured and chose on this CPU (None: not measured)
     prefill_us_per_token: float = 0.0  # the linear layers' measured cost of one prompt token (0: not measured)
+    # dequantized copies of the quantized layers that prefills multiply with, where the calibration measured a dense
+    # matmul faster than the kernels for a prompt's rows and a quarter of the free memory holds them (None: none)
+    prefill_copy: dict[Any, Any] | None = None
     fp32_attention: bool = False  # keys and values kept, and attended to, in float32 (see attention.py)
     lean_decode: bool = False  # decode steps as plain functions (see lean.py)
     batch_size: int = 8  # requests decoded together when --max-batch-size is not given: what memory affords
@@ -314,8 +317,10 @@ def finish(
         mix = ", ".join(f"{n} at {b} bits" for b, n in sorted(Counter((widths or {}).values()).items()))
         log.info("quantizing the linear layers to int%d%s and the embeddings to int8", bits, f" ({mix})" if mix else "")
         quantize_model(model, bits, INT4_GROUP, dtype, devices[0], widths)
+    copy = None
     if plan is not None:
         calibrate.apply(model, plan)
+        copy = _prefill_copy(model, devices)
         log.info(
             "kernels (%s): %d-bit weights; one step's linear layers at 1 and %d rows, by weight bits: %s µs; %s",
             f"measured in {plan.seconds:.1f} s" if not plan.cached else "as measured before on this CPU",
@@ -344,6 +349,7 @@ def finish(
         bits=bits,
         kernels=None if plan is None else plan.describe(),
         prefill_us_per_token=0.0 if plan is None else plan.prefill_us_per_token,
+        prefill_copy=copy,
         fp32_attention=fp32,
         lean_decode=plain_steps,
         batch_size=default_batch_size(kv_per_token, context, free_memory(devices)),
@@ -386,6 +392,19 @@ def _calibrate(
     if forced_dtype and plan.bits < 16 and dtype == torch.float32:
         log.warning("int%d weights fed float32 are slow on a CPU; bf16 is several times faster", plan.bits)
     return plan
+
+
+def _prefill_copy(model: Any, devices: list[str]) -> dict[Any, Any] | None:
+    """Dense copies of the layers whose prompts multiply faster by one (quantize.hold_dense), where a quarter of the
+    free memory holds them: a prompt's tokens then cost about half on an AVX2 CPU (bench/README.md)."""
+    from quantize import dense_bytes, hold_dense
+
+    need = dense_bytes(model)
+    if not need or need > free_memory(devices) // 4:
+        return None
+    copy = hold_dense(model)
+    log.info("keeping dequantized copies of the quantized layers for prefills (%d bytes)", need)
+    return copy
 
 
 def load_hf(path: Path, devices: list[str], dtype: Any, config: ModelConfig) -> LoadedModel:

@@ -104,6 +104,7 @@ class LocalBackend:
             "weight_bytes": lm.weight_bytes,
             "max_batch_size": self.engine.max_batch_size,
             "prefill_tokens_per_step": self.engine.chunk_tokens if lm.chunked_prefill else None,
+            "prefill_copy_bytes": sum(t.numel() * t.element_size() for t in (lm.prefill_copy or {}).values()),
         }
         if self.engine.tuner is not None:
             body.update(self.engine.tuner.describe())

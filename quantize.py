@@ -41,9 +41,10 @@ DENSE_ROWS = 128  # rows from which a CPU layer is dequantized for the call rath
 # the LM head's top logits recomputed in float32 from its int8 rows where its kernel is fed bf16 (see `exact_top`)
 EXACT_TOP = 16
 
-# rows from which a layer whose dequantized copy is held multiplies by it (1536x576, ms: 16 rows int4 kernel 0.24,
-# int8 0.23, held bf16 0.14; 8 rows 0.11 against 0.11), so the short chunks deep in a long prompt use it too
-HELD_ROWS = 16
+# tokens from which a layer whose dequantized copy is held multiplies by it: AVX-512, 1536x576 (ms: 16 rows int4
+# kernel 0.24, int8 0.23, held bf16 0.14); AVX2, int4 fed bf16 against a float32 copy, each layer shape of the bundled
+# model cycled (bench/README.md): 16 rows 0.20-0.57 against 0.22-0.85 ms, 46 rows 0.52-1.63 against 0.41-1.51 ms
+HELD_ROWS = 32
 
 # the weight-only kernels, by the name a layer records in `kernel`; looked up at each call
 KERNELS: dict[str, Callable[..., torch.Tensor]] = {
@@ -66,6 +67,11 @@ def dense_held(store: dict[nn.Module, torch.Tensor] | None) -> Iterator[None]:
         yield
     finally:
         _HELD.reset(token)
+
+
+def hold_dense(model: nn.Module) -> dict[nn.Module, torch.Tensor]:
+    """A dequantized copy of every layer that has a held dtype, for prefills to multiply with (see `dense_held`)."""
+    return {m: m._dense_now(m.held) for m in model.modules() if isinstance(m, QuantizedLinear) and m.held is not None}
 
 
 def dense_bytes(model: nn.Module) -> int:
@@ -386,9 +392,12 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         rows = x.reshape(-1, self.in_features)
-        held = _HELD.get() if rows.shape[0] >= HELD_ROWS else None
+        # which way a call goes depends on each sequence's tokens, never on how many sequences share it: a prompt
+        # prefilled beside others takes the way it takes alone (a 2-D input is one sequence of rows)
+        tokens = shape[-2] if x.dim() >= 3 else rows.shape[0]
+        held = _HELD.get() if tokens >= HELD_ROWS else None
         dtype = self.held if held is not None else self.dense
-        if dtype is not None and rows.shape[0] >= (DENSE_ROWS if held is None else HELD_ROWS):
+        if dtype is not None and tokens >= (DENSE_ROWS if held is None else HELD_ROWS):
             weight = None if held is None else held.get(self)
             if weight is None:
                 weight = self._dense_now(dtype)

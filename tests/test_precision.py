@@ -4,6 +4,7 @@ weight-only kernels, a GGUF file served at its own level or above, and the batch
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -113,7 +114,8 @@ def test_a_chunked_prompt_dequantizes_the_weights_once(
     free memory holds it), the short ones deep in the prompt too, and free it with the last chunk; the answer is
     the one they get dequantizing each time."""
     pieces = [DENSE_ROWS, 2 * HELD_ROWS, DENSE_ROWS]  # the middle one alone would run on the kernels
-    lm, prompt = sizes[bits], [10 + i % 300 for i in range(sum(pieces))]
+    # without the copy a model keeps for prefills where memory allows (test below)
+    lm, prompt = dataclasses.replace(sizes[bits], prefill_copy=None), [10 + i % 300 for i in range(sum(pieces))]
     dense = [m for m in lm.model.modules() if isinstance(m, QuantizedLinear) and m.unpacks]
     assert dense
     for m in dense:  # the route where a copy serves many rows (the calibration may have chosen the kernel)
@@ -146,6 +148,34 @@ def test_a_chunked_prompt_dequantizes_the_weights_once(
     each, _ = chunked()
     assert len(unpacked) == 2 * once
     assert torch.allclose(shared, each, atol=2e-2 * float(each.abs().max()))
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_a_model_keeps_a_prefill_copy_where_memory_allows(
+    bits: int, sizes: dict[int, LoadedModel], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where a dense matmul measured faster than the kernels for a prompt's rows, the model keeps dequantized copies
+    (a quarter of the free memory at most): prefills and chunks then dequantize nothing, and answer as a copy made
+    for the call does."""
+    lm = sizes[bits]
+    layers = [m for m in lm.model.modules() if isinstance(m, QuantizedLinear) and m.held is not None]
+    if not layers:
+        pytest.skip("no layer measured faster with a dense copy on this CPU")
+    assert lm.prefill_copy is not None and set(lm.prefill_copy) == set(layers)
+    prompt = [10 + i % 300 for i in range(DENSE_ROWS + 7)]
+    with torch.inference_mode():
+        kept, _, _ = batch.prefill(lm, [prompt])
+        unpacked: list[QuantizedLinear] = []
+        original = QuantizedLinear._dense_now
+
+        def counted(self: QuantizedLinear, dtype: torch.dtype) -> torch.Tensor:
+            unpacked.append(self)
+            return original(self, dtype)
+
+        monkeypatch.setattr(QuantizedLinear, "_dense_now", counted)
+        assert torch.equal(batch.prefill(lm, [prompt])[0], kept) and not unpacked
+        fresh, _, _ = batch.prefill(dataclasses.replace(lm, prefill_copy={}), [prompt])  # copies made for the call
+    assert unpacked and torch.allclose(fresh, kept, atol=1e-3 * float(kept.abs().max()))
 
 
 @pytest.mark.parametrize(("quant", "bits"), [(None, 16), ("Q8_0", 8), ("Q4_1", 4)])

@@ -12,7 +12,6 @@ import queue
 import random
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import count
@@ -20,12 +19,13 @@ from typing import Any
 
 import torch
 
-from batch import KVBatch, batchable, decode_step, prefill, prefill_chunk, prefill_groups, select_rows
-from events import Delta, Failed, Finished, RequestHandle
-from loader import LoadedModel
-from sampling import History, SamplingParams, sample
-from text import IncrementalDecoder, StopMatcher, TextStream
-from threads import ThreadTuner
+from generation.batch import KVBatch, batchable, decode_step, prefill, prefill_chunk, prefill_groups, select_rows
+from generation.events import Delta, Failed, Finished, Outbox, RequestHandle
+from generation.output import Output
+from generation.sampling import History, SamplingParams, sample
+from generation.scheduler import PrefillClock, Scheduler
+from generation.threads import ThreadTuner
+from models.loader import LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ class EngineConfig:
     # seconds of prefill work per step: fewer tokens than `prefill_chunk` where this device prefills them slower (a
     # CPU without AVX-512 takes about 2 ms a token for the bundled model, so 512 would pause the streams for a second)
     prefill_seconds: float = 0.7
-    threads: int | None = None  # torch's compute threads; None: measured while serving (threads.py)
+    threads: int | None = None  # torch's compute threads; None: measured while serving (generation/threads.py)
 
 
 class QueueFull(Exception):
@@ -63,32 +63,13 @@ class _Sequence:
     prompt: list[int]
     params: SamplingParams
     generator: torch.Generator
-    decoder: IncrementalDecoder
-    answer: TextStream  # the model family's response post-processing
-    stops: StopMatcher
+    output: Output  # token ids to client text
     tokens: list[int] = field(default_factory=list)
     submitted: float = field(default_factory=time.monotonic)
     queue_s: float = 0.0
     history: History | None = None  # set once prefilled
     cache: Any = None  # the KV cache of a prompt prefilled in chunks, while it is
     prefilled: int = 0  # prompt tokens in that cache
-
-
-MIN_CHUNK = 16  # tokens: fewer per step would spend more on the step than on the prompt
-
-
-def chunk_size(full: int, offset: int, break_even: int) -> int:
-    """Tokens of a prompt's chunk that starts `offset` tokens in: a token there also attends to `offset` others, so
-    the chunk shrinks to cost about what `full` tokens cost at the start. `break_even` is the model's prompt length
-    at which attention costs a token as much as the rest of its layer. A pure function of the prompt, so a prompt is
-    always cut the same way, whatever else the server is doing."""
-    return max(MIN_CHUNK, min(full, round(full * break_even / (break_even + offset))))
-
-
-def _deliver(items: list[tuple[RequestHandle, Delta | Finished | Failed]]) -> None:
-    """Runs on the event loop: fan a step's events out to the requests' queues."""
-    for handle, event in items:
-        handle.deliver(event)
 
 
 class Engine:
@@ -104,17 +85,15 @@ class Engine:
             self.ready.set()
         self.config = config or EngineConfig()
         self._inbox: queue.Queue[_Sequence | None] = queue.Queue()
-        self._waiting: deque[_Sequence] = deque()
-        self._running: list[_Sequence] = []  # row i of self._batch is self._running[i]
-        self._chunking: _Sequence | None = None  # a long prompt being prefilled a chunk per step
+        self._sched: Scheduler[_Sequence] = Scheduler()  # waiting, running (row i of self._batch) and chunking
         self._batch = KVBatch()
         self._batchable = True  # until a prefill shows a cache that cannot be batched
-        self._outbox: list[tuple[RequestHandle, Delta | Finished | Failed]] = []
+        self._outbox = Outbox()  # the step's events, sent to the event loops together
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self._ids = count(1)
         self.tuner: ThreadTuner | None = None  # made on the worker, before the model loads
-        self._token_s: float | None = None  # measured seconds a prompt token takes to prefill (moving average)
+        self._clock: PrefillClock | None = None  # a prompt token's measured cost; made once the model is loaded
         self._prefills = 0  # prefill calls so far (a decode step after one in the same engine step is not clean)
         # guarded by _lock, shared with the event loop: requests not yet ended, and those of them admitted
         self._lock = threading.Lock()
@@ -177,8 +156,8 @@ class Engine:
         seed = params.seed if params.seed is not None else random.getrandbits(63)
         generator = torch.Generator(device=self.model.device).manual_seed(seed)
         lm = self.model
-        decoder = IncrementalDecoder(lm.tokenizer, prompt)
-        seq = _Sequence(handle, prompt, params, generator, decoder, lm.chat.response_stream(), StopMatcher(params.stop))
+        output = Output(lm.tokenizer, prompt, lm.chat.response_stream(), params.stop)
+        seq = _Sequence(handle, prompt, params, generator, output)
         self._inbox.put(seq)
         return handle
 
@@ -213,8 +192,9 @@ class Engine:
                     return
                 finally:
                     self.ready.set()
-            if self.model.prefill_us_per_token:  # the calibration's estimate until prefills are measured
-                self._token_s = self.model.prefill_us_per_token / 1e6
+            # the calibration's estimate until prefills are measured
+            estimate = self.model.prefill_us_per_token / 1e6 or None
+            self._clock = PrefillClock(self.model.attention_break_even, estimate)
             with torch.inference_mode():
                 while not self._stopping.is_set():
                     try:
@@ -235,13 +215,12 @@ class Engine:
             log.info("engine worker stopped")
 
     def _step(self) -> None:
-        idle = not self._running and not self._waiting and self._chunking is None
-        self._take_new(block=idle)
+        self._take_new(block=self._sched.idle)
         self._drop_cancelled()
         self._expire_waiting()
         prefills = self._prefills
         self._admit()
-        if self._running:
+        if self._sched.running:
             self._decode(clean=self._prefills == prefills)
             self._flush()
 
@@ -251,7 +230,7 @@ class Engine:
             live = list(self._live.values())
         for seq in live:
             self._end(seq.handle, Failed(message))
-        self._running, self._chunking = [], None
+        self._sched.running, self._sched.chunking = [], None
         self._batch = KVBatch()
         self._flush()
 
@@ -267,27 +246,14 @@ class Engine:
         self._outbox.append((handle, event))
 
     def _flush(self) -> None:
-        """Send the step's events across threads in one call per event loop, not one per token.
-
-        Fewer wake-ups of the loop thread means less contention for the GIL with the model's step.
-        """
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestHandle, Delta | Finished | Failed]]] = {}
-        for handle, event in self._outbox:
-            by_loop.setdefault(handle.loop, []).append((handle, event))
-        self._outbox.clear()
-        for loop, items in by_loop.items():
-            try:
-                loop.call_soon_threadsafe(_deliver, items)
-            except RuntimeError:  # the loop is closed: nobody is listening any more
-                for handle, _ in items:
-                    handle.cancel()
+        self._outbox.flush()
 
     def _take_new(self, block: bool) -> None:
         try:
             item = self._inbox.get(block=block)
             while True:
                 if item is not None:
-                    self._waiting.append(item)
+                    self._sched.waiting.append(item)
                 item = self._inbox.get_nowait()
         except queue.Empty:
             pass
@@ -295,16 +261,14 @@ class Engine:
     def _drop_cancelled(self) -> None:
         """Requests whose client left free their place in the queue, their prefill, their row of the batch."""
         cancelled = Failed("cancelled", "cancelled")
-        if any(seq.handle.cancelled for seq in self._waiting):
-            for seq in self._waiting:
-                if seq.handle.cancelled:
-                    self._end(seq.handle, cancelled)
-            self._waiting = deque(seq for seq in self._waiting if not seq.handle.cancelled)
-        if self._chunking is not None and self._chunking.handle.cancelled:
-            self._end(self._chunking.handle, cancelled)
-            self._chunking = None  # its partial cache goes with it
-        keep = [i for i, seq in enumerate(self._running) if not seq.handle.cancelled]
-        for seq in self._running:
+        sched = self._sched
+        for seq in sched.drop_waiting(lambda seq: seq.handle.cancelled):
+            self._end(seq.handle, cancelled)
+        if sched.chunking is not None and sched.chunking.handle.cancelled:
+            self._end(sched.chunking.handle, cancelled)
+            sched.chunking = None  # its partial cache goes with it
+        keep = [i for i, seq in enumerate(sched.running) if not seq.handle.cancelled]
+        for seq in sched.running:
             if seq.handle.cancelled:
                 self._end(seq.handle, cancelled)
         self._keep(keep)
@@ -313,15 +277,13 @@ class Engine:
         timeout = self.config.queue_timeout
         if timeout is None:
             return
-        now = time.monotonic()
-        while self._waiting and now - self._waiting[0].submitted > timeout:
-            seq = self._waiting.popleft()
+        for seq in self._sched.expired(timeout):
             self._end(seq.handle, Failed(f"waited over {timeout:g} s for a free slot", "unavailable"))
         self._flush()
 
     def _keep(self, rows: list[int]) -> None:
         self._batch.keep(rows)  # frees the KV cache of the rows that left
-        self._running = [self._running[i] for i in rows]
+        self._sched.keep(rows)
 
     # -- prefill
 
@@ -334,71 +296,34 @@ class Engine:
     def _full_chunk(self) -> int:
         """A full chunk this step: `chunk_tokens` while streams decode (they wait for it), `prefill_chunk` when none
         does: then a bigger step only brings first tokens sooner (16 prompts arriving together on an AVX2 CPU)."""
-        return self.chunk_tokens if self._running else self.config.prefill_chunk
+        return self.chunk_tokens if self._sched.running else self.config.prefill_chunk
 
     @property
     def chunk_tokens(self) -> int:
         """A full chunk: `prefill_chunk` tokens, fewer where they would take more than `prefill_seconds` here."""
-        full = self.config.prefill_chunk
-        if self._token_s is None or not full:
-            return full
-        return max(MIN_CHUNK, min(full, int(self.config.prefill_seconds / self._token_s)))
+        if self._clock is None:
+            return self.config.prefill_chunk
+        return self._clock.chunk_tokens(self.config.prefill_chunk, self.config.prefill_seconds)
 
     def _measured(self, tokens: int, offset: int, seconds: float) -> None:
-        """A prefill of `tokens` (padding counted: it is computed) `offset` tokens into its prompt took `seconds`:
-        update the cost of a token at a prompt's start. A token deeper in also attends to those before it, which
-        `chunk_size` counts as (K + offset) / K tokens at the start, and so does this."""
         self._prefills += 1
-        if tokens < MIN_CHUNK:  # a few tokens cost their step's fixed part more than their own
-            return
-        k = self.model.attention_break_even
-        cost = seconds / (tokens * (k + offset) / k)
-        self._token_s = cost if self._token_s is None else 0.7 * self._token_s + 0.3 * cost
+        assert self._clock is not None
+        self._clock.measured(tokens, offset, seconds)
 
     def _admit(self) -> None:
         """Prefill what this step's budget allows: the next chunk of a long prompt, then waiting requests into
         free slots, short prompts together; each request's first token goes out as its prefill completes."""
+        sched = self._sched
         budget = self._budget()
-        if self._chunking is not None and budget is not None:
+        if sched.chunking is not None and budget is not None:
             budget -= self._prefill_chunk(budget)
-        new: list[_Sequence] = []
-        taken: set[int] = set()  # ids of the requests that leave the queue this step
-        used = 0
-        for seq in list(self._waiting):
-            if self._slots_taken(new) >= self.max_batch_size:
-                break
-            if (self._running or new or self._chunking) and not self._batchable:
-                break  # this model's cache cannot be batched: one request at a time
-            room = None if budget is None else budget - used  # prompt tokens this step may still prefill
-            if room is not None and room <= 0:
-                break  # the rest of the queue waits for the next step's budget
-            long = room is not None and len(seq.prompt) > room
-            if long and (new or self._chunking is not None):
-                continue  # it starts in a step with room for it; shorter prompts behind it need not wait
-            taken.add(id(seq))
-            if not self._admitted(seq):
-                continue
-            if room is not None and long:  # a prompt over the budget: prefilled a chunk per step from now on
-                self._chunking = seq
-                self._prefill_chunk(room)
-                break
-            new.append(seq)
-            used += len(seq.prompt)
-        if taken:
-            self._waiting = deque(seq for seq in self._waiting if id(seq) not in taken)
-        if new:
-            log.debug(
-                "admitting %d requests (%d prompt tokens) beside %d running, %d waiting",
-                len(new),
-                used,
-                len(self._running),
-                len(self._waiting),
-            )
-        for group in prefill_groups([seq.prompt for seq in new]):
-            self._prefill([new[i] for i in group])
-
-    def _slots_taken(self, new: list[_Sequence]) -> int:
-        return len(self._running) + len(new) + (self._chunking is not None)
+        picked = sched.admit(budget, self.max_batch_size, self._batchable, self._admitted)
+        if picked.chunked is not None:
+            self._prefill_chunk(picked.room)
+        if picked.whole:
+            log.debug("admitting %d; %d run, %d wait", len(picked.whole), len(sched.running), len(sched.waiting))
+        for group in prefill_groups([seq.prompt for seq in picked.whole]):
+            self._prefill([picked.whole[i] for i in group])
 
     def _admitted(self, seq: _Sequence) -> bool:
         """Count a request as running (False if it was ended meanwhile)."""
@@ -411,32 +336,24 @@ class Engine:
 
     def _prefill_chunk(self, budget: int) -> int:
         """Prefill the next chunk of the chunked prompt, at most `budget` tokens; returns how many it took."""
-        seq = self._chunking
+        seq = self._sched.chunking
         assert seq is not None
-        size = chunk_size(self._full_chunk(), seq.prefilled, self.model.attention_break_even)
-        take = min(budget, size, len(seq.prompt) - seq.prefilled)
+        take = self._sched.next_chunk(budget, self._full_chunk(), self.model.attention_break_even)
         try:
             chunk, more = seq.prompt[seq.prefilled : seq.prefilled + take], len(seq.prompt) - seq.prefilled - take
             started = time.perf_counter()
             logits, seq.cache = prefill_chunk(self.model, chunk, seq.cache, more)
-            self._measured(take, seq.prefilled, time.perf_counter() - started)
-            log.debug(
-                "request %s: prefilled %d tokens at %d in %.3f s (a full chunk is %d now)",
-                seq.handle.id,
-                take,
-                seq.prefilled,
-                time.perf_counter() - started,
-                self.chunk_tokens,
-            )
+            self._measured(take, seq.prefilled, seconds := time.perf_counter() - started)
+            log.debug("request %s: %d tokens at %d in %.3f s", seq.handle.id, take, seq.prefilled, seconds)
         except Exception as exc:
             log.exception("prefill failed for request %s", seq.handle.id)
             self._end(seq.handle, Failed(f"generation failed: {exc}"))
-            self._chunking = None
+            self._sched.chunking = None
             self._flush()
             return take
         seq.prefilled += take
         if seq.prefilled == len(seq.prompt):
-            self._chunking = None
+            self._sched.chunking = None
             cache, seq.cache = seq.cache, None
             mask = torch.ones((1, len(seq.prompt)), dtype=torch.long, device=logits.device)
             self._join([seq], logits, cache, mask)
@@ -462,7 +379,7 @@ class Engine:
             for seq in reversed(seqs[1:]):
                 with self._lock:
                     del self._live[seq.handle.id]
-                self._waiting.appendleft(seq)
+                self._sched.waiting.appendleft(seq)
             self._prefill(seqs[:1])
             return
         self._join(seqs, logits, cache, mask)
@@ -474,7 +391,7 @@ class Engine:
         keep = self._sample_rows(seqs, logits)
         if keep:
             self._batch.add(select_rows(cache, keep), mask[keep], self.max_batch_size)
-            self._running.extend(seqs[i] for i in keep)
+            self._sched.running.extend(seqs[i] for i in keep)
         self._flush()  # first tokens go out now, not after the other prefills
 
     # -- decode
@@ -482,18 +399,19 @@ class Engine:
     def _decode(self, clean: bool = True) -> None:
         """One forward pass over every running request, then each samples its own token. `clean`: no prefill ran
         in this engine step (the thread tuner counts only such steps)."""
-        rows = len(self._running)
+        running = self._sched.running
+        rows = len(running)
         assert self.tuner is not None
         self.tuner.before_decode(rows)
         try:
             started = time.perf_counter()
-            logits = decode_step(self.model, self._batch, [seq.tokens[-1] for seq in self._running])
+            logits = decode_step(self.model, self._batch, [seq.tokens[-1] for seq in running])
             self.tuner.after_decode(rows, time.perf_counter() - started, clean)
         except Exception as exc:  # one forward pass for all: the failure cannot be pinned on one request
             log.exception("decode step failed")
             self._abandon_live(f"generation failed: {exc}")
             return
-        self._keep(self._sample_rows(self._running, logits))
+        self._keep(self._sample_rows(running, logits))
 
     def _sample_rows(self, seqs: list[_Sequence], logits: torch.Tensor) -> list[int]:
         """Each sequence samples from its row of logits [B, V]; returns the rows still running."""
@@ -515,20 +433,14 @@ class Engine:
         assert seq.history is not None
         seq.history.add(token)
         is_eos = token in lm.eos_token_ids
-        text = "" if is_eos else seq.decoder.push(token)
         reason: str | None = "stop" if is_eos else None
         if reason is None and (
             len(seq.tokens) >= seq.params.max_new_tokens or len(seq.prompt) + len(seq.tokens) >= lm.context_length
         ):
             reason = "length"
-        if reason is not None:
-            text += seq.decoder.flush()
-        text = seq.answer.push(text) + (seq.answer.flush() if reason is not None else "")
-        out, hit = seq.stops.push(text)
+        out, hit = seq.output.push(None if is_eos else token, last=reason is not None)
         if hit:
             reason = "stop"
-        elif reason is not None:
-            out += seq.stops.flush()
         if out:
             self._emit(seq.handle, Delta(out))
         if reason is None:

@@ -14,83 +14,40 @@ import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import aiohttp_cors
 from aiohttp import web
 
-import chatglm_api
-import openai_api
-from backend import Backend
-from common import (
-    BACKEND,
-    CONFIG,
-    LIFECYCLE,
-    METRICS,
-    PROMPTS,
-    Lifecycle,
-    ServerConfig,
-    echo_request_id,
-    json_errors,
-    request_context,
-    require_key,
-    served_names,
-)
-from devices import DTYPES
-from engine import Engine, EngineConfig, EngineStopped
-from loader import ModelConfig, ModelLoadError, default_cache_dir, load_model, preflight
-from local import LocalBackend
-from metrics import Metrics
-from openapi import build_spec
-from upstream import UpstreamBackend, UpstreamConfig
+from api import chatglm_web, openai_chat, operations
+from api.config import BACKEND, CONFIG, LIFECYCLE, METRICS, PROMPTS, Lifecycle, ServerConfig
+from api.errors import json_errors
+from api.metrics import Metrics
+from api.middleware import echo_request_id, request_context, require_key
+from backends.base import Backend
+from backends.upstream import UpstreamBackend, UpstreamConfig
+from models.devices import DTYPES
+from models.loader import ModelConfig, ModelLoadError, default_cache_dir, load, preflight
+
+if TYPE_CHECKING:
+    from engine import Engine
 
 log = logging.getLogger(__name__)
-STATIC = Path(__file__).parent / "static"
 API_KEY_ENV = "CHAT_API_KEY"
 UPSTREAM_KEY_ENV = "CHAT_UPSTREAM_API_KEY"
 
 
-async def clear(request: web.Request) -> web.Response:
-    """GET|POST /clear: release cached accelerator memory on every device the model uses; requests in flight keep
-    theirs."""
-    return web.json_response({"success": True, **await request.app[BACKEND].clear()})
-
-
-async def health(request: web.Request) -> web.Response:
-    """GET /health: 200 when the backend can serve; 503 while loading, when it cannot, or when shutting down."""
-    backend, life = request.app[BACKEND], request.app[LIFECYCLE]
-    running, waiting = backend.counts
-    body: dict[str, object] = {
-        "running": running,
-        "waiting": waiting,
-        "uptime_s": round(time.time() - backend.started_at, 1),
-    }
-    status, about = backend.describe()
-    if status == "loading":
-        return web.json_response({"status": "loading", **about, **body}, status=503)
-    ok = status == "ok" and not life.shutting_down
-    body.update(status="shutting_down" if life.shutting_down else status, model=served_names(request.app)[0])
-    return web.json_response({**body, **about}, status=200 if ok else 503)
-
-
-async def metrics(request: web.Request) -> web.Response:
-    """GET /metrics: Prometheus text format."""
-    return web.Response(body=request.app[METRICS].export(), content_type="text/plain", charset="utf-8")
-
-
-async def openapi_json(request: web.Request) -> web.Response:
-    """GET /openapi.json."""
-    try:
-        names = served_names(request.app)
-    except EngineStopped:
-        names = ("(loading)",)
-    return web.json_response(build_spec(names))
-
-
-async def index(request: web.Request) -> web.FileResponse:
-    return web.FileResponse(STATIC / "index.html")
-
-
 # ---- app and CLI ---------------------------------------------------------------------------------
+
+
+def as_backend(backend: Backend | Engine) -> Backend:
+    """An engine is served by the local backend. Imported only then: an upstream server never loads torch."""
+    engine = sys.modules.get("engine")
+    if engine is not None and isinstance(backend, engine.Engine):
+        from backends.local import LocalBackend
+
+        return LocalBackend(backend)
+    return backend  # type: ignore[return-value]
 
 
 def create_app(config: ServerConfig, backend: Backend | Engine) -> web.Application:
@@ -99,7 +56,7 @@ def create_app(config: ServerConfig, backend: Backend | Engine) -> web.Applicati
     app = web.Application(
         middlewares=[request_context, require_key, json_errors], client_max_size=config.max_body_bytes
     )
-    chosen = LocalBackend(backend) if isinstance(backend, Engine) else backend
+    chosen = as_backend(backend)
     app[CONFIG] = config
     app[BACKEND] = chosen
     app[METRICS] = Metrics(chosen)
@@ -110,24 +67,18 @@ def create_app(config: ServerConfig, backend: Backend | Engine) -> web.Applicati
         yield
         await chosen.stop(10.0)
 
-    async def prompt_threads(app: web.Application) -> AsyncIterator[None]:
-        app[PROMPTS] = ThreadPoolExecutor(max_workers=2, thread_name_prefix="prompts")
+    async def body_threads(app: web.Application) -> AsyncIterator[None]:
+        app[PROMPTS] = ThreadPoolExecutor(max_workers=2, thread_name_prefix="bodies")
         yield
         app[PROMPTS].shutdown(wait=False, cancel_futures=True)
 
     app.cleanup_ctx.append(backend_lifetime)
-    app.cleanup_ctx.append(prompt_threads)
+    app.cleanup_ctx.append(body_threads)
     app.on_shutdown.append(drain)
     app.on_response_prepare.append(echo_request_id)
-    app.router.add_get("/", index)
-    app.router.add_static("/static/", STATIC, show_index=False, follow_symlinks=False)
-    app.router.add_route("GET", "/clear", clear)
-    app.router.add_route("POST", "/clear", clear)
-    app.router.add_get("/health", health)
-    app.router.add_get("/metrics", metrics)
-    app.router.add_get("/openapi.json", openapi_json)
-    chatglm_api.add_routes(app)
-    openai_api.add_routes(app)
+    operations.add_routes(app)
+    chatglm_web.add_routes(app)
+    openai_chat.add_routes(app)
 
     # CORS without credentials, so pages served elsewhere (like the original project's UI) can call the API
     everything = aiohttp_cors.ResourceOptions(  # type: ignore[no-untyped-call]
@@ -290,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.upstream:
             preflight(model_config)  # the mistakes a user can fix, before anything starts
         if args.save_native is not None:  # a conversion, not a server
-            load_model(ModelConfig(args.model, "cpu", 16, None, args.dtype, args.save_native))
+            load(ModelConfig(args.model, "cpu", 16, None, args.dtype, args.save_native))
             print(f"wrote {args.save_native}; load it with AutoModelForCausalLM.from_pretrained")
             return 0
         sock = bind(args.host, args.port)
@@ -312,19 +263,23 @@ def main(argv: list[str] | None = None) -> int:
         max_connections=args.max_connections,
         shutdown_timeout=args.shutdown_timeout,
     )
-    engine_config = EngineConfig(
-        max_batch_size=args.max_batch_size,
-        max_queue=args.max_queue,
-        queue_timeout=args.queue_timeout,
-        prefill_chunk=max(0, args.prefill_chunk),
-        prefill_seconds=args.prefill_seconds,
-        threads=args.threads,
-    )
     backend: Backend | Engine
+    engine: Engine | None = None
     if args.upstream:
         backend = UpstreamBackend(UpstreamConfig(args.upstream, args.upstream_api_key, args.upstream_model))
     else:  # loads on the worker: /health says 503 meanwhile
-        backend = Engine(lambda: load_model(model_config), engine_config)
+        from engine import Engine, EngineConfig
+        from generation.prepare import load_model
+
+        engine_config = EngineConfig(
+            max_batch_size=args.max_batch_size,
+            max_queue=args.max_queue,
+            queue_timeout=args.queue_timeout,
+            prefill_chunk=max(0, args.prefill_chunk),
+            prefill_seconds=args.prefill_seconds,
+            threads=args.threads,
+        )
+        backend = engine = Engine(lambda: load_model(model_config), engine_config)
     app = create_app(config, backend)
     app.cleanup_ctx.append(watch_loading)
     # aiohttp's own wait is only for handlers to write their last frame: `drain` already ended every answer;
@@ -337,11 +292,11 @@ def main(argv: list[str] | None = None) -> int:
         access_log=None,
         handler_cancellation=True,  # a closed connection cancels its handler at once, as under aiohttp_client
     )
-    if isinstance(backend, Engine):
-        if backend.load_error is not None:
-            print(f"error: cannot load the model: {backend.load_error}", file=sys.stderr)
-            return 2 if isinstance(backend.load_error, ModelLoadError) else 1
-        if not backend.ready.is_set():
+    if engine is not None:
+        if engine.load_error is not None:
+            print(f"error: cannot load the model: {engine.load_error}", file=sys.stderr)
+            return 2 if isinstance(engine.load_error, ModelLoadError) else 1
+        if not engine.ready.is_set():
             log.info("stopped before the model finished loading")
     return 0
 

@@ -77,7 +77,7 @@ def main() -> None:
     args = p.parse_args()
     import torch
 
-    from loader import bundled_model_path
+    from models.loader import bundled_model_path
 
     cores = os.cpu_count() or 1
     report: dict[str, Any] = {

@@ -18,9 +18,9 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from chatglm.config import ChatGLMConfig
-from chatglm.v1 import QUANTIZED, build
-from chatglm.v2 import native_config
+from models.chatglm.chatglm6b_config import ChatGLMConfig
+from models.chatglm.chatglm6b_loader import QUANTIZED, build
+from models.chatglm.glm_loader import native_config
 
 GIB = 1 << 30
 GROUP = 32  # int4 columns per (scale, zero) for every model but ChatGLM-6B

@@ -20,10 +20,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from chatglm.config import ChatGLMConfig
-from chatglm.model import ChatGLMForCausalLM
-from chatglm.v1 import QUANTIZED, build
-from quantize import quantize_rows
+from models.chatglm.chatglm6b_config import ChatGLMConfig
+from models.chatglm.chatglm6b_loader import QUANTIZED, build
+from models.chatglm.chatglm6b_model import ChatGLMForCausalLM
+from models.packing import quantize_rows
 
 
 def model_with(bits: int, layers: int, dtype: torch.dtype) -> Any:

@@ -18,10 +18,11 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import batch  # noqa: E402
-from attention import FP32_SDPA, causal_mask  # noqa: E402
-from engine import chunk_size  # noqa: E402
-from loader import LoadedModel, ModelConfig, bundled_model_path, load_model  # noqa: E402
+from generation import batch  # noqa: E402
+from generation.attention import FP32_SDPA, causal_mask  # noqa: E402
+from generation.prepare import load_model  # noqa: E402
+from generation.scheduler import chunk_size  # noqa: E402
+from models.loader import LoadedModel, ModelConfig, bundled_model_path  # noqa: E402
 
 
 def chunked(lm: LoadedModel, prompt: list[int], full: int, tell_more: bool) -> float:

@@ -3,7 +3,7 @@
   threads    one int4 matmul from the thread that ran torch first against from a second thread (why only the
              engine's worker thread runs torch);
   attention  PyTorch's SDPA per layer in bf16 against float32, and a whole decode step with bf16 SDPA against the
-             float32 cache and attention of `attention.py`;
+             float32 cache and attention of `generation/attention.py`;
   prefill    a 2048-token prompt in 256-token chunks with the quantized layers' dense path for many rows and
              without it (`quantize.DENSE_ROWS`), at 16, 8 and 4 bits.
 
@@ -30,10 +30,11 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import batch  # noqa: E402
-import quantize  # noqa: E402
-from attention import FP32_SDPA  # noqa: E402
-from loader import LoadedModel, ModelConfig, bundled_model_path, load_model  # noqa: E402
+from generation import batch  # noqa: E402
+from generation.attention import FP32_SDPA  # noqa: E402
+from generation.prepare import load_model  # noqa: E402
+from models import quantize  # noqa: E402
+from models.loader import LoadedModel, ModelConfig, bundled_model_path  # noqa: E402
 
 
 def per_call_us(f: Callable[[], Any], n: int) -> float:

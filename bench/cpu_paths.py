@@ -1,5 +1,5 @@
 """Every way PyTorch offers to multiply by a linear layer's weights on this CPU, per layer shape, at one row, a decode
-batch of 16 and a prefill chunk of 256 rows: the candidates the calibration (calibrate.py) chooses among and the ones
+batch of 16 and a prefill chunk of 256 rows: the candidates the calibration (models/calibrate.py) picks from, and those
 it leaves out, with their error against float32.
 
   fp32, bf16           dense weights, fed their own dtype

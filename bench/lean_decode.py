@@ -2,9 +2,9 @@
 row and a batch of 16 after 100 cached tokens, each way alternated in one process for several rounds (medians):
 
   transformers   transformers' own forward pass
-  modules        the plain step of `lean.py`, each projection called as a module
+  modules        the plain step of `generation/lean.py`, each projection called as a module
   bound          the plain step, each projection a function with its kernel bound (`QuantizedLinear.few_rows`)
-  fused          the plain step as served: bound, and q/k/v and gate/up each one call (`quantize.fuse_outputs`)
+  fused          the plain step as served: bound, and q/k/v and gate/up each one call (`models/fusion.py`)
 
 and the largest logit difference of each against transformers' step.
 
@@ -31,10 +31,13 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import batch  # noqa: E402
-import lean  # noqa: E402
-from loader import LoadedModel, ModelConfig, bundled_model_path, default_cache_dir, load_model  # noqa: E402
-from quantize import QuantizedLinear  # noqa: E402
+from generation import (  # noqa: E402
+    batch,
+    lean,
+)
+from generation.prepare import load_model  # noqa: E402
+from models.loader import LoadedModel, ModelConfig, bundled_model_path, default_cache_dir  # noqa: E402
+from models.quantize import QuantizedLinear  # noqa: E402
 
 
 @contextmanager

@@ -61,9 +61,10 @@ def answers(
     token through the decode steps: how often the top token is the reference's, and the mean KL divergence."""
     import torch
 
-    from batch import KVBatch, decode_step, prefill
-    from loader import ModelConfig, default_cache_dir, load_model
-    from text import Message
+    from generation.batch import KVBatch, decode_step, prefill
+    from generation.prepare import load_model
+    from models.chat_format import Message
+    from models.loader import ModelConfig, default_cache_dir
 
     lm = load_model(ModelConfig(model, "cpu", quantize=quantize, cache_dir=default_cache_dir(), dtype=dtype))
     texts, own = [], Reference([], [])

@@ -172,8 +172,9 @@ def in_process(model_path: Path | None, device: str, tokens: int, batches: list[
     decode speed per batch size."""
     import torch
 
-    from loader import ModelConfig, default_cache_dir, load_model
-    from text import Message
+    from generation.prepare import load_model
+    from models.chat_format import Message
+    from models.loader import ModelConfig, default_cache_dir
 
     lm = load_model(ModelConfig(model_path, device, cache_dir=default_cache_dir()))
     ids = lm.chat.encode([Message("user", PROMPT)])
@@ -370,7 +371,7 @@ def main() -> None:
                 report["quantize"][bits] = served([*base, "--quantize", bits, "--max-queue", "256"], sweep)
                 print(json.dumps({"quantize": bits, "runs": report["quantize"][bits]}), flush=True)
         if args.against_llama_server:
-            from loader import bundled_model_path
+            from models.loader import bundled_model_path
 
             gguf = args.model_path or bundled_model_path()
 
@@ -390,7 +391,7 @@ def cpu_report() -> dict[str, Any]:
     """The CPU this ran on as the server sees it: the instruction set PyTorch dispatches to, and the model name."""
     import torch
 
-    from devices import cpu_has_bf16, cpu_identity
+    from models.devices import cpu_has_bf16, cpu_identity
 
     identity = cpu_identity()
     return {

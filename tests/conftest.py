@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -20,9 +21,10 @@ import torch
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from common import ServerConfig
+from api.config import ServerConfig
 from engine import Engine, EngineConfig
-from loader import LoadedModel, ModelConfig, load_model
+from generation.prepare import load_model
+from models.loader import LoadedModel, ModelConfig
 from server import create_app
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -324,3 +326,60 @@ def bundled_server(bundled_cache: Path, tmp_path_factory: pytest.TempPathFactory
     server = start_server(args, tmp_path_factory.mktemp("logs") / "bundled_server.log")
     yield server
     stop_server(server)
+
+
+# ---- processes a test starts itself: stopped whether the test passes or fails ------------------------------------
+
+
+def _descendants(pid: int) -> list[tuple[int, str]]:
+    """(pid, start time) of every process below `pid`, read from /proc (nothing where there is no /proc)."""
+    found: list[tuple[int, str]] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            kids = [int(kid) for kid in (task / "children").read_text().split()]
+        except (OSError, ValueError):
+            continue
+        for kid in kids:
+            started = _start_time(kid)
+            if started is not None:
+                found += [(kid, started), *_descendants(kid)]
+    return found
+
+
+def _start_time(pid: int) -> str | None:
+    """A process's start time (field 22 of /proc/PID/stat): tells it from a later process given the same id."""
+    try:
+        return (Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split())[19]
+    except (OSError, IndexError):
+        return None
+
+
+def stop_process(process: subprocess.Popen[bytes]) -> None:
+    """Stop a process this test started, and whatever it started: SIGTERM, then SIGKILL after 20 s. Nothing to do for
+    a process that already ended (a test that stopped it itself)."""
+    import signal
+
+    children = _descendants(process.pid) if process.poll() is None else []
+    process.terminate()
+    try:
+        process.wait(20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+    for pid, started in children:
+        if _start_time(pid) == started:  # still that child, not a new process with its id
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+@contextlib.contextmanager
+def running_server(args: list[str], log: Path, **kwargs: Any) -> Iterator[LiveServer]:
+    """`start_server(args, log, ...)` for a `with` block: the server (and its children) stop when the block ends,
+    an assertion that failed inside it included."""
+    server = start_server(args, log, **kwargs)
+    try:
+        yield server
+    finally:
+        stop_process(server.process)

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from quantize import pack_int4, quantize_rows
+from models.packing import pack_int4, quantize_rows
 
 # Reference outputs of the original ChatGLM-6B code on a tiny random configuration (see its README.md).
 GOLDEN = Path(__file__).resolve().parent / "golden" / "chatglm6b-tiny"

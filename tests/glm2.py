@@ -16,7 +16,7 @@ import sentencepiece as spm
 import torch
 from safetensors.torch import save_file
 
-from chatglm.tokenizer2 import GLM4_SPLIT
+from models.chatglm.glm_tokenizer import GLM4_SPLIT
 
 CORPUS = [
     "你好，世界！今天天气很好。我们一起去公园散步吧。",

@@ -1,4 +1,4 @@
-"""Models on a CPU keep their cache in float32 and attend in float32 (attention.py): the cache grows in place and
+"""Models on a CPU keep their cache in float32 and attend in float32 (generation/attention.py): cache grows in place and
 survives the batch's padding, merging and row selection, a prompt's chunk attends to the cache before it as a causal
 mask would have it, and answers stay right."""
 
@@ -13,10 +13,11 @@ import torch
 import torch.nn.functional as F
 from transformers.masking_utils import causal_mask_function, sliding_window_causal_mask_function
 
-from attention import FP32_SDPA, attend_fp32, causal_mask
-from batch import KVBatch, decode_step, prefill_chunk
-from kvcache import Fp32Layer
-from loader import LoadedModel, ModelConfig, load_model
+from generation.attention import FP32_SDPA, attend_fp32, causal_mask
+from generation.batch import KVBatch, decode_step, prefill_chunk
+from generation.kv_cache import Fp32Layer
+from generation.prepare import load_model
+from models.loader import LoadedModel, ModelConfig
 from tests.conftest import MakeClient
 
 
@@ -38,7 +39,7 @@ def test_the_cache_grows_in_place_and_takes_assigned_rows() -> None:
         want = torch.cat(parts[: i + 1], dim=2).float()
         assert keys.dtype == torch.float32 and torch.equal(keys, want) and torch.equal(values, -want)
     assert layer.get_seq_length() == 78
-    layer.keys, layer.values = keys[1:], values[1:]  # as batch.py keeps rows
+    layer.keys, layer.values = keys[1:], values[1:]  # as generation/batch.py keeps rows
     extra = torch.randn(1, 3, 1, 8)
     keys, _ = layer.update(extra, extra)
     assert keys.shape == (1, 3, 79, 8) and torch.equal(keys, torch.cat([want[1:], extra], dim=2))

@@ -7,8 +7,8 @@ import dataclasses
 import threading
 from typing import Any
 
-from common import BACKEND
-from loader import LoadedModel
+from api.config import BACKEND
+from models.loader import LoadedModel
 from tests.conftest import MakeClient, Wrapped
 from tests.helpers import delta_frames, wait_until
 

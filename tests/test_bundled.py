@@ -7,8 +7,8 @@ import json
 import re
 import urllib.request
 
-from common import BACKEND
-from loader import LoadedModel
+from api.config import BACKEND
+from models.loader import LoadedModel
 from tests.conftest import LiveServer, MakeClient
 from tests.helpers import parse_frames
 

@@ -10,13 +10,14 @@ from typing import Any
 import pytest
 import torch
 
-from chatglm.tokenizer2 import SentencePieceTokenizer, TiktokenTokenizer
-from loader import LoadedModel, ModelConfig, load_model
+from generation.prepare import load_model
+from models.chat_format import Message
+from models.chatglm.glm_tokenizer import SentencePieceTokenizer, TiktokenTokenizer
+from models.loader import LoadedModel, ModelConfig
 from tests.conftest import MakeClient
 from tests.glm2 import reference_model, write_checkpoint
 from tests.helpers import delta_frames
 from tests.test_cli import run_cli
-from text import Message
 
 KINDS = ["chatglm2-6b", "chatglm3-6b", "glm-4-9b-chat"]
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from chatglm.model import attention_bias, fix_invalid_scores, positions_2d, prompt_layout, rotary_table
-from chatglm.v1 import load
-from loader import LoadedModel
+from models.chatglm.chatglm6b_loader import load
+from models.chatglm.chatglm6b_model import attention_bias, fix_invalid_scores, positions_2d, prompt_layout, rotary_table
+from models.loader import LoadedModel
 from tests.glm import GOLDEN, golden
 
 CASES = golden("cases.json")

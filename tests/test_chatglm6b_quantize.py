@@ -8,9 +8,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from chatglm.v1 import load
-from loader import LoadedModel, ModelConfig, load_model
-from quantize import QuantizedLinear, pack_int4, quantize_rows, unpack_int4
+from generation.prepare import load_model
+from models.chatglm.chatglm6b_loader import load
+from models.loader import LoadedModel, ModelConfig
+from models.packing import pack_int4, quantize_rows, unpack_int4
+from models.quantize import QuantizedLinear
 from tests.glm import GOLDEN, QUANTIZED, golden, golden_weights, quantized_weights, write_bin_checkpoint, write_config
 
 CASES = golden("cases.json")["cases"]

@@ -8,10 +8,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from chatglm.chat import ChatGLM6BFormat, ResponseStream, build_prompt, process_response, to_rounds
-from chatglm.tokenizer import ChatGLMTokenizer, clean_up_tokenization, preprocess
+from models.chat_format import ChatRejected, Message
+from models.chatglm.chatglm6b_chat import ChatGLM6BFormat, ResponseStream, build_prompt, process_response, to_rounds
+from models.chatglm.chatglm6b_tokenizer import ChatGLMTokenizer, clean_up_tokenization, preprocess
 from tests.glm import GOLDEN, golden
-from text import ChatRejected, Message
 
 TOKENIZER_CASES = golden("tokenizer_cases.json")
 

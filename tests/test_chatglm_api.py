@@ -10,11 +10,12 @@ from typing import Any
 
 import pytest
 
-from common import BACKEND
-from loader import LoadedModel
+from api.chatglm_web import chatglm_messages
+from api.config import BACKEND
+from models.chat_format import TemplateFormat, encode_chat
+from models.loader import LoadedModel
 from tests.conftest import TINY_CONTEXT, MakeClient
 from tests.helpers import delta_frames, wait_until
-from text import TemplateFormat, chatglm_messages, encode_chat
 
 
 async def test_chat_answers_and_extends_history(make_client: MakeClient) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -11,10 +12,19 @@ import pytest
 
 from tests.conftest import ROOT, LiveServer
 
+# the environment of a machine with no GPU to see, whatever this machine has
+NO_GPU = {"CUDA_VISIBLE_DEVICES": ""}
 
-def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """`python server.py ARGS`, run to its end; `env`: variables set for it on top of this process's."""
     return subprocess.run(
-        [sys.executable, str(ROOT / "server.py"), *args], capture_output=True, text=True, timeout=120, cwd=ROOT
+        [sys.executable, str(ROOT / "server.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
     )
 
 
@@ -35,7 +45,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
 def test_start_up_errors_are_clear(args: list[str], message: str, tiny_dir: Path) -> None:
     if args[0] in ("--quantize", "--device"):
         args = ["--model", str(tiny_dir), *args]
-    result = run_cli(*args)
+    result = run_cli(*args, env=NO_GPU)  # as on a machine without CUDA, which "gpus-without-cuda" is about
     assert result.returncode == 2
     assert message in result.stderr
     assert "Traceback" not in result.stderr

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from loader import ModelConfig, load_model
+from generation.prepare import load_model
+from models.loader import ModelConfig
 from tests.conftest import LiveServer, start_server, stop_server
 from tests.glm import GOLDEN, golden, write_bin_checkpoint
 

@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from devices import resolve_dtype
-from loader import LoadedModel, ModelConfig, gguf_cache_entry, load_model
+from generation.prepare import load_model
+from models.devices import resolve_dtype
+from models.gguf_files import gguf_cache_entry
+from models.loader import LoadedModel, ModelConfig
 from tests.conftest import LiveServer, MakeClient, build_tiny_gguf, start_server, stop_server
 
 GREEDY = {"query": "你好 hello 😀", "temperature": 0, "max_tokens": 12, "ignore_eos": True}
@@ -39,7 +41,7 @@ async def greedy_answer(make_client: MakeClient, lm: LoadedModel) -> str:
 async def test_a_gguf_is_converted_once_and_answers_the_same_from_its_copy(
     tiny_gguf: Path, tmp_path: Path, make_client: MakeClient, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="loader")
+    caplog.set_level(logging.INFO, logger="models")
     first = load(tiny_gguf, tmp_path)
     entry = entry_of(tiny_gguf, tmp_path)
     assert "kept the converted model" in caplog.text and (entry / "model.safetensors").is_file()
@@ -57,7 +59,7 @@ def test_without_a_cache_nothing_is_written(
 ) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # where the default cache would go
     before = sorted(p.name for p in tiny_gguf.parent.iterdir())
-    caplog.set_level(logging.INFO, logger="loader")
+    caplog.set_level(logging.INFO, logger="models")
     load(tiny_gguf, None)
     assert sorted(p.name for p in tiny_gguf.parent.iterdir()) == before
     assert not any(tmp_path.iterdir()) and "converted" not in caplog.text
@@ -69,7 +71,7 @@ def test_a_changed_gguf_is_converted_again(tiny_gguf: Path, tmp_path: Path, capl
     load(mine, tmp_path / "cache")
     stat = mine.stat()
     os.utime(mine, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # the user replaced the file
-    caplog.set_level(logging.INFO, logger="loader")
+    caplog.set_level(logging.INFO, logger="models")
     load(mine, tmp_path / "cache")
     assert "kept the converted model" in caplog.text and "from its converted copy" not in caplog.text
     assert len(list((tmp_path / "cache").iterdir())) == 2
@@ -82,7 +84,7 @@ async def test_a_broken_copy_is_converted_again(
     load(tiny_gguf, tmp_path)
     entry = entry_of(tiny_gguf, tmp_path)
     (entry / "model.safetensors").write_bytes(b"truncated by a full disk")
-    caplog.set_level(logging.INFO, logger="loader")
+    caplog.set_level(logging.INFO, logger="models")
     lm = load(tiny_gguf, tmp_path)
     assert "is unreadable" in caplog.text and "kept the converted model" in caplog.text
     assert await greedy_answer(make_client, lm) == expected
@@ -92,7 +94,7 @@ async def test_a_broken_copy_is_converted_again(
 
 
 def test_each_dtype_keeps_its_own_copy(tiny_gguf: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="loader")
+    caplog.set_level(logging.INFO, logger="models")
     assert load(tiny_gguf, tmp_path, "float32").dtype == "float32"
     assert load(tiny_gguf, tmp_path, "bfloat16").dtype == "bfloat16"
     assert caplog.text.count("kept the converted model") == 2 and "from its converted copy" not in caplog.text
@@ -107,7 +109,7 @@ def test_a_cache_that_cannot_be_written_only_costs_time(
 ) -> None:
     blocked = tmp_path / "a-file"
     blocked.write_text("not a folder")
-    caplog.set_level(logging.INFO, logger="loader")
+    caplog.set_level(logging.INFO, logger="models")
     lm = load(tiny_gguf, blocked)
     assert lm.name == "tiny" and "could not keep the converted model" in caplog.text
 
@@ -136,7 +138,7 @@ async def test_the_bundled_model_answers_the_same_from_its_converted_copy(
     bundled_server: LiveServer, bundled_cache: Path, make_client: MakeClient, caplog: pytest.LogCaptureFixture
 ) -> None:
     # the bundled server's start converted the GGUF into this cache; a second start reads the copy
-    caplog.set_level(logging.INFO, logger="loader")
+    caplog.set_level(logging.INFO, logger="models")
     lm = load_model(ModelConfig(device="cpu", cache_dir=bundled_cache))
     assert "from its converted copy" in caplog.text and lm.dtype == str(resolve_dtype("auto", "cpu"))[6:]
     body = {"query": "What is the capital of France?", "temperature": 0, "max_tokens": 16}

@@ -1,4 +1,4 @@
-"""The kernels a CPU serves with are measured at load (calibrate.py): the faster path wins, the choice is kept per CPU
+"""The kernels a CPU serves with are measured at load (models/calibrate.py): the faster wins, the choice is kept per CPU
 and model, `--quantize`/`--dtype` override it; every quantized path answers as its own dequantized weights do; fused
 projections hold nothing twice; the thread count follows the measured speed of the steps."""
 
@@ -15,14 +15,14 @@ from typing import Any
 import pytest
 import torch
 
-import devices
-import lean
-import quantize
-from batch import KVBatch, decode_step, prefill
-from loader import LoadedModel, ModelConfig, load_model, weight_bytes
-from quantize import QuantizedLinear
+from generation import lean
+from generation.batch import KVBatch, decode_step, prefill
+from generation.prepare import load_model
+from generation.threads import ThreadTuner, candidates
+from models import devices, packing, quantize
+from models.loader import LoadedModel, ModelConfig, weight_bytes
+from models.quantize import QuantizedLinear
 from tests.conftest import MakeClient, build_tiny_gguf
-from threads import ThreadTuner, candidates
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +98,7 @@ def test_the_choice_is_kept_per_cpu_and_model(
     assert load_model(config).kernels["cached"]  # type: ignore[index]
     # the same file changed (a new download in its place): measured again
     os.utime(q4_gguf, ns=(time.time_ns(), time.time_ns()))
-    with caplog.at_level(logging.INFO, logger="calibrate"):
+    with caplog.at_level(logging.INFO, logger="models.calibrate"):
         changed = load_model(config)
     assert changed.kernels is not None and not changed.kernels["cached"] and "measuring" in caplog.text
 
@@ -107,7 +107,7 @@ def test_quantize_and_dtype_override_the_measurement(
     q4_gguf: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setitem(quantize.KERNELS, "int4pack_cpu", slowed("int4pack_cpu"))
-    with caplog.at_level(logging.WARNING, logger="loader"):
+    with caplog.at_level(logging.WARNING, logger="models"):
         lm = load_model(ModelConfig(path=q4_gguf, device="cpu", quantize=4))
     assert lm.bits == 4 and lm.kernels is not None and lm.kernels["forced"] == "--quantize 4"
     assert "--quantize 4: 4-bit weights measure" in caplog.text and "slower here than the fastest path" in caplog.text
@@ -194,7 +194,7 @@ def test_each_quantized_path_answers_as_its_dequantized_weights(
 
 
 def message(text: str) -> Any:
-    from text import Message
+    from models.chat_format import Message
 
     return Message("user", text)
 
@@ -221,7 +221,7 @@ def test_fused_projections_hold_no_second_copy(bits: int, q4_gguf: Path) -> None
     """Each layer's q/k/v and gate/up run as one call in a decode step, on the layers' own weights: the model's
     memory is what it was before fusing, and the layers still answer prefills as before."""
     lm = load_model(ModelConfig(path=q4_gguf, device="cpu", dtype="float32", quantize=bits))
-    layout = quantize.int4_cpu_layout()
+    layout = packing.int4_cpu_layout()
     assert layout is not None
     # the tiny model's k/v projections have 32 rows: int4 tiles of 64 rows (AVX-512) cannot be cut between them
     fusable = bits != 4 or 32 % layout[0] == 0

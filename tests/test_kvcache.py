@@ -1,4 +1,4 @@
-"""The float32 cache layer (kvcache.py) against plain concatenation and row selection: whatever mix of decode steps,
+"""The float32 cache layer (generation/kv_cache.py) against concatenation and row selection: whatever decode steps,
 joins and leaves a batch goes through, its keys and values are what copying everything each time would give, and
 joins into spare rows and leaves without dropped columns do not move the rows held."""
 
@@ -9,7 +9,7 @@ import random
 import pytest
 import torch
 
-from kvcache import Fp32Layer
+from generation.kv_cache import Fp32Layer
 
 
 def buffer(layer: Fp32Layer) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Decode steps as plain functions (lean.py): the same logits as transformers' forward pass, for the models whose
+"""Decode steps as plain functions (generation/lean.py): the logits of transformers' forward pass, for the models whose
 layers have the Llama shape; other models keep transformers' path."""
 
 from __future__ import annotations
@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from batch import KVBatch, decode_step, prefill
-from loader import LoadedModel, ModelConfig, load_model
+from generation.batch import KVBatch, decode_step, prefill
+from generation.prepare import load_model
+from models.loader import LoadedModel, ModelConfig
 
 
 @pytest.mark.parametrize("short", [14, 3])  # the second row padded a little (the padded attention) or much (row by row)
@@ -46,9 +47,9 @@ def test_other_architectures_keep_transformers_path(glm_lm: LoadedModel) -> None
 def test_start_up_says_which_decode_path_it_takes(tiny_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
     from tests.glm import GOLDEN
 
-    with caplog.at_level(logging.INFO, logger="loader"):
+    with caplog.at_level(logging.INFO, logger="generation.prepare"):
         load_model(ModelConfig(path=tiny_dir, device="cpu", dtype="bfloat16"))
-        assert "attention in float32, decode steps through plain functions (lean.py)" in caplog.text
+        assert "attention in float32, decode steps through plain functions (generation/lean.py)" in caplog.text
         caplog.clear()
         load_model(ModelConfig(path=GOLDEN, device="cpu", dtype="float32"))
         assert "attention in float32, decode steps through transformers" in caplog.text

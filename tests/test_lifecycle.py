@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 
-from common import BACKEND
-from loader import LoadedModel
-from tests.conftest import MakeClient, build_tiny_model, start_server
+from api.config import BACKEND
+from models.loader import LoadedModel
+from tests.conftest import MakeClient, build_tiny_model, running_server, stop_process
 from tests.helpers import wait_until
 
 
@@ -52,25 +52,23 @@ def read_stream(port: int, body: dict[str, Any], first: threading.Event, out: li
 
 def test_sigterm_finishes_short_answers_and_ends_long_ones(tmp_path: Path) -> None:
     model = build_tiny_model(tmp_path / "model", context=8192)
-    server = start_server(
-        ["--model", str(model), "--device", "cpu", "--shutdown-timeout", "5", "--max-batch-size", "8"],
-        tmp_path / "server.log",
-    )
-    port = int(server.url.rsplit(":", 1)[1])
-    short = {"query": "short", "max_tokens": 40, "ignore_eos": True}
-    long = {"query": "long", "max_tokens": 7000, "ignore_eos": True}
-    streams: list[tuple[dict[str, Any], threading.Event, list[dict[str, Any]], threading.Thread]] = []
-    for body in [short, long] * 4:
-        started, frames = threading.Event(), list[dict[str, Any]]()
-        thread = threading.Thread(target=read_stream, args=(port, body, started, frames))
-        thread.start()
-        streams.append((body, started, frames, thread))
-    for _, started, _, _ in streams:
-        assert started.wait(30)
-    sent = time.monotonic()
-    server.process.send_signal(signal.SIGTERM)
-    assert server.process.wait(20) == 0
-    assert time.monotonic() - sent < 5 + 3  # within --shutdown-timeout, plus the answers' last frames
+    args = ["--model", str(model), "--device", "cpu", "--shutdown-timeout", "5", "--max-batch-size", "8"]
+    with running_server(args, tmp_path / "server.log") as server:
+        port = int(server.url.rsplit(":", 1)[1])
+        short = {"query": "short", "max_tokens": 40, "ignore_eos": True}
+        long = {"query": "long", "max_tokens": 7000, "ignore_eos": True}
+        streams: list[tuple[dict[str, Any], threading.Event, list[dict[str, Any]], threading.Thread]] = []
+        for body in [short, long] * 4:
+            started, frames = threading.Event(), list[dict[str, Any]]()
+            thread = threading.Thread(target=read_stream, args=(port, body, started, frames), daemon=True)
+            thread.start()
+            streams.append((body, started, frames, thread))
+        for _, started, _, _ in streams:
+            assert started.wait(30)
+        sent = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(20) == 0
+        assert time.monotonic() - sent < 5 + 3  # within --shutdown-timeout, plus the answers' last frames
     for body, _, frames, thread in streams:
         thread.join(10)
         last = frames[-1]
@@ -86,9 +84,9 @@ def test_sigterm_finishes_short_answers_and_ends_long_ones(tmp_path: Path) -> No
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_idle_server_exits_cleanly(tmp_path: Path, tiny_dir: Path, sig: signal.Signals) -> None:
-    server = start_server(["--model", str(tiny_dir), "--device", "cpu"], tmp_path / "server.log")
-    server.process.send_signal(sig)
-    assert server.process.wait(20) == 0
+    with running_server(["--model", str(tiny_dir), "--device", "cpu"], tmp_path / "server.log") as server:
+        server.process.send_signal(sig)
+        assert server.process.wait(20) == 0
 
 
 def test_sigterm_while_the_model_loads_exits_at_once(tmp_path: Path) -> None:
@@ -104,17 +102,20 @@ def test_sigterm_while_the_model_loads_exits_at_once(tmp_path: Path) -> None:
     args = ["--port", str(port), "--device", "cpu", "--cache-dir", str(tmp_path / "cache")]
     with log.open("wb") as out:
         process = subprocess.Popen([sys.executable, str(ROOT / "server.py"), *args], cwd=ROOT, stdout=out, stderr=out)
-    deadline = time.monotonic() + 60
-    while True:
-        assert time.monotonic() < deadline and process.poll() is None
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5).close()
-        except urllib.error.HTTPError as loading:  # 503 while loading
-            loading.close()
-            break
-        except OSError:
-            time.sleep(0.2)
-    process.send_signal(signal.SIGTERM)
-    assert process.wait(10) == 0
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert time.monotonic() < deadline and process.poll() is None
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5).close()
+            except urllib.error.HTTPError as loading:  # 503 while loading
+                loading.close()
+                break
+            except OSError:
+                time.sleep(0.2)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(10) == 0
+    finally:
+        stop_process(process)  # a test that failed before its SIGTERM leaves no server behind
     text = log.read_text()
     assert "stopped before the model finished loading" in text and "Traceback" not in text

@@ -15,13 +15,15 @@ from typing import Any
 
 import pytest
 
-from common import BACKEND
-from engine import chunk_size
-from loader import LoadedModel, ModelConfig, load_model
+from api.config import BACKEND
+from generation.prepare import load_model
+from generation.prompts import PromptTooLong, fit_chat
+from generation.scheduler import chunk_size
+from models.chat_format import ChatFormat, Message, SamplingDefaults, TextStream
+from models.loader import LoadedModel, ModelConfig
 from tests.conftest import MakeClient, Wrapped, build_tiny_model
 from tests.helpers import wait_until
 from tests.test_cli import run_cli
-from text import ChatFormat, Message, PromptTooLong, SamplingDefaults, TextStream, fit_chat
 
 # ---- trimming ----------------------------------------------------------------------------------------
 

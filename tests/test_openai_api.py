@@ -8,8 +8,8 @@ from typing import Any
 import openai
 import pytest
 
-from common import BACKEND
-from loader import LoadedModel
+from api.config import BACKEND
+from models.loader import LoadedModel
 from tests.conftest import LiveServer, MakeClient
 from tests.helpers import parse_frames, wait_until
 
@@ -79,12 +79,37 @@ def test_stop_removes_the_stop_string_and_the_rest(client: openai.OpenAI) -> Non
 
 
 def test_n_choices(client: openai.OpenAI) -> None:
-    done = greedy(client, n=3, temperature=1.0, seed=3, max_tokens=8)
+    # max_tokens bounds each choice, not the answer: with no end of sequence, each choice runs to all 8 of its own
+    done = greedy(client, n=3, temperature=1.0, seed=3, max_tokens=8, extra_body={"ignore_eos": True})
     assert [c.index for c in done.choices] == [0, 1, 2]
-    assert done.usage is not None and done.usage.completion_tokens <= 24
-    assert len({c.message.content for c in done.choices}) > 1  # each choice samples with its own seed
+    assert [c.finish_reason for c in done.choices] == ["length"] * 3
+    assert done.usage is not None and done.usage.completion_tokens == 3 * 8
+    assert len({c.message.content for c in done.choices}) == 3  # each choice samples with its own seed
     chunks = list(greedy(client, n=2, stream=True, max_tokens=4))
     assert {c.choices[0].index for c in chunks if c.choices} == {0, 1}
+    finished = [c.choices[0].index for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert sorted(finished) == [0, 1]  # each choice ends once, on its own
+
+
+async def test_choice_i_is_the_answer_to_seed_plus_i(make_client: MakeClient) -> None:
+    """Each of n choices samples as a request of its own with seed + i would: the same text and end, and the usage
+    counts every choice's own tokens (the prompt once). In process, on the float32 model, whose answers are the same
+    in a batch as alone."""
+    url = str((await make_client()).make_url("/v1"))
+    async with openai.AsyncOpenAI(base_url=url, api_key="unused", max_retries=0) as sdk:
+        model = (await sdk.models.list()).data[0].id
+        args: dict[str, Any] = {"model": model, "messages": MESSAGES, "temperature": 1.0, "max_tokens": 8}
+        done = await sdk.chat.completions.create(**args, n=3, seed=12)
+        alone = [await sdk.chat.completions.create(**args, seed=12 + i) for i in range(3)]
+    assert [c.index for c in done.choices] == [0, 1, 2]
+    answers = [(a.choices[0].message.content, a.choices[0].finish_reason) for a in alone]
+    assert [(c.message.content, c.finish_reason) for c in done.choices] == answers
+    assert len({text for text, _ in answers}) == 3
+    tokens = [a.usage.completion_tokens for a in alone if a.usage is not None]
+    assert len(tokens) == 3 and all(0 < n <= 8 for n in tokens)
+    assert done.usage is not None and alone[0].usage is not None
+    assert done.usage.completion_tokens == sum(tokens)
+    assert done.usage.prompt_tokens == alone[0].usage.prompt_tokens
 
 
 def test_seed_reproduces_sampling(client: openai.OpenAI) -> None:

@@ -16,8 +16,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from common import BACKEND, LIFECYCLE
-from loader import LoadedModel
+from api.config import BACKEND, LIFECYCLE
+from models.loader import LoadedModel
 from tests.conftest import MakeClient, Wrapped
 from tests.helpers import delta_frames, wait_until
 
@@ -293,16 +293,18 @@ async def test_a_failed_decode_step_ends_its_batch_and_the_server_goes_on(
 
 
 async def test_an_unforeseen_fault_ends_what_was_generating_and_the_engine_goes_on(
-    make_client: MakeClient, monkeypatch: pytest.MonkeyPatch
+    make_client: MakeClient, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    import batch
+    from generation import batch
 
     client = await make_client(max_batch_size=8)
     body = {"query": "go", "max_tokens": 200, "ignore_eos": True}
     running = await client.post("/stream", json=body)
     await running.content.readuntil(b"\n\n")
 
-    def broken_add(self: batch.KVBatch, cache: Any, mask: torch.Tensor) -> None:
+    # KVBatch.add's own signature, so that the engine's call reaches the injected fault (a mismatch would raise a
+    # TypeError of the test's making instead, which the log check below catches)
+    def broken_add(self: batch.KVBatch, cache: Any, mask: torch.Tensor, max_rows: int = 1) -> None:
         raise AssertionError("injected bug")  # stands for a bug of ours, in the middle of the worker's step
 
     monkeypatch.setattr(batch.KVBatch, "add", broken_add)
@@ -311,6 +313,9 @@ async def test_an_unforeseen_fault_ends_what_was_generating_and_the_engine_goes_
         last = delta_frames(await resp.read())[-1]
         assert last["finish_reason"] == "error" and last["error"]["message"] == "generation failed: internal error"
     monkeypatch.undo()
+    # the fault the engine handled is the injected one, caught where the worker's step fails
+    faults = [r.exc_info[1] for r in caplog.records if r.getMessage().startswith("engine step failed") and r.exc_info]
+    assert [(type(f), str(f)) for f in faults] == [(AssertionError, "injected bug")]
     assert client.app[BACKEND].counts == (0, 0) and client.app[BACKEND].running
     after = await (await client.post("/chat", json={"query": "next", "max_tokens": 4, "ignore_eos": True})).json()
     assert after["usage"]["completion_tokens"] == 4

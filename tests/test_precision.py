@@ -11,16 +11,17 @@ from typing import Any
 import pytest
 import torch
 
-import batch
-import calibrate
-import devices
-from common import BACKEND
-from devices import default_batch_size, resolve_dtype
-from loader import LoadedModel, ModelConfig, load_model
-from local import LocalBackend
-from quantize import DENSE_ROWS, HELD_ROWS, QuantizedEmbedding, QuantizedLinear, int4_cpu_layout, quantize_linear
+from api.config import BACKEND
+from backends.local import LocalBackend
+from generation import batch
+from generation.prepare import load_model
+from models import calibrate, devices
+from models.devices import default_batch_size, resolve_dtype
+from models.loader import LoadedModel, ModelConfig
+from models.packing import int4_cpu_layout
+from models.quantize import DENSE_ROWS, HELD_ROWS, QuantizedEmbedding, QuantizedLinear, quantize_linear
 from tests.conftest import MakeClient, build_tiny_gguf
-from tests.test_cli import run_cli
+from tests.test_cli import NO_GPU, run_cli
 
 FLAGS = "fpu vme de pse tsc msr pae mce cx8 apic avx2 avx512f avx512bw"
 
@@ -224,5 +225,5 @@ async def test_health_reports_precision_and_batch(make_client: MakeClient, sizes
     ids=["missing-gpu", "quantized-over-gpus", "dtype"],
 )
 def test_impossible_combinations_are_one_line_at_start_up(args: list[str], message: str, tiny_dir: Path) -> None:
-    result = run_cli("--model", str(tiny_dir), *args)
+    result = run_cli("--model", str(tiny_dir), *args, env=NO_GPU)  # as on a machine without CUDA
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr

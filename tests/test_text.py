@@ -6,8 +6,10 @@ import random
 
 import pytest
 
-from loader import LoadedModel
-from text import REPLACEMENT, IncrementalDecoder, Message, PromptTooLong, StopMatcher, fallback_prompt, fit_chat
+from generation.detokenize import REPLACEMENT, IncrementalDecoder, StopMatcher
+from generation.prompts import PromptTooLong, fit_chat
+from models.chat_format import Message, fallback_prompt
+from models.loader import LoadedModel
 
 MIXED = "Hello 你好，世界！🌍🚀 café — 流式输出 👍👌🔥 done."
 

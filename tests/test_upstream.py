@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,12 +17,12 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from common import ServerConfig
+from api.config import ServerConfig
+from backends.upstream import PROBE_EVERY, UpstreamBackend, UpstreamConfig
 from server import create_app
-from tests.conftest import LiveServer, build_tiny_model, free_port, start_server, stop_server
+from tests.conftest import LiveServer, build_tiny_model, free_port, running_server
 from tests.helpers import delta_frames, parse_frames, wait_until
 from tests.test_cli import run_cli
-from upstream import UpstreamBackend, UpstreamConfig
 
 HISTORY = [["Hi, my name is Ada.", "Nice to meet you!"]]
 
@@ -30,9 +32,8 @@ def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     """The upstream engine: this server on a tiny model with a long context, as a user would start it."""
     folder = build_tiny_model(tmp_path_factory.mktemp("upstream-model"), context=8192)
     args = ["--model", str(folder), "--device", "cpu", "--served-model-name", "tiny", "--max-connections", "4"]
-    server = start_server(args, tmp_path_factory.mktemp("logs") / "upstream.log")
-    yield server
-    stop_server(server)
+    with running_server(args, tmp_path_factory.mktemp("logs") / "upstream.log") as server:
+        yield server
 
 
 async def proxy_of(aiohttp_client: Any, url: str, **upstream: Any) -> TestClient[web.Request, web.Application]:
@@ -53,8 +54,6 @@ async def open_stream(client: TestClient[web.Request, web.Application], body: di
 
 
 def post(server: LiveServer, path: str, body: dict[str, Any]) -> bytes:
-    import urllib.request
-
     req = urllib.request.Request(server.url + path, data=json.dumps(body).encode(), method="POST")
     with urllib.request.urlopen(req, timeout=60) as resp:
         return bytes(resp.read())
@@ -144,50 +143,58 @@ async def test_an_upstream_that_fails_is_a_502(aiohttp_client: Any) -> None:
 
 def test_down_at_start_up_then_up_and_killed_mid_stream(tmp_path: Path) -> None:
     port = free_port()
-    proxy = start_server(["--upstream", f"http://127.0.0.1:{port}/v1"], tmp_path / "proxy.log", healthy=False)
-    try:
+    proxy_log, upstream_log = tmp_path / "proxy.log", tmp_path / "up.log"
+    with running_server(["--upstream", f"http://127.0.0.1:{port}/v1"], proxy_log, healthy=False) as proxy:
         health = proxy.get_status("/health")
         assert health[0] == 503 and health[1]["status"] == "unavailable"
         status, body = proxy.post_status("/chat", {"query": "hi"})
         assert status == 502 and "cannot be reached" in body["error"]["message"]
         # the upstream comes up: the proxy serves through it without a restart
         folder = build_tiny_model(tmp_path / "model", context=8192)
-        upstream = start_server(["--model", str(folder), "--device", "cpu"], tmp_path / "up.log", port=port)
-        deadline = time.monotonic() + 10
-        while proxy.get_status("/health")[0] != 200:
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
-        assert (
-            proxy.post("/chat", {"query": "hi", "max_tokens": 3, "ignore_eos": True})["usage"]["completion_tokens"] == 3
-        )
-        # killed mid-stream: the stream ends with an error frame and the proxy goes on answering
-        import threading
+        with running_server(["--model", str(folder), "--device", "cpu"], upstream_log, port=port) as upstream:
+            wait_for_health(proxy, 200, within=PROBE_EVERY + 8)
+            answer = proxy.post("/chat", {"query": "hi", "max_tokens": 3, "ignore_eos": True})
+            assert answer["usage"]["completion_tokens"] == 3
+            # killed mid-stream: the stream ends with an error frame and the proxy goes on answering
+            frames: list[bytes] = []
+            streaming = threading.Event()
 
-        frames: list[bytes] = []
-        streaming = threading.Event()
+            def read() -> None:  # until the proxy's stream has begun, then to its end
+                body = json.dumps({"query": "go", "max_tokens": 6000, "ignore_eos": True}).encode()
+                req = urllib.request.Request(proxy.url + "/stream", data=body, method="POST")
+                with urllib.request.urlopen(req, timeout=60) as resp:
+                    first = resp.readline()
+                    streaming.set()
+                    frames.append(first + resp.read())
 
-        def read() -> None:  # until the proxy's stream has begun, then to its end
-            import urllib.request
+            reader = threading.Thread(target=read, daemon=True)
+            reader.start()
+            # killed only once tokens flow through the proxy: before that the proxy answers a plain 502
+            assert streaming.wait(10)
+            upstream.process.send_signal(signal.SIGKILL)
+            upstream.process.wait()
+            reader.join(15)
+            assert not reader.is_alive() and frames, "the proxy's stream did not end when its upstream died"
+            last = delta_frames(frames[0])[-1]
+            assert last["finished"] and last["finish_reason"] == "error" and "upstream" in last["error"]["message"]
+        # the upstream is gone: the proxy's next check of it reports so (health 503, "unavailable"), while the proxy
+        # itself goes on answering, each request with the 502 of an upstream that cannot be reached
+        body = wait_for_health(proxy, 503, within=PROBE_EVERY + 8)
+        assert body["status"] == "unavailable" and body["upstream_status"] != "ok"
+        status, body = proxy.post_status("/chat", {"query": "hi"})
+        assert status == 502 and "cannot be reached" in body["error"]["message"]
+        assert proxy.process.poll() is None
 
-            body = json.dumps({"query": "go", "max_tokens": 6000, "ignore_eos": True}).encode()
-            req = urllib.request.Request(proxy.url + "/stream", data=body, method="POST")
-            with urllib.request.urlopen(req, timeout=60) as resp:
-                first = resp.readline()
-                streaming.set()
-                frames.append(first + resp.read())
 
-        reader = threading.Thread(target=read)
-        reader.start()
-        # killed only once tokens flow through the proxy: before that the proxy answers a plain 502
-        assert streaming.wait(10)
-        upstream.process.send_signal(signal.SIGKILL)
-        upstream.process.wait()
-        reader.join(15)
-        last = delta_frames(frames[0])[-1]
-        assert last["finished"] and last["finish_reason"] == "error" and "upstream" in last["error"]["message"]
-        assert proxy.get_status("/health")[0] in (200, 503)
-    finally:
-        stop_server(proxy)
+def wait_for_health(server: LiveServer, status: int, within: float) -> Any:
+    """Poll GET /health until it answers `status`; its body. Fails after `within` seconds."""
+    deadline = time.monotonic() + within
+    while True:
+        got, body = server.get_status("/health")
+        if got == status:
+            return body
+        assert time.monotonic() < deadline, f"/health still answers {got} {body}, not {status}"
+        time.sleep(0.1)
 
 
 def test_upstream_and_a_local_model_are_one_or_the_other(tiny_dir: Path) -> None:

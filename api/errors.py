@@ -1,0 +1,70 @@
+"""JSON errors in each door's shape, and the middleware that turns every failure before a stream into one."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from aiohttp import web
+
+from api.config import REQUEST_ID
+from backends.base import BackendError, Event, Failed, InvalidField
+from sse import dumps
+
+log = logging.getLogger(__name__)
+
+_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+    503: "service_unavailable",
+}
+
+
+def error_response(
+    status: int, message: str, param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None
+) -> web.Response:
+    """A JSON error in OpenAI's shape (`success: false` too, for ChatGLM clients)."""
+    body = {
+        "success": False,
+        "error": {"message": message, "type": _ERROR_TYPES.get(status, "server_error"), "param": param, "code": code},
+    }
+    return web.Response(status=status, text=dumps(body), content_type="application/json", headers=headers)
+
+
+@web.middleware
+async def json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Every error before a stream starts is JSON with the status that fits; never an HTML page."""
+    try:
+        response: web.StreamResponse = await handler(request)
+        return response
+    except InvalidField as exc:
+        return error_response(400, exc.message, exc.param, exc.code)
+    except BackendError as exc:
+        return error_response(exc.status, exc.message, headers=exc.headers)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+        return error_response(exc.status, exc.reason, headers=headers)
+    except Exception:  # a bug of ours: still JSON, and the details stay in the log
+        log.exception("request %s failed", request.get(REQUEST_ID))
+        return error_response(500, "internal server error")
+
+
+def failure_response(event: Failed) -> web.Response:
+    """A generation that ended before anything was sent: 503 when the server could not take it, 499 (nginx's
+    "client closed request", for the log and metrics: nobody reads it) when the client left, else 500."""
+    status = {"unavailable": 503, "cancelled": 499}.get(event.type, 500)
+    return error_response(status, event.message)
+
+
+def not_started(first: Event) -> web.Response | None:
+    """For a stream: the plain JSON answer when its first event says it never started (a queue timeout, a client
+    that left while waiting), so nothing is sent as a stream yet; None when the stream should start."""
+    if isinstance(first, Failed) and first.type in ("unavailable", "cancelled"):
+        return failure_response(first)
+    return None

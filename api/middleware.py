@@ -1,0 +1,93 @@
+"""Per-request middleware: request ids, the connection limit, the API key, one access-log line and metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+import uuid
+from typing import Any
+
+from aiohttp import web
+
+from api.config import CONFIG, LIFECYCLE, METRICS, OPEN_PATHS, REQUEST_ID, STATS, UNCOUNTED
+from api.errors import error_response
+from api.metrics import RequestStats
+
+log = logging.getLogger("access")
+
+
+@web.middleware
+async def request_context(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Request id, the connection limit, refusal while shutting down, one log line and metrics per request."""
+    app, life = request.app, request.app[LIFECYCLE]
+    request[REQUEST_ID] = request.headers.get("X-Request-ID", "")[:128] or uuid.uuid4().hex
+    request[STATS] = RequestStats()
+    counted = request.path not in UNCOUNTED
+    response: web.StreamResponse
+    if life.shutting_down and counted:
+        response = error_response(503, "the server is shutting down")
+    elif counted and life.in_flight >= app[CONFIG].max_connections:
+        response = error_response(429, "too many requests in flight; retry later", headers={"Retry-After": "1"})
+    else:
+        life.in_flight += counted
+        try:
+            response = await handler(request)
+        except asyncio.CancelledError:  # the client closed the connection and aiohttp cancelled the handler
+            _account(request, 499)
+            raise
+        finally:
+            life.in_flight -= counted
+    _account(request, response.status)
+    return response
+
+
+def _account(request: web.Request, status: int) -> None:
+    """A finished request's metrics and its one access log line."""
+    stats: RequestStats = request[STATS]
+    duration = time.perf_counter() - stats.started
+    route = request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"
+    request.app[METRICS].requests.labels(route, str(status)).inc()
+    if stats.completion_tokens:
+        request.app[METRICS].e2e.observe(duration)
+    ttft = f"{stats.ttft:.3f}" if stats.ttft is not None else "-"
+    log.info(
+        "id=%s %s %s status=%s prompt=%d completion=%d ttft=%s duration=%.3f",
+        request[REQUEST_ID],
+        request.method,
+        request.path,
+        status,
+        stats.prompt_tokens,
+        stats.completion_tokens,
+        ttft,
+        duration,
+    )
+
+
+async def echo_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    """on_response_prepare: headers, also of streams, carry the request id."""
+    if REQUEST_ID in request:
+        response.headers["X-Request-ID"] = request[REQUEST_ID]
+
+
+@web.middleware
+async def require_key(request: web.Request, handler: Any) -> web.StreamResponse:
+    """`Authorization: Bearer KEY` on API routes when --api-key is set; compared in constant time."""
+    config = request.app[CONFIG]
+    path = request.path
+    is_open = (
+        config.api_key is None
+        or request.method == "OPTIONS"  # CORS preflights carry no credentials
+        or path in OPEN_PATHS
+        or path.startswith("/static/")
+        or (path == "/metrics" and not config.metrics_need_key)
+    )
+    if not is_open:
+        sent = request.headers.get("Authorization", "")
+        scheme, _, key = sent.partition(" ")
+        assert config.api_key is not None
+        if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(), config.api_key.encode()):
+            return error_response(401, "missing or wrong API key", headers={"WWW-Authenticate": "Bearer"})
+    response: web.StreamResponse = await handler(request)
+    return response

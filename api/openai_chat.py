@@ -1,0 +1,164 @@
+"""OpenAI Chat Completions: `GET /v1/models`, `POST /v1/chat/completions`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from typing import Any
+
+from aiohttp import web
+
+from api.config import BACKEND, CONFIG
+from api.errors import error_response, failure_response, not_started
+from api.http import events_of, peeked, read_body, served_names, usage
+from api.schema import CompletionRequest, parse_completion
+from backends.base import ChatJob, Delta, Event, Failed, Finished, KeepAlive, SamplingDefaults, Stream
+from sse import ClientGone, EventStream, dumps
+
+log = logging.getLogger(__name__)
+
+# OpenAI's own defaults, for models whose family brings none
+OPENAI_DEFAULTS = SamplingDefaults(temperature=1.0, top_p=1.0)
+
+
+async def models(request: web.Request) -> web.Response:
+    """GET /v1/models."""
+    created = int(request.app[BACKEND].started_at)
+    data = [
+        {"id": name, "object": "model", "created": created, "owned_by": "chatglm-stream"}
+        for name in served_names(request.app)
+    ]
+    return web.json_response({"object": "list", "data": data})
+
+
+async def start(request: web.Request, req: CompletionRequest) -> tuple[list[Stream], str] | web.Response:
+    """Check the model name, then start one generation per choice."""
+    names = served_names(request.app)
+    if req.model is not None and req.model not in names:
+        return error_response(
+            404,
+            f"The model '{req.model}' does not exist; this server serves {', '.join(names)}",
+            "model",
+            "model_not_found",
+        )
+    job = ChatJob(req.messages, req.sampling, OPENAI_DEFAULTS, n=req.n, limits=request.app[CONFIG].limits)
+    return await request.app[BACKEND].open(job), req.model or names[0]
+
+
+async def merge(request: web.Request, handles: list[Stream]) -> AsyncIterator[tuple[int, Event]]:
+    """Events of several choices as they come, tagged with the choice index, timed into the metrics."""
+    if len(handles) == 1:
+        async for event in events_of(request, handles[0]):
+            yield 0, event
+        return
+    merged: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
+
+    async def pump(i: int, handle: Stream) -> None:
+        async for event in events_of(request, handle):
+            merged.put_nowait((i, event))
+
+    tasks = [asyncio.create_task(pump(i, h)) for i, h in enumerate(handles)]
+    left = len(handles)
+    try:
+        while left:
+            i, event = await merged.get()
+            if isinstance(event, (Finished, Failed)):
+                left -= 1
+            yield i, event
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    """POST /v1/chat/completions, streaming or not."""
+    req = await read_body(request, parse_completion)
+    started = await start(request, req)
+    if isinstance(started, web.Response):
+        return started
+    handles, model = started
+    base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model}
+    try:
+        if req.stream:
+            return await _stream(request, req, handles, base)
+        return await _complete(request, handles, base)
+    finally:
+        for h in handles:
+            h.cancel()
+
+
+async def _complete(request: web.Request, handles: list[Stream], base: dict[str, Any]) -> web.Response:
+    texts = [""] * len(handles)
+    reasons = [""] * len(handles)
+    done: list[Finished] = []
+    async for i, event in merge(request, handles):
+        if isinstance(event, Delta):
+            texts[i] += event.text
+        elif isinstance(event, Failed):
+            return failure_response(event)
+        elif isinstance(event, Finished):
+            reasons[i] = event.reason
+            done.append(event)
+    choices = [
+        {"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None, "finish_reason": r}
+        for i, (t, r) in enumerate(zip(texts, reasons, strict=True))
+    ]
+    body: dict[str, Any] = {**base, "object": "chat.completion", "choices": choices}
+    if (counts := total_usage(done)) is not None:
+        body["usage"] = counts
+    return web.json_response(body, dumps=dumps)
+
+
+def total_usage(done: list[Finished]) -> dict[str, int] | None:
+    """The choices' usage together: one prompt, every choice's tokens; None when the backend reported none."""
+    if not done or not all(d.usage_known for d in done):
+        return None
+    return usage(replace(done[0], completion_tokens=sum(d.completion_tokens for d in done)))
+
+
+def _chunk(base: dict[str, Any], i: int, delta: dict[str, str], reason: str | None = None) -> dict[str, Any]:
+    choice = {"index": i, "delta": delta, "logprobs": None, "finish_reason": reason}
+    return {**base, "object": "chat.completion.chunk", "choices": [choice]}
+
+
+async def _stream(
+    request: web.Request, req: CompletionRequest, handles: list[Stream], base: dict[str, Any]
+) -> web.StreamResponse:
+    out = EventStream()
+    done: list[Finished] = []
+    try:
+        (_, first), events = await peeked(merge(request, handles))
+        if (refused := not_started(first)) is not None:
+            return refused
+        await out.prepare(request)
+        for i in range(len(handles)):
+            await out.send_json(_chunk(base, i, {"role": "assistant", "content": ""}))
+        async for i, event in events:
+            if isinstance(event, KeepAlive):
+                await out.ping()
+            elif isinstance(event, Delta):
+                await out.send_json(_chunk(base, i, {"content": event.text}))
+            elif isinstance(event, Finished):
+                done.append(event)
+                await out.send_json(_chunk(base, i, {}, event.reason))
+            elif isinstance(event, Failed):
+                error = {"message": event.message, "type": event.type, "param": None, "code": None}
+                await out.send_json({"error": error})
+                break
+        else:
+            if req.include_usage and (totals := total_usage(done)) is not None:
+                await out.send_json({**base, "object": "chat.completion.chunk", "choices": [], "usage": totals})
+        await out.send("[DONE]")
+    except ClientGone:
+        log.info("client went away from %s", base["id"])
+    await out.close()
+    return out.response
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/v1/models", models)
+    app.router.add_post("/v1/chat/completions", completions)

@@ -1,0 +1,134 @@
+"""What the doors ask of whatever generates the answers: a local model (`backends/local.py`) or an inference engine
+upstream (`backends/upstream.py`), chosen at start-up. The doors see only this module: the job they hand down, the
+events they get back, and the errors a backend raises. Nothing of aiohttp's server crosses into a backend."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from generation.events import Delta, Event, Failed, Finished, KeepAlive
+from models.chat_format import Message, SamplingDefaults
+
+__all__ = [
+    "Backend",
+    "BackendError",
+    "ChatJob",
+    "Delta",
+    "Event",
+    "Failed",
+    "Finished",
+    "InvalidField",
+    "KeepAlive",
+    "Limits",
+    "Message",
+    "Sampling",
+    "SamplingDefaults",
+    "Stream",
+]
+
+
+class InvalidField(Exception):
+    """A request that breaks the protocol or a limit; `param` names the offending field (a 400)."""
+
+    def __init__(self, param: str | None, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+        self.message = message
+        self.code = code
+
+
+class BackendError(Exception):
+    """The request cannot be served, with the status and headers the client should get (the queue is full: 429;
+    the model is loading or the engine stopped: 503; an upstream's own refusal)."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.headers = status, message, headers
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Sampling fields as sent; None means the route's default."""
+
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    repetition_penalty: float | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    max_tokens: int | None = None
+    seed: int | None = None
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The server's ceilings on a job, from the command line."""
+
+    default_max_tokens: int = 1024  # an answer's length when a request names none
+    max_tokens_limit: int = 8192  # ceiling for a request's max_tokens
+    max_prompt_tokens: int | None = None  # None: the model's context length
+    # the ChatGLM API keeps at most this many prompt tokens of a conversation's history (None: what the context
+    # holds): prefilling a whole context takes tens of seconds on a small CPU
+    history_tokens: int | None = 2048
+
+
+@dataclass(frozen=True)
+class ChatJob:
+    """One chat request, in either API's words."""
+
+    messages: tuple[Message, ...]
+    sampling: Sampling  # as sent; unset fields take `defaults` (or the model family's own)
+    defaults: SamplingDefaults  # the route's
+    n: int = 1  # choices
+    max_length: int | None = None  # ChatGLM's length: prompt + answer tokens
+    trim: bool = False  # drop the oldest rounds when the prompt does not fit (the ChatGLM API) rather than refuse
+    prompt_param: str = "messages"  # the request field a prompt over the context is blamed on
+    template_param: str | None = "messages"  # the field a chat template's refusal is blamed on
+    limits: Limits = Limits()
+
+
+class Stream(Protocol):
+    """One choice being generated: its events until Finished or Failed, and a way to stop it."""
+
+    def events(self, keepalive: float = 15.0, gone: Callable[[], bool] | None = None) -> AsyncIterator[Event]: ...
+
+    def cancel(self) -> None: ...
+
+
+class Backend(Protocol):
+    """Generates answers for the doors; owns its lifecycle (model loading, connections, prompt threads)."""
+
+    started_at: float
+
+    @property
+    def running(self) -> bool:
+        """Able to take requests now."""
+
+    @property
+    def counts(self) -> tuple[int, int]:
+        """(running, waiting) requests."""
+
+    async def start(self) -> None: ...
+
+    async def stop(self, grace: float) -> None:
+        """Stop; what is still running ends with Failed within `grace` seconds."""
+
+    async def ready(self) -> BaseException | None:
+        """Wait until the backend can serve, or failed to start (the error)."""
+
+    def names(self) -> tuple[str, ...]:
+        """The model names clients may use, when none were configured."""
+
+    def describe(self) -> tuple[str, dict[str, Any]]:
+        """/health's status ("ok", "loading", "unavailable") and what it reports besides."""
+
+    async def clear(self) -> dict[str, Any]:
+        """/clear: release cached accelerator memory; extra fields for the answer."""
+
+    async def open(self, job: ChatJob) -> list[Stream]:
+        """Start a job's choices. Raises InvalidField or BackendError."""

@@ -1,0 +1,163 @@
+"""The local backend: a model loaded in this process, generating on the engine's worker thread."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from typing import Any
+
+from backends.base import BackendError, ChatJob, InvalidField, Stream
+from backends.limits import check_limits
+from backends.sampling import sampling_params
+from engine import Engine, EngineStopped, QueueFull
+from generation.prompts import PromptTooLong, fit_chat
+from generation.sampling import SamplingParams
+from models.chat_format import ChatRejected
+from models.devices import clear_caches, memory_report
+from models.loader import LoadedModel
+
+log = logging.getLogger(__name__)
+
+
+def plan(lm: LoadedModel, job: ChatJob) -> tuple[list[int], SamplingParams]:
+    """Prompt ids and sampling settings of a job. Runs off the event loop: its cost grows with the conversation.
+
+    The ChatGLM API fits the history into the context and the server's history budget (oldest rounds go first);
+    the OpenAI API refuses a conversation that does not fit."""
+    defaults = lm.chat.defaults or job.defaults
+    max_tokens = job.sampling.max_tokens
+    # a length in ChatGLM's sense (prompt + answer): the request's max_length, else the family's default
+    cap, field = None, job.prompt_param
+    if max_tokens is None:
+        if job.max_length is not None:
+            cap, field = job.max_length, "max_length"
+        else:
+            cap = defaults.max_length
+    limit = min(lm.context_length, cap) if cap is not None else lm.context_length
+    if job.trim:
+        # history goes only when the prompt would not fit, leaving room for the answer length a client asked for
+        limits = job.limits
+        budgets = [b for b in (limits.history_tokens, limits.max_prompt_tokens) if b is not None]
+        try:
+            ids, dropped = fit_chat(lm.chat, job.messages, limit, max_tokens or 1, min(budgets, default=None))
+        except PromptTooLong as exc:
+            raise InvalidField(field, str(exc)) from exc
+        except ChatRejected as exc:
+            raise InvalidField(job.template_param, str(exc)) from exc
+        if dropped:
+            log.info("dropped %d oldest history messages to fit the context", dropped)
+    else:
+        ids = encode(lm, job)
+        if len(ids) >= limit:
+            message = (
+                f"This model's maximum context length is {limit} tokens. "
+                f"However, your messages resulted in {len(ids)} tokens."
+            )
+            raise InvalidField(field, message, "context_length_exceeded")
+    check_limits(job.limits, max_tokens, len(ids), job.prompt_param)
+    wanted = limit - len(ids) if cap is not None else (max_tokens or job.limits.default_max_tokens)
+    max_new = max(1, min(wanted, lm.context_length - len(ids), job.limits.max_tokens_limit))
+    return ids, sampling_params(job.sampling, max_new, defaults)
+
+
+def encode(lm: LoadedModel, job: ChatJob) -> list[int]:
+    """The prompt ids of a whole conversation; a chat template's refusal is the client's error."""
+    try:
+        return lm.chat.encode(job.messages)
+    except ChatRejected as exc:
+        raise InvalidField(job.template_param, str(exc)) from exc
+
+
+class LocalBackend:
+    """An Engine and its model behind the Backend interface."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.started_at = engine.started_at
+        # prompts are built here, off the event loop: chat templates, tokenizing and trimming grow with the request
+        self._prompts: ThreadPoolExecutor | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.engine.running
+
+    @property
+    def counts(self) -> tuple[int, int]:
+        return self.engine.counts
+
+    @property
+    def max_batch_size(self) -> int:
+        return self.engine.max_batch_size
+
+    async def start(self) -> None:
+        self._prompts = ThreadPoolExecutor(max_workers=2, thread_name_prefix="prompts")
+        self.engine.start()
+
+    async def stop(self, grace: float) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, self.engine.stop, grace)
+        if self._prompts is not None:
+            self._prompts.shutdown(wait=False, cancel_futures=True)
+
+    async def ready(self) -> BaseException | None:
+        await asyncio.get_running_loop().run_in_executor(None, self.engine.ready.wait)
+        return self.engine.load_error
+
+    def names(self) -> tuple[str, ...]:
+        try:
+            return (self.engine.model.name,)
+        except EngineStopped as exc:  # still loading
+            raise BackendError(503, str(exc)) from exc
+
+    def describe(self) -> tuple[str, dict[str, Any]]:
+        try:
+            lm = self.engine.model
+        except EngineStopped as exc:
+            return "loading", {"message": str(exc)}
+        body: dict[str, Any] = {
+            "device": lm.device,
+            "dtype": lm.dtype,
+            "bits": lm.bits,
+            "context_length": lm.context_length,
+            "weight_bytes": lm.weight_bytes,
+            "max_batch_size": self.engine.max_batch_size,
+            "prefill_tokens_per_step": self.engine.chunk_tokens if lm.chunked_prefill else None,
+            "prefill_copy_bytes": sum(t.numel() * t.element_size() for t in (lm.prefill_copy or {}).values()),
+        }
+        if self.engine.tuner is not None:
+            body.update(self.engine.tuner.describe())
+        if lm.kernels is not None:
+            body["kernels"] = lm.kernels
+        if memory := memory_report(list(lm.devices)):
+            body["memory"] = memory
+        return ("ok" if self.engine.running else "unavailable"), body
+
+    async def clear(self) -> dict[str, Any]:
+        clear_caches(list(self.engine.model.devices))
+        return {}
+
+    async def open(self, job: ChatJob) -> list[Stream]:
+        try:
+            lm = self.engine.model
+        except EngineStopped as exc:
+            raise BackendError(503, str(exc)) from exc
+        # a client that leaves meanwhile cancels the wait; the result is dropped
+        ids, params = await asyncio.get_running_loop().run_in_executor(self._prompts, lambda: plan(lm, job))
+        streams: list[Stream] = []
+        try:
+            for i in range(job.n):
+                # each choice gets its own stream of randomness, reproducible from the request's seed
+                seed = None if params.seed is None else params.seed + i
+                streams.append(self.engine.submit(ids, replace(params, seed=seed)))
+        except (QueueFull, EngineStopped) as exc:
+            for s in streams:
+                s.cancel()
+            if isinstance(exc, QueueFull):
+                raise BackendError(429, f"server busy: {exc}; retry later", {"Retry-After": "1"}) from exc
+            raise BackendError(503, str(exc)) from exc
+        except Exception:
+            for s in streams:
+                s.cancel()
+            raise
+        return streams

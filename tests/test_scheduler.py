@@ -1,0 +1,92 @@
+"""The scheduler as plain code, without a model: who is admitted, who waits, when a long prompt starts its chunks,
+and how big a chunk is."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from generation.scheduler import MIN_CHUNK, PrefillClock, Scheduler, chunk_size
+
+
+@dataclass
+class Seq:
+    prompt: list[int]
+    prefilled: int = 0
+    submitted: float = 0.0
+    name: str = field(default="")
+
+
+def queue(*lengths: int) -> Scheduler[Seq]:
+    sched: Scheduler[Seq] = Scheduler()
+    sched.waiting.extend(Seq([0] * n, name=f"s{i}") for i, n in enumerate(lengths))
+    return sched
+
+
+def names(seqs: list[Seq]) -> list[str]:
+    return [s.name for s in seqs]
+
+
+def test_short_prompts_are_admitted_together_within_the_budget() -> None:
+    sched = queue(100, 200, 300, 50)
+    picked = sched.admit(budget=512, max_rows=8, batchable=True, take=lambda s: True)
+    # 100 + 200 fit; 300 would pass the budget and is long for what is left, so it waits; 50 still fits
+    assert names(picked.whole) == ["s0", "s1", "s3"]
+    assert picked.chunked is None
+    assert names(list(sched.waiting)) == ["s2"]
+
+
+def test_a_long_prompt_starts_its_chunks_only_in_a_step_that_admits_nothing_else() -> None:
+    sched = queue(2000, 30)
+    first = sched.admit(budget=512, max_rows=8, batchable=True, take=lambda s: True)
+    assert first.chunked is not None and first.chunked.name == "s0" and first.room == 512
+    assert sched.chunking is first.chunked and first.whole == []
+    # while it is chunked, the short one behind it gets in; a second long one waits its turn
+    sched.waiting.append(Seq([0] * 3000, name="long2"))
+    second = sched.admit(budget=512 - 400, max_rows=8, batchable=True, take=lambda s: True)
+    assert names(second.whole) == ["s1"] and second.chunked is None
+    assert names(list(sched.waiting)) == ["long2"]
+
+
+def test_rows_and_unbatchable_models_limit_admission() -> None:
+    sched = queue(10, 10, 10)
+    sched.running = [Seq([1])]
+    assert names(sched.admit(None, max_rows=2, batchable=True, take=lambda s: True).whole) == ["s0"]
+    one_at_a_time = queue(10, 10)
+    assert names(one_at_a_time.admit(None, 8, batchable=False, take=lambda s: True).whole) == ["s0"]
+    busy = queue(10)
+    busy.running = [Seq([1])]
+    assert busy.admit(None, 8, batchable=False, take=lambda s: True).whole == []
+
+
+def test_a_request_ended_while_waiting_leaves_the_queue_without_a_row() -> None:
+    sched = queue(10, 10)
+    picked = sched.admit(None, 8, True, take=lambda s: s.name != "s0")
+    assert names(picked.whole) == ["s1"] and not sched.waiting
+
+
+def test_requests_that_waited_too_long_expire_in_order() -> None:
+    sched = queue(1, 1, 1)
+    for i, seq in enumerate(sched.waiting):
+        seq.submitted = float(i)
+    assert names(sched.expired(timeout=10.0, now=11.5)) == ["s0", "s1"]
+    assert names(list(sched.waiting)) == ["s2"]
+
+
+def test_chunks_shrink_deeper_into_a_prompt_and_never_below_the_minimum() -> None:
+    sizes = [chunk_size(512, offset, 1024) for offset in (0, 512, 1024, 4096, 10**6)]
+    assert sizes[0] == 512 and sizes == sorted(sizes, reverse=True)
+    assert sizes[2] == 256 and sizes[-1] == MIN_CHUNK
+    sched = queue()
+    sched.chunking = Seq([0] * 600, prefilled=500)
+    assert sched.next_chunk(budget=512, full=512, break_even=1024) == 100  # what is left of the prompt
+
+
+def test_the_chunk_fits_the_time_budget_from_measured_prefills() -> None:
+    clock = PrefillClock(break_even=1024)
+    assert clock.chunk_tokens(512, seconds=0.5) == 512  # nothing measured yet: the ceiling
+    clock.measured(tokens=256, offset=0, seconds=1.0)  # 3.9 ms a token: 0.5 s holds 128
+    assert clock.chunk_tokens(512, seconds=0.5) == 128
+    clock.measured(tokens=4, offset=0, seconds=10.0)  # too few tokens to tell: ignored
+    assert clock.chunk_tokens(512, seconds=0.5) == 128
+    clock.measured(tokens=256, offset=1024, seconds=1.0)  # deeper in, the same time means cheaper tokens
+    assert clock.chunk_tokens(512, seconds=0.5) > 128

@@ -24,7 +24,7 @@ from api.config import BACKEND, CONFIG, LIFECYCLE, METRICS, PROMPTS, Lifecycle, 
 from api.errors import json_errors
 from api.metrics import Metrics
 from api.middleware import echo_request_id, request_context, require_key
-from backends.base import Backend
+from backends.base import Backend, Limits
 from backends.upstream import UpstreamBackend, UpstreamConfig
 from models.devices import DTYPES
 from models.loader import ModelConfig, ModelLoadError, default_cache_dir, load, preflight
@@ -252,14 +252,16 @@ def main(argv: list[str] | None = None) -> int:
         host=args.host,
         port=sock.getsockname()[1],  # the port itself when asked for port 0
         served_model_names=tuple(args.served_model_name),
-        default_max_tokens=args.default_max_tokens,
         max_body_bytes=args.max_body_bytes,
         api_key=args.api_key or None,
         metrics_need_key=not args.metrics_no_key,
         cors_origins=tuple(o.strip() for o in args.cors_origins.split(",") if o.strip()),
-        max_prompt_tokens=args.max_prompt_tokens,
-        history_tokens=args.history_tokens if args.history_tokens > 0 else None,
-        max_tokens_limit=args.max_tokens_limit,
+        limits=Limits(
+            default_max_tokens=args.default_max_tokens,
+            max_tokens_limit=args.max_tokens_limit,
+            max_prompt_tokens=args.max_prompt_tokens,
+            history_tokens=args.history_tokens if args.history_tokens > 0 else None,
+        ),
         max_connections=args.max_connections,
         shutdown_timeout=args.shutdown_timeout,
     )

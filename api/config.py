@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from aiohttp import web
 
@@ -18,24 +18,14 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8800
     served_model_names: tuple[str, ...] = ()  # empty: the model's own name
-    default_max_tokens: int = 1024
     keepalive: float = 15.0  # seconds of silence before a `: ping` comment
     max_body_bytes: int = 1 << 20  # larger bodies get 413
     api_key: str | None = None  # when set, API routes need `Authorization: Bearer <key>`
     metrics_need_key: bool = True  # /metrics follows the API key unless this is False
     cors_origins: tuple[str, ...] = ("*",)
-    max_prompt_tokens: int | None = None  # None: the model's context length
-    # the ChatGLM API keeps at most this many prompt tokens of a conversation's history (None: what the context
-    # holds): prefilling a whole 8k context takes tens of seconds on a small CPU
-    history_tokens: int | None = 2048
-    max_tokens_limit: int = 8192  # ceiling for a request's max_tokens
+    limits: Limits = field(default_factory=Limits)  # ceilings on prompt and answer length, checked by the backends
     max_connections: int = 256  # requests in flight at once before 429
     shutdown_timeout: float = 30.0  # seconds running generations get to finish on SIGTERM
-
-    @property
-    def limits(self) -> Limits:
-        """The ceilings the backends check a job against."""
-        return Limits(self.default_max_tokens, self.max_tokens_limit, self.max_prompt_tokens, self.history_tokens)
 
 
 class Lifecycle:

@@ -23,9 +23,17 @@ log = logging.getLogger(__name__)
 
 def plan(lm: LoadedModel, job: ChatJob) -> tuple[list[int], SamplingParams]:
     """Prompt ids and sampling settings of a job. Runs off the event loop: its cost grows with the conversation.
+    A chat template's refusal is the client's error.
 
     The ChatGLM API fits the history into the context and the server's history budget (oldest rounds go first);
     the OpenAI API refuses a conversation that does not fit."""
+    try:
+        return _plan(lm, job)
+    except ChatRejected as exc:
+        raise InvalidField(job.template_param, str(exc)) from exc
+
+
+def _plan(lm: LoadedModel, job: ChatJob) -> tuple[list[int], SamplingParams]:
     defaults = lm.chat.defaults or job.defaults
     max_tokens = job.sampling.max_tokens
     # a length in ChatGLM's sense (prompt + answer): the request's max_length, else the family's default
@@ -44,12 +52,10 @@ def plan(lm: LoadedModel, job: ChatJob) -> tuple[list[int], SamplingParams]:
             ids, dropped = fit_chat(lm.chat, job.messages, limit, max_tokens or 1, min(budgets, default=None))
         except PromptTooLong as exc:
             raise InvalidField(field, str(exc)) from exc
-        except ChatRejected as exc:
-            raise InvalidField(job.template_param, str(exc)) from exc
         if dropped:
             log.info("dropped %d oldest history messages to fit the context", dropped)
     else:
-        ids = encode(lm, job)
+        ids = lm.chat.encode(job.messages)
         if len(ids) >= limit:
             message = (
                 f"This model's maximum context length is {limit} tokens. "
@@ -60,14 +66,6 @@ def plan(lm: LoadedModel, job: ChatJob) -> tuple[list[int], SamplingParams]:
     wanted = limit - len(ids) if cap is not None else (max_tokens or job.limits.default_max_tokens)
     max_new = max(1, min(wanted, lm.context_length - len(ids), job.limits.max_tokens_limit))
     return ids, sampling_params(job.sampling, max_new, defaults)
-
-
-def encode(lm: LoadedModel, job: ChatJob) -> list[int]:
-    """The prompt ids of a whole conversation; a chat template's refusal is the client's error."""
-    try:
-        return lm.chat.encode(job.messages)
-    except ChatRejected as exc:
-        raise InvalidField(job.template_param, str(exc)) from exc
 
 
 class LocalBackend:

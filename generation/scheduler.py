@@ -128,10 +128,14 @@ class Scheduler(Generic[S]):
         return out
 
     def drop_waiting(self, gone: Callable[[S], bool]) -> list[S]:
-        """Take out the waiting requests for which `gone` holds."""
-        out = [seq for seq in self.waiting if gone(seq)]
+        """Take out the waiting requests for which `gone` holds. `gone` is asked once a request: a request cancelled
+        from another thread meanwhile is either taken out and returned, or stays for the next step."""
+        out: list[S] = []
+        stay: deque[S] = deque()
+        for seq in self.waiting:
+            (out if gone(seq) else stay).append(seq)
         if out:
-            self.waiting = deque(seq for seq in self.waiting if not gone(seq))
+            self.waiting = stay
         return out
 
     def keep(self, rows: list[int]) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from api.config import BACKEND
+from backends.base import Limits
 from generation.prepare import load_model
 from generation.prompts import PromptTooLong, fit_chat
 from generation.scheduler import chunk_size
@@ -126,7 +127,10 @@ async def test_chat_keeps_at_most_the_history_budget_but_always_the_query(make_c
         assert response.status == 200
         return int((await response.json())["usage"]["prompt_tokens"])
 
-    budgeted, unlimited = await make_client(history_tokens=60), await make_client(history_tokens=None)
+    budgeted, unlimited = (
+        await make_client(limits=Limits(history_tokens=60)),
+        await make_client(limits=Limits(history_tokens=None)),
+    )
     assert await prompt_tokens(budgeted, "and?") <= 60 < await prompt_tokens(unlimited, "and?")
     assert await prompt_tokens(budgeted, "word " * 80) > 60  # a query over the budget is answered, alone
 

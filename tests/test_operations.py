@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from api.config import BACKEND, LIFECYCLE
+from backends.base import Limits
 from models.loader import LoadedModel
 from tests.conftest import MakeClient, Wrapped
 from tests.helpers import delta_frames, wait_until
@@ -92,7 +93,7 @@ async def test_body_too_large_is_413(make_client: MakeClient) -> None:
 
 
 async def test_prompt_and_max_tokens_ceilings(make_client: MakeClient) -> None:
-    client = await make_client(max_prompt_tokens=20, max_tokens_limit=8)
+    client = await make_client(limits=Limits(max_prompt_tokens=20, max_tokens_limit=8))
     long = await client.post("/chat", json={"query": "many words " * 20})
     assert long.status == 400
     assert "20" in (await long.json())["error"]["message"]

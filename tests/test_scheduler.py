@@ -90,3 +90,18 @@ def test_the_chunk_fits_the_time_budget_from_measured_prefills() -> None:
     assert clock.chunk_tokens(512, seconds=0.5) == 128
     clock.measured(tokens=256, offset=1024, seconds=1.0)  # deeper in, the same time means cheaper tokens
     assert clock.chunk_tokens(512, seconds=0.5) > 128
+
+
+def test_a_request_cancelled_while_the_queue_is_swept_is_never_lost() -> None:
+    """Cancellation comes from the event loop's thread: if it lands while the waiting queue is swept, the request is
+    either taken out (and ended by the engine) or still waiting, never dropped without an end."""
+    sched = queue(1, 1, 1)
+    asked: dict[str, int] = {}
+
+    def cancelled_midway(seq: Seq) -> bool:  # s0 was cancelled; s1 turns cancelled right after it was first asked
+        asked[seq.name] = asked.get(seq.name, 0) + 1
+        return seq.name == "s0" or (seq.name == "s1" and asked[seq.name] > 1)
+
+    out = sched.drop_waiting(cancelled_midway)
+    assert names(out)[:1] == ["s0"]
+    assert sorted(names(out) + names(list(sched.waiting))) == ["s0", "s1", "s2"]

@@ -1,13 +1,12 @@
 """Attention on a CPU: in float32 whatever the model's precision, and a prompt's chunk after its cache unmasked.
 
-PyTorch's CPU `scaled_dot_product_attention` is several times slower in bf16 than in float32 (measured here at one
-new token against 256 cached: 0.19 ms in bf16, 0.02 ms in float32 per layer; at 16 rows, 2.7 ms against 0.25 ms),
-so on a CPU a bf16/fp16 model keeps its keys and values in float32 and attends in float32; only the query is cast.
-The cache costs twice the memory per token (the batch size chosen from memory accounts for it) and is more
-precise than bf16 (generation/kv_cache.py). float32 models take the same path for the rest: a cache that
-grows in place, and a chunk of a long prompt attending to the cache before it without a mask
-(`_attend_after_cache`). Models whose attention goes through transformers' attention interface get this by name
-(`FP32_SDPA`), ChatGLM2/3 and GLM-4 too (they run as GlmForCausalLM); ChatGLM-6B keeps its own.
+PyTorch's CPU `scaled_dot_product_attention` is several times slower in bf16 than in float32, at one row and at a decode
+batch (`bench/cpu_kernels.py`; the figures are in bench/README.md), so on a CPU a bf16/fp16 model keeps its keys and
+values in float32 and attends in float32; only the query is cast. The cache costs twice the memory per token (the batch
+size chosen from memory accounts for it) and is more precise than bf16 (generation/kv_cache.py). float32 models take the
+same path for the rest: a cache that grows in place, and a chunk of a long prompt attending to the cache before it
+without a mask (`_attend_after_cache`). Models whose attention goes through transformers' attention interface get this
+by name (`FP32_SDPA`), ChatGLM2/3 and GLM-4 too (they run as GlmForCausalLM); ChatGLM-6B keeps its own.
 """
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
 """The float32 KV cache layer of models on a CPU (see generation/attention.py), which grows in place.
 
 A layer holds buffers [rows, H, tokens, D] with room past what is used in both directions: a decode step writes
-its token into the room instead of copying the whole cache, as concatenation does (at 16 rows of 500 tokens that copy
-is hundreds of MB per step), and a request that joins the batch is written into a spare row, one that leaves is
-filled by moving the rows after it up. Under load joins and leaves are many: each used to copy the whole batch's
-cache twice (a concatenation, then growing the exact-sized result at the next step), which took the Poisson mix of
-`bench/serve_bench.py` from an inter-token latency p95 of 2356 ms to 1075 ms (README, Design notes).
+its token into the room instead of copying the whole cache, as concatenation does (at a decode batch of long
+prompts that copy is hundreds of MB per step), and a request that joins the batch is written into a spare row, one
+that leaves is filled by moving the rows after it up. Under load joins and leaves are many: each used to copy the
+whole batch's cache twice (a concatenation, then growing the exact-sized result at the next step); the Poisson mix of
+`bench/serve_bench.py` measures what this saves (bench/README.md).
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """A decode step for Llama-style models as plain functions over the model's own weights and modules' parameters.
 
 transformers' forward pass wraps each decode step in module calls, output records, mask building and checks, which
-on a CPU are a good part of a small model's step: the same tensor operations written as functions measured about a
-fifth faster a step on the bundled model (`bench/lean_decode.py`: 17.5 -> 13.8 ms). Only decode steps (one new
+on a CPU are a good part of a small model's step: the same tensor operations written as functions make a step of
+the bundled model markedly faster (`bench/lean_decode.py`, figures in bench/README.md). Only decode steps (one new
 token a row) on a CPU take this path; prefill stays with transformers. A model takes it only when its layers have
 the Llama shape (attention q/k/v/o projections, a gated MLP, RMSNorm before each) and one step agrees with
 transformers' own at load (`agrees`), so an architecture that differs in anything this code does not do (partial

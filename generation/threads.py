@@ -2,13 +2,13 @@
 
 PyTorch splits a matmul over OpenMP threads that wait for each other at its end, spinning. When another process
 takes one of the cores (a build, a browser tab), the thread that shares a core with it runs half the time and every
-matmul waits for it: one stream of the bundled model on 2 cores measured 64 tokens/s quiet and 18 beside a one-core
-busy loop (0.29x), while one thread keeps its own core and ran 50 quiet and 50 busy (`bench/busy_bench.py`; the
-README has the runs). Passive waiting (`OMP_WAIT_POLICY=PASSIVE`) keeps the busy speed but halves the quiet one
-(30 tokens/s), and a short spin (`GOMP_SPINCOUNT=1000`) gives up 14% quiet for 0.51x busy. So the count is measured
+matmul waits for it: on 2 cores one stream beside a one-core busy loop keeps well under half its quiet speed, while
+one thread keeps its own core and runs as fast busy as quiet. Passive waiting (`OMP_WAIT_POLICY=PASSIVE`) keeps the
+busy speed but halves the quiet one, and a short spin (`GOMP_SPINCOUNT`) trades quiet speed for busy speed
+(`bench/busy_bench.py`; the runs are in bench/README.md). So the count is measured
 while serving: now and then the worker runs a few steps at another count and moves to it when they are faster by a
 margin than the steps just before at the current count (see ThreadTuner); on a quiet machine the probes come further
-and further apart and cost well under 1% of the steps. `--threads N` fixes the count instead.
+and further apart and cost a small share of the steps. `--threads N` fixes the count instead.
 """
 
 from __future__ import annotations

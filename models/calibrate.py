@@ -1,11 +1,11 @@
 """Which weight format and kernels a model's linear layers use on this CPU: measured, not assumed.
 
 The fastest path differs by machine more than by model. On a CPU with AVX-512 BF16 the int4 kernels fed bf16 win
-everywhere; on one with AVX2 only, the same kernels fed float32 (what a float32 model feeds them) are 10-50x slower
-than fed bf16, a bf16 matmul of a prefill chunk is 5x slower than a float32 one, and a decode step reads its weights
-from memory at about 10 GB/s, so a float32 layer takes 4x longer than a 4-bit one (`bench/cpu_paths.py`). So at
-load, for each shape of linear layer the model has, this times the candidates on random weights of that shape, through
-the same `QuantizedLinear` code that serves:
+everywhere; on one with AVX2 only, the same kernels fed float32 (what a float32 model feeds them) are many times slower
+than fed bf16, a bf16 matmul of a prefill chunk is slower than a float32 one, and a decode step is bound by reading its
+weights from memory, so a float32 layer takes longer than a 4-bit one (`bench/cpu_paths.py`, figures in
+bench/README.md). So at load, for each shape of linear layer the model has, this times the candidates on random weights
+of that shape, through the same `QuantizedLinear` code that serves:
 
 - the weight format: 4, 8 or 16 bits, each at least the checkpoint's own (a GGUF file's level is where the search
   starts, never lowered: requantizing loses what the file kept; `--quantize` fixes it);
@@ -14,12 +14,12 @@ the same `QuantizedLinear` code that serves:
 - for a prefill chunk's many rows, the kernel or a copy dequantized for the call, in float32 or bf16.
 
 What is timed is what a decode step multiplies in one call (a unit): a layer, or a layer's q/k/v and its gate/up
-projections, which the plain decode step computes as one (lean.prepare). Each timing cycles through enough copies that
-their weights come from memory, as in a decode step, not from the cache (a single layer timed alone looks 2-4x
-faster than it runs in a step). The model gets the width whose estimated step (its units' times added up) is closest
-to the best at both one row and a decode batch (the smallest worst ratio; within 3%, the fewer bits); each unit's
-kernels are chosen the same way at that width. The result is kept in the cache directory, keyed by the CPU, torch,
-the thread count and the model, so a machine measures once and every start serves the same way.
+projections, which the plain decode step computes as one (`generation/lean.py` `prepare`). Each timing cycles through
+enough copies that their weights come from memory, as in a decode step, not from the cache (a single layer timed alone
+looks several times faster than it runs in a step). The model gets the width whose estimated step (its units' times
+added up) is closest to the best at both one row and a decode batch (the smallest worst ratio; within `TIE`, the fewer
+bits); each unit's kernels are chosen the same way at that width. The result is kept in the cache directory, keyed by
+the CPU, torch, the thread count and the model, so a machine measures once and every start serves the same way.
 """
 
 from __future__ import annotations

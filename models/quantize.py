@@ -7,14 +7,14 @@ and a zero each (`quantize_groups`), which keeps small models' answers far bette
 A few rows at a time (decoding) are multiplied by the packed weights directly: `_weight_int8pack_mm` and the int4
 tile kernels read a quarter or an eighth of the bytes bf16 would. Each layer checks its kernel once against a plain
 dequantize-then-matmul and keeps that plain path where the kernel is missing or disagrees (a device, dtype or shape
-it does not support). From `DENSE_ROWS` rows on (prefill chunks) the CPU kernels are 2.5-3x slower than a dense
-matmul (measured here, 1536x576 at 256 rows: int4 2.7 ms, int8 3.3 ms, bf16 1.05 ms), so the layer can be
-dequantized for that call (0.14 ms for int8, 0.75 ms for int4) and multiplied densely. Nothing dense is kept, except
+it does not support). From `DENSE_ROWS` rows on (prefill chunks) the CPU kernels are slower than a dense matmul
+by more than dequantizing the layer costs (`bench/cpu_kernels.py`, figures in bench/README.md), so the layer can
+be dequantized for that call and multiplied densely. Nothing dense is kept, except
 while a long prompt is prefilled in chunks: its chunks share one dequantized copy (`dense_held`), where memory allows.
 
 A CPU layer's route is measured (models/calibrate.py): the dtype its kernel is fed (`set_act`: the CPU kernels
-take float32 or bf16 activations, and on a CPU without native bf16 they are still 10x faster fed bf16, the input cast
-around the call) and the dtype of the dequantized copy for many rows, or none (`dense`). The kernels are looked up
+take float32 or bf16 activations, and on a CPU without native bf16 they are still far faster fed bf16, the input
+cast around the call) and the dtype of the dequantized copy for many rows, or none (`dense`). The kernels are looked up
 in `KERNELS` at each call, so a test can slow one down and see the calibration choose another.
 """
 

@@ -22,7 +22,7 @@ from backends.upstream import PROBE_EVERY, UpstreamBackend, UpstreamConfig
 from server import create_app
 from tests.conftest import LiveServer, build_tiny_model, free_port, running_server
 from tests.helpers import delta_frames, parse_frames, wait_until
-from tests.test_cli import run_cli
+from tests.server.test_cli import run_cli
 
 HISTORY = [["Hi, my name is Ada.", "Nice to meet you!"]]
 

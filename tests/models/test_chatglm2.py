@@ -17,7 +17,7 @@ from models.loader import LoadedModel, ModelConfig
 from tests.conftest import MakeClient
 from tests.glm2 import reference_model, write_checkpoint
 from tests.helpers import delta_frames
-from tests.test_cli import run_cli
+from tests.server.test_cli import run_cli
 
 KINDS = ["chatglm2-6b", "chatglm3-6b", "glm-4-9b-chat"]
 

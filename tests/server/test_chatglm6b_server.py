@@ -19,7 +19,7 @@ import torch
 from tests.conftest import LiveServer, start_server, stop_server
 from tests.glm import golden, golden_weights, write_bin_checkpoint, write_config
 from tests.helpers import delta_frames
-from tests.test_cli import run_cli
+from tests.server.test_cli import run_cli
 
 CHATS = golden("cases.json")["chat"]  # the original `chat()` with do_sample=False, max_new_tokens=16
 

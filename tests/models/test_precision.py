@@ -21,7 +21,7 @@ from models.loader import LoadedModel, ModelConfig
 from models.packing import int4_cpu_layout
 from models.quantize import DENSE_ROWS, HELD_ROWS, QuantizedEmbedding, QuantizedLinear, quantize_linear
 from tests.conftest import MakeClient, build_tiny_gguf
-from tests.test_cli import NO_GPU, run_cli
+from tests.server.test_cli import NO_GPU, run_cli
 
 FLAGS = "fpu vme de pse tsc msr pae mce cx8 apic avx2 avx512f avx512bw"
 

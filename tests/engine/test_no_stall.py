@@ -24,7 +24,7 @@ from models.chat_format import ChatFormat, Message, SamplingDefaults, TextStream
 from models.loader import LoadedModel, ModelConfig
 from tests.conftest import MakeClient, Wrapped, build_tiny_model
 from tests.helpers import wait_until
-from tests.test_cli import run_cli
+from tests.server.test_cli import run_cli
 
 # ---- trimming ----------------------------------------------------------------------------------------
 

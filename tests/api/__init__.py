@@ -1,0 +1,1 @@
+"""The doors (`api/`) and the SSE writer (`sse.py`)."""

@@ -1,0 +1,1 @@
+"""The engine (`engine.py`): batching, and no client stalling the others."""

@@ -1,0 +1,1 @@
+"""Models (`models/`): loading, GGUF, precision, kernels, the ChatGLM families, CUDA."""

@@ -377,8 +377,8 @@ class Engine:
         if not self._batchable and len(seqs) > 1:
             # this model's cache cannot be batched after all: the first goes alone, the rest wait their turn
             for seq in reversed(seqs[1:]):
-                with self._lock:
-                    del self._live[seq.handle.id]
+                with self._lock:  # a stop may have ended it meanwhile (`_end_everything`)
+                    self._live.pop(seq.handle.id, None)
                 self._sched.waiting.appendleft(seq)
             self._prefill(seqs[:1])
             return

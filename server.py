@@ -16,14 +16,15 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import aiohttp_cors
 from aiohttp import web
 
 from api import chatglm_web, openai_chat, operations
+from api.browsers import BrowserPolicy, browser_guard, cors_headers
 from api.config import BACKEND, CONFIG, LIFECYCLE, METRICS, PROMPTS, Lifecycle, ServerConfig
 from api.errors import json_errors
 from api.metrics import Metrics
 from api.middleware import echo_request_id, request_context, require_key
+from api.serving import serve
 from backends.base import Backend, Limits
 from backends.upstream import UpstreamBackend, UpstreamConfig
 from models.devices import DTYPES
@@ -53,8 +54,11 @@ def as_backend(backend: Backend | Engine) -> Backend:
 def create_app(config: ServerConfig, backend: Backend | Engine) -> web.Application:
     """Build the application; the backend (a local engine's worker thread, an upstream's connections) lives as long
     as the app."""
+    policy = BrowserPolicy.of(config.host, config.allowed_hosts, config.cors_origins)
     app = web.Application(
-        middlewares=[request_context, require_key, json_errors], client_max_size=config.max_body_bytes
+        # the browser checks come before the key: a page that may not call us learns nothing, not even 401
+        middlewares=[request_context, browser_guard(policy), require_key, json_errors],
+        client_max_size=config.max_body_bytes,
     )
     chosen = as_backend(backend)
     app[CONFIG] = config
@@ -76,18 +80,10 @@ def create_app(config: ServerConfig, backend: Backend | Engine) -> web.Applicati
     app.cleanup_ctx.append(body_threads)
     app.on_shutdown.append(drain)
     app.on_response_prepare.append(echo_request_id)
+    app.on_response_prepare.append(cors_headers)
     operations.add_routes(app)
     chatglm_web.add_routes(app)
     openai_chat.add_routes(app)
-
-    # CORS without credentials, so pages served elsewhere (like the original project's UI) can call the API
-    everything = aiohttp_cors.ResourceOptions(  # type: ignore[no-untyped-call]
-        allow_credentials=False, expose_headers="*", allow_headers="*"
-    )
-    cors = aiohttp_cors.setup(app, defaults={origin: everything for origin in config.cors_origins})
-    for route in list(app.router.routes()):
-        if not isinstance(route.resource, web.StaticResource):
-            cors.add(route)
     return app
 
 
@@ -192,7 +188,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--queue-timeout", type=float, default=600.0, help="seconds a request may wait for a slot before 503")
     a("--api-key", default=os.environ.get(API_KEY_ENV), help=f"require this bearer key (or set ${API_KEY_ENV})")
     a("--metrics-no-key", action="store_true", help="serve /metrics without the API key")
-    a("--cors-origins", default="*", help="comma-separated origins allowed by CORS (default: *)")
+    a(
+        "--cors-origins",
+        default="",
+        help="comma-separated web origins whose pages may call the API, besides loopback pages and files (null); "
+        "'*': any page on any site",
+    )
+    a(
+        "--allowed-hosts",
+        default="",
+        help="comma-separated names clients may reach this server by (the Host header), besides localhost, "
+        "127.0.0.1 and [::1]; '.example.com' includes its subdomains, '*' any name (default: any name unless bound "
+        "to loopback)",
+    )
+    a(
+        "--read-timeout",
+        type=float,
+        default=30.0,
+        help="seconds a request's headers, then its body, may take to arrive before 408",
+    )
     a("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
     a("--max-prompt-tokens", type=int, help="longer prompts get 400 (default: the model's context)")
     a(
@@ -236,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
             raise StartupError(f"--threads {args.threads}: expected 1 or more")
         if args.prefill_seconds <= 0:
             raise StartupError(f"--prefill-seconds {args.prefill_seconds:g}: expected more than 0")
+        if args.read_timeout <= 0:
+            raise StartupError(f"--read-timeout {args.read_timeout:g}: expected more than 0")
         if args.upstream and (flags := local_flags(args)):
             raise StartupError(f"--upstream serves from another engine: {', '.join(flags)} belong to a local model")
         if not args.upstream:
@@ -256,6 +272,8 @@ def main(argv: list[str] | None = None) -> int:
         api_key=args.api_key or None,
         metrics_need_key=not args.metrics_no_key,
         cors_origins=tuple(o.strip() for o in args.cors_origins.split(",") if o.strip()),
+        allowed_hosts=tuple(h.strip() for h in args.allowed_hosts.split(",") if h.strip()),
+        read_timeout=args.read_timeout,
         limits=Limits(
             default_max_tokens=args.default_max_tokens,
             max_tokens_limit=args.max_tokens_limit,
@@ -284,16 +302,7 @@ def main(argv: list[str] | None = None) -> int:
         backend = engine = Engine(lambda: load_model(model_config), engine_config)
     app = create_app(config, backend)
     app.cleanup_ctx.append(watch_loading)
-    # aiohttp's own wait is only for handlers to write their last frame: `drain` already ended every answer;
-    # its access log is off: `request_context` writes one line per request with the request id
-    web.run_app(
-        app,
-        sock=sock,
-        shutdown_timeout=1.0,
-        print=None,
-        access_log=None,
-        handler_cancellation=True,  # a closed connection cancels its handler at once, as under aiohttp_client
-    )
+    serve(app, sock, config.read_timeout)
     if engine is not None:
         if engine.load_error is not None:
             print(f"error: cannot load the model: {engine.load_error}", file=sys.stderr)

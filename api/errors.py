@@ -16,23 +16,38 @@ log = logging.getLogger(__name__)
 _ERROR_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
+    403: "permission_error",
     404: "not_found_error",
     405: "invalid_request_error",
+    408: "timeout_error",
     413: "invalid_request_error",
+    415: "invalid_request_error",
     429: "rate_limit_error",
+    431: "invalid_request_error",
+    502: "upstream_error",
     503: "service_unavailable",
 }
+
+
+def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    """A JSON error in OpenAI's shape (`success: false` too, for ChatGLM clients)."""
+    error = {"message": message, "type": _ERROR_TYPES.get(status, "server_error"), "param": param, "code": code}
+    return {"success": False, "error": error}
 
 
 def error_response(
     status: int, message: str, param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None
 ) -> web.Response:
-    """A JSON error in OpenAI's shape (`success: false` too, for ChatGLM clients)."""
-    body = {
-        "success": False,
-        "error": {"message": message, "type": _ERROR_TYPES.get(status, "server_error"), "param": param, "code": code},
-    }
-    return web.Response(status=status, text=dumps(body), content_type="application/json", headers=headers)
+    body = dumps(error_body(status, message, param, code))
+    return web.Response(status=status, text=body, content_type="application/json", headers=headers)
+
+
+class Refusal(Exception):
+    """A request the HTTP layer refuses before any backend sees it (a body of the wrong type or too slow)."""
+
+    def __init__(self, status: int, message: str, close: bool = False) -> None:
+        super().__init__(message)
+        self.status, self.message, self.close = status, message, close
 
 
 @web.middleware
@@ -43,6 +58,11 @@ async def json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
         return response
     except InvalidField as exc:
         return error_response(400, exc.message, exc.param, exc.code)
+    except Refusal as exc:
+        refused = error_response(exc.status, exc.message)
+        if exc.close:  # the rest of the request may never come: the connection cannot carry another
+            refused.force_close()
+        return refused
     except BackendError as exc:
         return error_response(exc.status, exc.message, headers=exc.headers)
     except web.HTTPException as exc:
@@ -56,9 +76,10 @@ async def json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
 
 
 def failure_response(event: Failed) -> web.Response:
-    """A generation that ended before anything was sent: 503 when the server could not take it, 499 (nginx's
-    "client closed request", for the log and metrics: nobody reads it) when the client left, else 500."""
-    status = {"unavailable": 503, "cancelled": 499}.get(event.type, 500)
+    """A generation that ended before anything was sent: 503 when the server could not take it, 502 when the upstream
+    behind it broke, 499 (nginx's "client closed request", for the log and metrics: nobody reads it) when the client
+    left, else 500."""
+    status = {"unavailable": 503, "upstream_error": 502, "cancelled": 499}.get(event.type, 500)
     return error_response(status, event.message)
 
 

@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 from aiohttp import web
 
 from api.config import BACKEND, CONFIG, METRICS, PROMPTS, STATS
+from api.errors import Refusal
 from api.schema import parse_json
 from backends.base import Event, Finished, Stream
 
@@ -21,10 +22,29 @@ async def off_loop(request: web.Request, work: Callable[[], T]) -> T:
     return await asyncio.get_running_loop().run_in_executor(request.app[PROMPTS], work)
 
 
+def is_json(content_type: str) -> bool:
+    return content_type == "application/json" or (
+        content_type.startswith("application/") and content_type.endswith("+json")
+    )
+
+
 async def read_body(request: web.Request, parse: Callable[[dict[str, Any]], T]) -> T:
-    """The request body as a JSON object (413 past the size limit, via aiohttp), parsed into a typed request off
-    the event loop: a body near the size limit takes milliseconds to decode and check."""
-    raw = await request.read()
+    """The request body as a JSON object, parsed into a typed request off the event loop: a body near the size limit
+    takes milliseconds to decode and check.
+
+    415 unless it says it is JSON: form, multipart and text bodies are what a page on another site can send without
+    asking the browser first (see `api.browsers`). 413 past the size limit (aiohttp's), 408 when it does not arrive
+    within --read-timeout: a client sending a byte a second would otherwise hold its connection forever.
+    """
+    if not is_json(request.content_type):
+        sent = request.headers.get("Content-Type", "none")[:100]
+        raise Refusal(415, f"send the body as JSON with Content-Type: application/json (got {sent!r})")
+    timeout = request.app[CONFIG].read_timeout
+    try:
+        async with asyncio.timeout(timeout):
+            raw = await request.read()
+    except TimeoutError:
+        raise Refusal(408, f"the request body did not arrive within {timeout:g} s", close=True) from None
     return await off_loop(request, lambda: parse(parse_json(raw)))
 
 

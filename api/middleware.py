@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import re
 import time
 import uuid
 from typing import Any
+from urllib.parse import quote
 
 from aiohttp import web
 
@@ -16,13 +18,22 @@ from api.errors import error_response
 from api.metrics import RequestStats
 
 log = logging.getLogger("access")
+CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
+PATH_SAFE = "/!$&'()*+,;=:@-._~"  # what stays readable in a logged path; the rest (spaces, newlines) is %-escaped
+
+
+def request_id(sent: str | None) -> str:
+    """The client's X-Request-ID when it is a plain token, else a fresh one: it goes into log lines and headers."""
+    if sent is not None and CLIENT_REQUEST_ID.fullmatch(sent):
+        return sent
+    return uuid.uuid4().hex
 
 
 @web.middleware
 async def request_context(request: web.Request, handler: Any) -> web.StreamResponse:
     """Request id, the connection limit, refusal while shutting down, one log line and metrics per request."""
     app, life = request.app, request.app[LIFECYCLE]
-    request[REQUEST_ID] = request.headers.get("X-Request-ID", "")[:128] or uuid.uuid4().hex
+    request[REQUEST_ID] = request_id(request.headers.get("X-Request-ID"))
     request[STATS] = RequestStats()
     counted = request.path not in UNCOUNTED
     response: web.StreamResponse
@@ -56,7 +67,7 @@ def _account(request: web.Request, status: int) -> None:
         "id=%s %s %s status=%s prompt=%d completion=%d ttft=%s duration=%.3f",
         request[REQUEST_ID],
         request.method,
-        request.path,
+        quote(request.path, safe=PATH_SAFE),
         status,
         stats.prompt_tokens,
         stats.completion_tokens,

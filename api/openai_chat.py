@@ -6,7 +6,8 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing
 from dataclasses import replace
 from typing import Any
 
@@ -49,20 +50,25 @@ async def start(request: web.Request, req: CompletionRequest) -> tuple[list[Stre
     return await request.app[BACKEND].open(job), req.model or names[0]
 
 
-async def merge(request: web.Request, handles: list[Stream]) -> AsyncIterator[tuple[int, Event]]:
-    """Events of several choices as they come, tagged with the choice index, timed into the metrics."""
-    if len(handles) == 1:
-        async for event in events_of(request, handles[0]):
+async def merge(streams: list[AsyncIterator[Event]]) -> AsyncGenerator[tuple[int, Event]]:
+    """Events of several choices as they come, tagged with the choice index. Every choice ends with Finished or
+    Failed, also one whose events raise (a bug): it ends Failed. Close it (`aclosing`) to stop the readers early."""
+    if len(streams) == 1:
+        async for event in streams[0]:
             yield 0, event
         return
     merged: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
 
-    async def pump(i: int, handle: Stream) -> None:
-        async for event in events_of(request, handle):
-            merged.put_nowait((i, event))
+    async def pump(i: int, events: AsyncIterator[Event]) -> None:
+        try:
+            async for event in events:
+                merged.put_nowait((i, event))
+        except Exception:
+            log.exception("choice %d failed", i)
+            merged.put_nowait((i, Failed("generation failed: internal error")))
 
-    tasks = [asyncio.create_task(pump(i, h)) for i, h in enumerate(handles)]
-    left = len(handles)
+    tasks = [asyncio.create_task(pump(i, events)) for i, events in enumerate(streams)]
+    left = len(streams)
     try:
         while left:
             i, event = await merged.get()
@@ -72,6 +78,7 @@ async def merge(request: web.Request, handles: list[Stream]) -> AsyncIterator[tu
     finally:
         for task in tasks:
             task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
@@ -95,14 +102,15 @@ async def _complete(request: web.Request, handles: list[Stream], base: dict[str,
     texts = [""] * len(handles)
     reasons = [""] * len(handles)
     done: list[Finished] = []
-    async for i, event in merge(request, handles):
-        if isinstance(event, Delta):
-            texts[i] += event.text
-        elif isinstance(event, Failed):
-            return failure_response(event)
-        elif isinstance(event, Finished):
-            reasons[i] = event.reason
-            done.append(event)
+    async with aclosing(merge([events_of(request, h) for h in handles])) as events:
+        async for i, event in events:
+            if isinstance(event, Delta):
+                texts[i] += event.text
+            elif isinstance(event, Failed):
+                return failure_response(event)
+            elif isinstance(event, Finished):
+                reasons[i] = event.reason
+                done.append(event)
     choices = [
         {"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None, "finish_reason": r}
         for i, (t, r) in enumerate(zip(texts, reasons, strict=True))
@@ -130,8 +138,9 @@ async def _stream(
 ) -> web.StreamResponse:
     out = EventStream()
     done: list[Finished] = []
+    merged = merge([events_of(request, h) for h in handles])
     try:
-        (_, first), events = await peeked(merge(request, handles))
+        (_, first), events = await peeked(merged)
         if (refused := not_started(first)) is not None:
             return refused
         await out.prepare(request)
@@ -155,6 +164,8 @@ async def _stream(
         await out.send("[DONE]")
     except ClientGone:
         log.info("client went away from %s", base["id"])
+    finally:
+        await merged.aclose()  # its readers stop now, not when the generator is collected
     await out.close()
     return out.response
 

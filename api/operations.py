@@ -22,7 +22,8 @@ async def clear(request: web.Request) -> web.Response:
 
 
 async def health(request: web.Request) -> web.Response:
-    """GET /health: 200 when the backend can serve; 503 while loading, when it cannot, or when shutting down."""
+    """GET /health: 200 when the backend can serve; 503 while loading, after a failed load, when it cannot serve, or
+    when shutting down."""
     backend, life = request.app[BACKEND], request.app[LIFECYCLE]
     running, waiting = backend.counts
     body: dict[str, object] = {
@@ -31,8 +32,8 @@ async def health(request: web.Request) -> web.Response:
         "uptime_s": round(time.time() - backend.started_at, 1),
     }
     status, about = backend.describe()
-    if status == "loading":
-        return web.json_response({"status": "loading", **about, **body}, status=503)
+    if status in ("loading", "failed"):  # no model: no name to show
+        return web.json_response({"status": status, **about, **body}, status=503)
     ok = status == "ok" and not life.shutting_down
     body.update(status="shutting_down" if life.shutting_down else status, model=served_names(request.app)[0])
     return web.json_response({**body, **about}, status=200 if ok else 503)

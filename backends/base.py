@@ -125,7 +125,7 @@ class Backend(Protocol):
         """The model names clients may use, when none were configured."""
 
     def describe(self) -> tuple[str, dict[str, Any]]:
-        """/health's status ("ok", "loading", "unavailable") and what it reports besides."""
+        """/health's status ("ok", "loading", "failed", "unavailable") and what it reports besides."""
 
     async def clear(self) -> dict[str, Any]:
         """/clear: release cached accelerator memory; extra fields for the answer."""

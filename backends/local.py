@@ -109,6 +109,8 @@ class LocalBackend:
             raise BackendError(503, str(exc)) from exc
 
     def describe(self) -> tuple[str, dict[str, Any]]:
+        if (error := self.engine.load_error) is not None:  # the process stops soon (watch_loading); say why meanwhile
+            return "failed", {"message": f"the model failed to load: {type(error).__name__}: {error}"[:500]}
         try:
             lm = self.engine.model
         except EngineStopped as exc:

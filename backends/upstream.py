@@ -1,37 +1,58 @@
 """The upstream backend: answers streamed from an OpenAI-compatible inference engine (vLLM, TGI, llama.cpp's
 server, another instance of this one) instead of a local model. Auth, limits, metrics, both APIs and the web UI stay
-here; batching and parallelism are the upstream's."""
+here; batching and parallelism are the upstream's.
+
+Whatever the upstream sends is checked before it reaches a client: a malformed chunk ends the answer with an error at
+once, its error texts arrive cleaned and cut short, and the credentials in `--upstream` never appear in an answer, on
+/health or in the log."""
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
+import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import count
 from typing import Any
 
 import aiohttp
+from aiohttp.http_exceptions import LineTooLong
+from yarl import URL
 
 from backends.base import BackendError, ChatJob, Stream
 from backends.limits import check_limits
+from backends.upstream_checks import (
+    ChoiceChunk,
+    ErrorChunk,
+    MalformedChunk,
+    clean,
+    exception_text,
+    model_names,
+    parse_chunk,
+    refusal_message,
+)
 from generation.events import Delta, Failed, Finished, RequestHandle
 
 log = logging.getLogger(__name__)
 
 PROBE_EVERY = 2.0  # seconds between checks that the upstream answers
+REFUSED_CREDENTIALS = "the upstream refused this server's credentials (check --upstream-api-key)"
 
 
 @dataclass(frozen=True)
 class UpstreamConfig:
     """Where the upstream is and how to talk to it."""
 
-    url: str  # its OpenAI base URL, ending in /v1
-    api_key: str | None = None
+    # its OpenAI base URL, ending in /v1; user:password@ in it means HTTP Basic auth (neither secret is in the repr)
+    url: str = field(repr=False)
+    api_key: str | None = field(default=None, repr=False)
     model: str | None = None  # the name to ask it for; default: the first it lists
     connect_timeout: float = 10.0
     read_timeout: float = 600.0  # the longest silence mid-answer before the stream counts as broken
+
+
+# ---- one request ---------------------------------------------------------------------------------
 
 
 class UpstreamHandle(RequestHandle):
@@ -49,55 +70,108 @@ class UpstreamHandle(RequestHandle):
 class _Call:
     """One streamed request to the upstream, serving all `n` choices of a job."""
 
-    def __init__(self, response: aiohttp.ClientResponse) -> None:
+    def __init__(self, response: aiohttp.ClientResponse, url: str) -> None:
         self.response = response
+        self.url = url  # for the log: without credentials
         self.handles: list[UpstreamHandle] = []
         self.task: asyncio.Task[None] | None = None
+        self.ended = False  # every choice has had its last event
 
     def stop(self) -> None:
         if self.task is not None and not self.task.done():
             self.task.cancel()
 
+    def fail(self, message: str, kind: str = "upstream_error") -> None:
+        """End every choice with this error, unless the call has ended already."""
+        if self.ended:
+            return
+        self.ended = True
+        for h in self.handles:
+            h.deliver(Failed(message, kind))
+
+    def finish(self, reasons: dict[int, str], usage: tuple[int, int] | None) -> None:
+        """End every choice as the upstream ended it; one it left without a finish reason broke off."""
+        if self.ended:
+            return
+        self.ended = True
+        for i, h in enumerate(self.handles):
+            if i not in reasons:
+                h.deliver(Failed("the upstream ended the stream before the answer", "upstream_error"))
+            elif usage is None:
+                h.deliver(Finished(reasons[i], 0, 0, usage_known=False))
+            else:  # the upstream counts all choices together: the first carries them
+                h.deliver(Finished(reasons[i], usage[0], usage[1] if i == 0 else 0))
+
     async def pump(self) -> None:
-        """Read the upstream's chunks into each choice's queue; end every choice exactly once."""
-        reasons: dict[int, str] = {}
-        usage: dict[str, int] | None = None
+        """Read the upstream's chunks into each choice's queue; end every choice exactly once, whatever happens."""
         try:
-            async with self.response:
+            reasons, usage = await self._read()
+        except asyncio.CancelledError:
+            self.fail("the client closed the request", "cancelled")
+            raise
+        except ErrorChunk as exc:
+            log.warning("the upstream %s reported an error mid-answer: %s", self.url, exc)
+            self.fail(f"the upstream failed mid-answer: {exc}")
+        except MalformedChunk as exc:
+            log.warning("the upstream %s sent a malformed chunk (%s): %r", self.url, exc, exc.data[:200])
+            self.fail(f"the upstream sent a malformed chunk: {exc}")
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            log.warning("the upstream %s broke off an answer: %s", self.url, exception_text(exc))
+            self.fail(f"the upstream stream broke: {exception_text(exc)}")
+        except Exception:  # a bug of ours: the choices still end, the details go to the log
+            log.exception("reading an answer from the upstream %s failed", self.url)
+            self.fail("internal server error", "server_error")
+        else:
+            self.finish(reasons, usage)
+
+    async def _read(self) -> tuple[dict[int, str], tuple[int, int] | None]:
+        """Deliver the text of each chunk as it comes, until `[DONE]` or the end; the finish reasons and usage."""
+        reasons: dict[int, str] = {}
+        usage: tuple[int, int] | None = None
+        async with self.response:
+            try:
                 async for raw in self.response.content:
                     line = raw.strip()
-                    if not line.startswith(b"data:"):
+                    if not line.startswith(b"data:"):  # comments, `event:` and `id:` fields
                         continue
                     data = line[5:].strip()
                     if data == b"[DONE]":
                         break
-                    chunk = json.loads(data)
-                    if "error" in chunk:
-                        raise ValueError(chunk["error"].get("message", "the upstream reported an error"))
-                    usage = chunk.get("usage") or usage
-                    for choice in chunk.get("choices") or []:
-                        i = int(choice.get("index", 0))
-                        text = (choice.get("delta") or {}).get("content")
-                        if text and 0 <= i < len(self.handles):
-                            self.handles[i].deliver(Delta(text))
-                        if choice.get("finish_reason"):
-                            reasons[i] = str(choice["finish_reason"])
-        except asyncio.CancelledError:
-            for h in self.handles:
-                h.deliver(Failed("the client closed the request", "cancelled"))
-            raise
-        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-            for h in self.handles:
-                h.deliver(Failed(f"the upstream stream broke: {exc}"))
-            return
-        for i, h in enumerate(self.handles):
-            if i not in reasons:
-                h.deliver(Failed("the upstream ended the stream before the answer"))
-            elif usage is None:
-                h.deliver(Finished(reasons[i], 0, 0, usage_known=False))
-            else:  # the upstream counts all choices together: the first carries them
-                tokens = usage.get("completion_tokens", 0) if i == 0 else 0
-                h.deliver(Finished(reasons[i], usage.get("prompt_tokens", 0), tokens))
+                    chunk = parse_chunk(data)
+                    usage = chunk.usage if chunk.usage is not None else usage
+                    for choice in chunk.choices:
+                        self._take(choice, reasons, data)
+            except LineTooLong as exc:
+                raise MalformedChunk("a line longer than the client reads", bytes(exc.args[0])) from exc
+        return reasons, usage
+
+    def _take(self, choice: ChoiceChunk, reasons: dict[int, str], data: bytes) -> None:
+        if not 0 <= choice.index < len(self.handles):
+            raise MalformedChunk(f"choice {choice.index} was not asked for", data)
+        if choice.text:
+            self.handles[choice.index].deliver(Delta(choice.text))
+        if choice.finish_reason:
+            reasons[choice.index] = choice.finish_reason
+
+    def close(self) -> None:
+        """Once the pump is done: end choices it never reached (cancelled before it ran) and free the connection."""
+        self.fail("the client closed the request", "cancelled")
+        self.response.close()  # no-op after a release
+
+
+# ---- the backend ---------------------------------------------------------------------------------
+
+
+def _split_credentials(url: str) -> tuple[str, str | None, str | None]:
+    """The URL to request, show and log, without its user:password@ (requested without them, it cannot leak into
+    aiohttp's exception texts either); the user and the password, None when it names none."""
+    try:
+        parsed = URL(url)
+    except ValueError:  # no request can use it (a port past 65535): each will say so, as for an upstream that is down
+        return re.sub(r"//[^/]*@", "//", url, count=1).rstrip("/"), None, None
+    if parsed.raw_user is None and parsed.raw_password is None:
+        return url.rstrip("/"), None, None
+    return str(parsed.with_user(None)).rstrip("/"), parsed.user or "", parsed.password
 
 
 class UpstreamBackend:
@@ -105,7 +179,10 @@ class UpstreamBackend:
 
     def __init__(self, config: UpstreamConfig) -> None:
         self.config = config
-        self.url = config.url.rstrip("/")
+        self.url, user, password = _split_credentials(config.url)
+        self._basic_auth = None if user is None else aiohttp.encode_basic_auth(user, password or "")
+        # should the upstream quote them in an error, they are never passed on
+        self._secrets = tuple(s for s in (config.api_key, password) if s)
         self.started_at = time.time()
         self._session: aiohttp.ClientSession | None = None
         self._calls: set[_Call] = set()
@@ -123,16 +200,21 @@ class UpstreamBackend:
         return sum(len(c.handles) for c in self._calls), 0
 
     def _headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.config.api_key}"} if self.config.api_key else {}
+        """The api key as a bearer token, else the URL's credentials as Basic auth (aiohttp deprecates BasicAuth)."""
+        if self.config.api_key:
+            return {"Authorization": f"Bearer {self.config.api_key}"}
+        return {"Authorization": self._basic_auth} if self._basic_auth else {}
 
     async def start(self) -> None:
+        if self.config.api_key and self._basic_auth:
+            log.warning("the upstream's api key is set: the credentials in the --upstream URL are not sent")
         timeout = aiohttp.ClientTimeout(
             total=None, connect=self.config.connect_timeout, sock_read=self.config.read_timeout
         )
         self._session = aiohttp.ClientSession(timeout=timeout, headers=self._headers())
         await self._probe()
         if self._reachable is not None:
-            log.warning("the upstream %s does not answer yet (%s); serving anyway", self.url, self._reachable)
+            log.warning("the upstream %s cannot serve yet (%s); serving anyway", self.url, self._reachable)
         self._prober = asyncio.create_task(self._probe_forever())
 
     async def _probe(self) -> None:
@@ -140,27 +222,32 @@ class UpstreamBackend:
         assert self._session is not None
         try:
             async with self._session.get(f"{self.url}/models", timeout=aiohttp.ClientTimeout(total=3)) as resp:
+                if resp.status in (401, 403):
+                    self._reachable = f"it refused this server's credentials ({resp.status})"
+                    return
                 if resp.status != 200:
                     self._reachable = f"GET /models answered {resp.status}"
                     return
                 body = await resp.json()
-            self._models = tuple(str(m["id"]) for m in body.get("data", []) if "id" in m)
+            self._models = model_names(body)
             self._reachable = None
-        except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, TypeError) as exc:
-            self._reachable = f"{type(exc).__name__}: {exc}".rstrip(": ")
+        except (aiohttp.ClientError, TimeoutError, ValueError, RecursionError) as exc:
+            self._reachable = clean(f"{type(exc).__name__}: {exc}").rstrip(": ")
 
     async def _probe_forever(self) -> None:
         while True:
             await asyncio.sleep(PROBE_EVERY)
-            await self._probe()
+            try:
+                await self._probe()
+            except Exception:  # a bug of ours must not end the checks: /health would stay as it was forever
+                log.exception("checking the upstream %s failed", self.url)
 
     async def stop(self, grace: float) -> None:
         deadline = time.monotonic() + grace
         while self._calls and time.monotonic() < deadline:  # noqa: ASYNC110 - calls end on their own tasks
             await asyncio.sleep(0.05)
         for call in list(self._calls):
-            for h in call.handles:
-                h.deliver(Failed("the server is shutting down", "unavailable"))
+            call.fail("the server is shutting down", "unavailable")
             call.stop()
         if self._prober is not None:
             self._prober.cancel()
@@ -216,30 +303,35 @@ class UpstreamBackend:
         try:
             response = await self._session.post(f"{self.url}/chat/completions", json=body)
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise BackendError(502, f"the upstream {self.url} cannot be reached: {exc}") from exc
+            raise BackendError(502, f"the upstream {self.url} cannot be reached: {exception_text(exc)}") from exc
         if response.status != 200:
             raise await self._refusal(response)
-        call = _Call(response)
+        call = _Call(response, self.url)
         loop = asyncio.get_running_loop()
         call.handles = [UpstreamHandle(next(self._ids), loop, call) for _ in range(job.n)]
         call.task = asyncio.create_task(call.pump())
         self._calls.add(call)
-        call.task.add_done_callback(lambda _: self._calls.discard(call))
+        call.task.add_done_callback(lambda _: self._forget(call))
         return list(call.handles)
 
+    def _forget(self, call: _Call) -> None:
+        self._calls.discard(call)
+        call.close()
+
     async def _refusal(self, response: aiohttp.ClientResponse) -> BackendError:
-        """The upstream's refusal in our terms: its 4xx as they are, 429 with Retry-After, any 5xx as 502 (503 as
-        503: it is loading or overloaded)."""
+        """The upstream's refusal in our terms: its 4xx as they are (they are about the client's request), but 401
+        and 403 as 502 (they are about this server's key: passed on, they would tell the client its own key is
+        wrong), 429 with Retry-After, any 5xx as 502 (503 as 503: it is loading or overloaded)."""
         async with response:
-            try:
-                message = str((await response.json(content_type=None))["error"]["message"])
-            except (ValueError, KeyError, TypeError, aiohttp.ClientError):
-                message = (await response.text())[:500] or response.reason or "no reason given"
+            message = await refusal_message(response, self._secrets)
         status = response.status
+        if status in (401, 403):
+            log.warning("the upstream %s refused this server's credentials (%d): %s", self.url, status, message)
+            return BackendError(502, REFUSED_CREDENTIALS)
         if status == 429:
-            return BackendError(
-                429, f"the upstream is busy: {message}", {"Retry-After": response.headers.get("Retry-After", "1")}
-            )
+            retry = clean(response.headers.get("Retry-After", "1"), 40) or "1"
+            return BackendError(429, f"the upstream is busy: {message}", {"Retry-After": retry})
         if 400 <= status < 500:
             return BackendError(status, f"the upstream refused the request: {message}")
+        log.warning("the upstream %s failed a request (%d): %s", self.url, status, message)
         return BackendError(503 if status == 503 else 502, f"the upstream failed ({status}): {message}")

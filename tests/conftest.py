@@ -27,6 +27,8 @@ from generation.prepare import load_model
 from models.loader import LoadedModel, ModelConfig
 from server import create_app
 
+JSON = {"Content-Type": "application/json"}
+
 ROOT = Path(__file__).resolve().parent.parent
 
 # Enough text for a byte-level BPE to learn some merges; Chinese and emoji mostly stay split
@@ -229,7 +231,7 @@ class LiveServer:
             return json.load(r)
 
     def post(self, path: str, body: dict[str, Any]) -> Any:
-        req = urllib.request.Request(self.url + path, data=json.dumps(body).encode(), method="POST")
+        req = urllib.request.Request(self.url + path, data=json.dumps(body).encode(), method="POST", headers=JSON)
         with urllib.request.urlopen(req, timeout=120) as r:
             return json.load(r)
 
@@ -238,7 +240,9 @@ class LiveServer:
         return self._status(urllib.request.Request(self.url + path))
 
     def post_status(self, path: str, body: dict[str, Any]) -> tuple[int, Any]:
-        return self._status(urllib.request.Request(self.url + path, data=json.dumps(body).encode(), method="POST"))
+        return self._status(
+            urllib.request.Request(self.url + path, data=json.dumps(body).encode(), method="POST", headers=JSON)
+        )
 
     @staticmethod
     def _status(req: urllib.request.Request) -> tuple[int, Any]:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+from collections.abc import AsyncIterator
 from typing import Any
 
 import openai
@@ -218,3 +220,44 @@ async def test_what_the_sdk_cannot_send_is_still_a_400(make_client: MakeClient, 
     client = await make_client()
     resp = await client.post("/v1/chat/completions", data=raw, headers={"Content-Type": "application/json"})
     assert resp.status == 400 and (await resp.json())["error"]["param"] == param
+
+
+async def test_a_choice_whose_events_raise_ends_failed_and_the_merge_ends() -> None:
+    """`n` choices are read by one task each; one that raises (a bug) must still end, or the answer waits forever."""
+    from api.openai_chat import merge
+    from backends.base import Delta, Event, Failed, Finished
+
+    async def good() -> AsyncIterator[Event]:
+        yield Delta("a")
+        yield Finished("stop", 1, 1)
+
+    async def broken() -> AsyncIterator[Event]:
+        yield Delta("b")
+        raise RuntimeError("a bug")
+
+    async with asyncio.timeout(5):  # a hang fails here
+        got = [item async for item in merge([good(), broken()])]
+    ends = {i: e for i, e in got if isinstance(e, (Finished, Failed))}
+    assert isinstance(ends[0], Finished) and isinstance(ends[1], Failed) and "internal error" in ends[1].message
+
+
+async def test_leaving_a_merge_early_stops_its_readers() -> None:
+    from contextlib import aclosing
+
+    from api.openai_chat import merge
+    from backends.base import Delta, Event
+
+    stopped: list[int] = []
+
+    async def endless(i: int) -> AsyncIterator[Event]:
+        try:
+            while True:
+                yield Delta(str(i))
+                await asyncio.sleep(0.01)
+        finally:
+            stopped.append(i)
+
+    async with aclosing(merge([endless(0), endless(1)])) as events:
+        async for _ in events:
+            break  # a failure answered early returns like this
+    assert sorted(stopped) == [0, 1]  # at once, not when the generator is collected

@@ -1,4 +1,4 @@
-"""Operations: auth, CORS, limits, metrics, request ids, OpenAPI, and behaviour under load, faults and disconnects."""
+"""Operations: auth, limits, metrics, request ids, OpenAPI, and behaviour under load, faults and disconnects."""
 
 from __future__ import annotations
 
@@ -54,35 +54,6 @@ async def test_page_and_health_stay_open_and_metrics_can_be_opened(make_client: 
     client = await make_client(api_key=KEY, metrics_need_key=False)
     for path in ("/", "/static/app.js", "/health", "/metrics"):
         assert (await client.get(path)).status == 200, path
-
-
-async def test_cors_preflight_and_headers(make_client: MakeClient) -> None:
-    client = await make_client(api_key=KEY)
-    preflight = await client.options(
-        "/v1/chat/completions",
-        headers={
-            "Origin": "http://elsewhere.example",
-            "Access-Control-Request-Method": "POST",
-            "Access-Control-Request-Headers": "authorization,content-type",
-        },
-    )
-    assert preflight.status == 200
-    assert preflight.headers["Access-Control-Allow-Origin"] in ("*", "http://elsewhere.example")
-    assert "authorization" in preflight.headers["Access-Control-Allow-Headers"].lower()
-    resp = await client.post(
-        "/chat",
-        json={"query": "hi", "max_tokens": 1},
-        headers={"Origin": "http://elsewhere.example", "Authorization": f"Bearer {KEY}"},
-    )
-    assert resp.headers["Access-Control-Allow-Origin"] in ("*", "http://elsewhere.example")
-
-
-async def test_cors_origins_flag_limits_origins(make_client: MakeClient) -> None:
-    client = await make_client(cors_origins=("http://good.example",))
-    good = await client.post("/chat", json={"query": "hi", "max_tokens": 1}, headers={"Origin": "http://good.example"})
-    assert good.headers["Access-Control-Allow-Origin"] == "http://good.example"
-    bad = await client.post("/chat", json={"query": "hi", "max_tokens": 1}, headers={"Origin": "http://bad.example"})
-    assert "Access-Control-Allow-Origin" not in bad.headers
 
 
 async def test_body_too_large_is_413(make_client: MakeClient) -> None:
@@ -361,7 +332,9 @@ async def test_fuzzed_bodies_never_cause_a_5xx(make_client: MakeClient, route: s
 
     collect()
     for body in bad:
-        resp = await asyncio.wait_for(client.post(route, data=json.dumps(body)), 30)
+        resp = await asyncio.wait_for(
+            client.post(route, data=json.dumps(body), headers={"Content-Type": "application/json"}), 30
+        )
         assert resp.status < 500, (body, await resp.text())
         if resp.status >= 400:
             assert "error" in await resp.json()

@@ -4,12 +4,14 @@ tiny model, started through its CLI on loopback."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
+import logging
 import signal
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +21,14 @@ from aiohttp.test_utils import TestClient
 
 from api.config import ServerConfig
 from backends.upstream import PROBE_EVERY, UpstreamBackend, UpstreamConfig
+from backends.upstream_checks import MESSAGE_LIMIT
 from server import create_app
 from tests.conftest import LiveServer, build_tiny_model, free_port, running_server
 from tests.helpers import delta_frames, parse_frames, wait_until
 from tests.server.test_cli import run_cli
 
 HISTORY = [["Hi, my name is Ada.", "Nice to meet you!"]]
+JSON = {"Content-Type": "application/json"}
 
 
 @pytest.fixture(scope="module")
@@ -47,14 +51,17 @@ async def open_stream(client: TestClient[web.Request, web.Application], body: di
     assert client.port is not None
     _, writer = await asyncio.open_connection("127.0.0.1", client.port)
     data = json.dumps(body).encode()
-    head = f"POST /stream HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n"
+    head = (
+        f"POST /stream HTTP/1.1\r\nHost: 127.0.0.1:{client.port}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(data)}\r\n\r\n"
+    )
     writer.write(head.encode() + data)
     await writer.drain()
     return writer
 
 
 def post(server: LiveServer, path: str, body: dict[str, Any]) -> bytes:
-    req = urllib.request.Request(server.url + path, data=json.dumps(body).encode(), method="POST")
+    req = urllib.request.Request(server.url + path, data=json.dumps(body).encode(), method="POST", headers=JSON)
     with urllib.request.urlopen(req, timeout=60) as resp:
         return bytes(resp.read())
 
@@ -161,7 +168,7 @@ def test_down_at_start_up_then_up_and_killed_mid_stream(tmp_path: Path) -> None:
 
             def read() -> None:  # until the proxy's stream has begun, then to its end
                 body = json.dumps({"query": "go", "max_tokens": 6000, "ignore_eos": True}).encode()
-                req = urllib.request.Request(proxy.url + "/stream", data=body, method="POST")
+                req = urllib.request.Request(proxy.url + "/stream", data=body, method="POST", headers=JSON)
                 with urllib.request.urlopen(req, timeout=60) as resp:
                     first = resp.readline()
                     streaming.set()
@@ -204,3 +211,189 @@ def test_upstream_and_a_local_model_are_one_or_the_other(tiny_dir: Path) -> None
         result.stderr.strip()
         == "error: --upstream serves from another engine: --model, --quantize belong to a local model"
     )
+
+
+# ---- an upstream that misbehaves as the test asks --------------------------------------------------
+
+
+def chunk(text: str = "", reason: str | None = None) -> bytes:
+    """One well-formed SSE line of an OpenAI chat.completion.chunk for choice 0."""
+    choice = {"index": 0, "delta": {"content": text} if text else {}, "finish_reason": reason}
+    return b"data: " + json.dumps({"object": "chat.completion.chunk", "choices": [choice]}).encode()
+
+
+class FakeUpstream:
+    """An OpenAI-compatible upstream in the test's process: `POST /v1/chat/completions` answers `status` with
+    `body`, or (200) replays `lines` as an event stream, then ends it, or with `hold`, keeps it open until the
+    proxy lets go. It notes the Authorization header of every request, and when the proxy let go of a stream."""
+
+    def __init__(
+        self,
+        lines: Sequence[bytes] = (),
+        *,
+        status: int = 200,
+        body: bytes = b"",
+        content_type: str = "application/json",
+        hold: bool = False,
+    ) -> None:
+        self.lines, self.status, self.body, self.content_type, self.hold = list(lines), status, body, content_type, hold
+        self.authorizations: list[str | None] = []
+        self.let_go = asyncio.Event()
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_post("/v1/chat/completions", self.completions)
+        return app
+
+    async def models(self, request: web.Request) -> web.Response:
+        self.authorizations.append(request.headers.get("Authorization"))
+        if self.status in (401, 403):
+            return web.Response(status=self.status, body=self.body, content_type=self.content_type)
+        return web.json_response({"object": "list", "data": [{"id": "fake"}]})
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        self.authorizations.append(request.headers.get("Authorization"))
+        await request.read()
+        if self.status != 200:
+            return web.Response(status=self.status, body=self.body, content_type=self.content_type)
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        try:
+            for line in self.lines:
+                await response.write(line + b"\n\n")
+            if self.hold:  # until the proxy closes the connection: that cancels this handler
+                await asyncio.Event().wait()
+        except ConnectionError:  # the proxy let go mid-write
+            pass
+        finally:
+            self.let_go.set()
+        return response
+
+
+async def fake_proxy(aiohttp_client: Any, fake: FakeUpstream, url: str | None = None, **upstream: Any) -> Any:
+    """The proxy in front of `fake`, at `url` ({port} filled in) or plainly at its /v1."""
+    server = await aiohttp_client(fake.app())
+    where = (url or "http://127.0.0.1:{port}/v1").format(port=server.port)
+    return await proxy_of(aiohttp_client, where, **upstream)
+
+
+def one_line(message: str) -> bool:
+    return "\n" not in message and "\r" not in message and len(message) <= MESSAGE_LIMIT + 60
+
+
+@pytest.mark.parametrize("status", [401, 403])
+async def test_an_upstream_that_refuses_our_key_is_a_502_not_the_clients_401(
+    status: int, aiohttp_client: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    refusal = json.dumps({"error": {"message": "Invalid API key sk-wrong"}}).encode()
+    proxy = await fake_proxy(aiohttp_client, FakeUpstream(status=status, body=refusal), api_key="sk-wrong")
+    openai = {"messages": [{"role": "user", "content": "hi"}]}
+    for path, body in (("/chat", {"query": "hi"}), ("/stream", {"query": "hi"}), ("/v1/chat/completions", openai)):
+        resp = await proxy.post(path, json=body)
+        message = (await resp.json())["error"]["message"]
+        assert resp.status == 502, (path, resp.status, message)  # never the 401/403 of a client with a wrong key
+        assert "refused this server's credentials" in message and "--upstream-api-key" in message
+    health = await (await proxy.get("/health")).json()
+    assert "credentials" in health["upstream_status"]
+    # the operator learns why, without the key the upstream quoted
+    assert "refused this server's credentials" in caplog.text and "Invalid API key ***" in caplog.text
+    assert "sk-wrong" not in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body"),
+    [
+        ("text/html", b"<html><head><title>500</title></head><body>" + b"<p>Traceback line\n</p>" * 250 + b"</body>"),
+        ("text/plain", b"Traceback (most recent call last):\n\x1b[31m  File ...\r\n" * 120),
+        ("application/json", json.dumps({"error": {"message": "CUDA out of memory.\n" * 300}}).encode()),
+    ],
+    ids=["html-page", "multi-line-text", "long-json-message"],
+)
+async def test_an_upstream_error_page_reaches_the_client_as_one_short_line(
+    content_type: str, body: bytes, aiohttp_client: Any
+) -> None:
+    assert len(body) > 5000
+    proxy = await fake_proxy(aiohttp_client, FakeUpstream(status=500, body=body, content_type=content_type))
+    resp = await proxy.post("/chat", json={"query": "hi"})
+    message = (await resp.json())["error"]["message"]
+    assert resp.status == 502 and message.startswith("the upstream failed (500)")
+    assert one_line(message) and "\x1b" not in message and "<" not in message, message
+
+
+async def test_credentials_in_the_upstream_url_are_sent_and_never_shown(
+    aiohttp_client: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    fake = FakeUpstream([chunk("Hello"), chunk(reason="stop"), b"data: [DONE]"])
+    proxy = await fake_proxy(aiohttp_client, fake, "http://ada:s3cret-pw@127.0.0.1:{port}/v1")
+    health = await (await proxy.get("/health")).text()
+    assert "s3cret" not in health and json.loads(health)["upstream"].startswith("http://127.0.0.1:")
+    assert (await (await proxy.post("/chat", json={"query": "hi"})).json())["response"] == "Hello"
+    basic = "Basic " + base64.b64encode(b"ada:s3cret-pw").decode()
+    assert len(fake.authorizations) >= 2 and set(fake.authorizations) == {basic}  # GET /models and the chat
+    # the upstream breaks: its errors, the proxy's answers and its log lines still show no password
+    fake.lines = [chunk("Hel"), b"data: {not json"]
+    assert (await (await proxy.post("/chat", json={"query": "hi"})).text()).count("s3cret") == 0
+    assert "malformed" in caplog.text and "s3cret" not in caplog.text
+
+
+async def test_an_api_key_wins_over_the_urls_credentials(aiohttp_client: Any, caplog: pytest.LogCaptureFixture) -> None:
+    fake = FakeUpstream([chunk("Hi", "stop")])
+    proxy = await fake_proxy(aiohttp_client, fake, "http://ada:s3cret-pw@127.0.0.1:{port}/v1", api_key="sk-op")
+    assert (await proxy.post("/chat", json={"query": "hi"})).status == 200
+    assert set(fake.authorizations) == {"Bearer sk-op"}
+    assert "credentials in the --upstream URL are not sent" in caplog.text and "s3cret" not in caplog.text
+
+
+async def test_an_unreachable_upstream_never_shows_its_credentials(
+    aiohttp_client: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    proxy = await proxy_of(aiohttp_client, f"http://ada:s3cret-pw@127.0.0.1:{free_port()}/v1")
+    resp = await proxy.post("/chat", json={"query": "hi"})
+    text = await resp.text()
+    assert resp.status == 502 and "cannot be reached" in text and "s3cret" not in text and "ada" not in text
+    assert "cannot serve yet" in caplog.text and "s3cret" not in caplog.text
+    assert "s3cret" not in await (await proxy.get("/health")).text()
+
+
+@pytest.mark.parametrize(
+    ("bad", "says"),
+    [
+        (b'data: {"error": "boom"}', "boom"),
+        (b'data: {"error": {"message": "CUDA error:\\n device-side assert"}}', "CUDA error: device-side assert"),
+        (b"data: [1,2,3]", "malformed"),
+        (b'data: {"choices": [{"index": 0, "delta": "Hi"}]}', "malformed"),
+        (b"data: " + b"x" * 600_000, "malformed"),  # past what aiohttp reads as one line
+    ],
+    ids=["error-string", "error-object", "array", "delta-string", "endless-line"],
+)
+async def test_a_bad_chunk_mid_stream_ends_the_answer_at_once(
+    bad: bytes, says: str, aiohttp_client: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    # the upstream keeps the connection open after the bad chunk: only the proxy can end the answer
+    fake = FakeUpstream([chunk("Hel"), bad, chunk("lo")], hold=True)
+    proxy = await fake_proxy(aiohttp_client, fake)
+    async with asyncio.timeout(1.0):
+        resp = await proxy.post("/stream", json={"query": "hi"})
+        frames = delta_frames(await resp.read())
+        await fake.let_go.wait()  # and it stopped reading the upstream
+    assert resp.status == 200 and [f["delta"] for f in frames] == ["Hel", ""]
+    last = frames[-1]
+    assert last["finished"] is True and last["finish_reason"] == "error" and last["response"] == "Hel"
+    assert last["error"]["type"] == "upstream_error" and says in last["error"]["message"]
+    assert one_line(last["error"]["message"])
+    warnings = [r for r in caplog.records if r.name == "backends.upstream" and r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "\n" not in warnings[0].getMessage()
+    fake.let_go.clear()
+    async with asyncio.timeout(1.0):  # the same without a stream: a 502, never a 500
+        resp = await proxy.post("/chat", json={"query": "hi"})
+        error = (await resp.json())["error"]
+    assert resp.status == 502 and says in error["message"]
+
+
+async def test_a_stream_that_stops_before_the_answer_ends_is_a_502(aiohttp_client: Any) -> None:
+    proxy = await fake_proxy(aiohttp_client, FakeUpstream([chunk("Hel"), b": the end, without finish_reason"]))
+    resp = await proxy.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+    error = (await resp.json())["error"]
+    assert resp.status == 502 and "before the answer" in error["message"]

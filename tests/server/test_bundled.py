@@ -12,6 +12,8 @@ from models.loader import LoadedModel
 from tests.conftest import LiveServer, MakeClient
 from tests.helpers import parse_frames
 
+JSON = {"Content-Type": "application/json"}
+
 CJK_OR_EMOJI = re.compile(r"[\u4e00-\u9fff\U0001F300-\U0001FAFF]")
 
 
@@ -22,7 +24,7 @@ def test_bundled_model_knows_paris(bundled_server: LiveServer) -> None:
 
 
 def stream(server: LiveServer, body: dict[str, object]) -> list[dict[str, object]]:
-    req = urllib.request.Request(server.url + "/stream", data=json.dumps(body).encode(), method="POST")
+    req = urllib.request.Request(server.url + "/stream", data=json.dumps(body).encode(), method="POST", headers=JSON)
     with urllib.request.urlopen(req, timeout=120) as r:
         return [json.loads(data) for _, data in parse_frames(r.read())]
 

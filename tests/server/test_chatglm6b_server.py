@@ -21,6 +21,8 @@ from tests.glm import golden, golden_weights, write_bin_checkpoint, write_config
 from tests.helpers import delta_frames
 from tests.server.test_cli import run_cli
 
+JSON = {"Content-Type": "application/json"}
+
 CHATS = golden("cases.json")["chat"]  # the original `chat()` with do_sample=False, max_new_tokens=16
 
 
@@ -42,7 +44,9 @@ def greedy(case: dict[str, Any], **extra: Any) -> dict[str, Any]:
 
 
 def stream(server: LiveServer, body: dict[str, Any]) -> list[dict[str, Any]]:
-    request = urllib.request.Request(server.url + "/stream", data=json.dumps(body).encode(), method="POST")
+    request = urllib.request.Request(
+        server.url + "/stream", data=json.dumps(body).encode(), method="POST", headers=JSON
+    )
     with urllib.request.urlopen(request, timeout=120) as resp:
         return delta_frames(resp.read())
 

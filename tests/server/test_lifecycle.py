@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import signal
@@ -13,7 +14,7 @@ from typing import Any
 import pytest
 
 from api.config import BACKEND
-from models.loader import LoadedModel
+from models.loader import LoadedModel, ModelLoadError
 from tests.conftest import MakeClient, build_tiny_model, running_server, stop_process
 from tests.helpers import wait_until
 
@@ -35,6 +36,67 @@ async def test_health_is_503_while_the_model_loads(make_client: MakeClient, tiny
     await wait_until(lambda: client.app[BACKEND].running)
     health = await client.get("/health")
     assert health.status == 200 and (await health.json())["status"] == "ok"
+
+
+async def test_health_says_failed_after_a_failed_load(make_client: MakeClient) -> None:
+    def broken_load() -> LoadedModel:
+        raise ModelLoadError("config.json: no such file")
+
+    client = await make_client(broken_load)
+    await wait_until(lambda: client.app[BACKEND].engine.load_error is not None)  # type: ignore[attr-defined]
+    health = await client.get("/health")
+    body = await health.json()
+    assert health.status == 503 and body["status"] == "failed"
+    assert "config.json: no such file" in body["message"]
+    assert (await client.post("/chat", json={"query": "hi"})).status == 503
+
+
+def test_requests_ending_as_the_engine_stops_end_exactly_once(tiny_lm: LoadedModel) -> None:
+    """A stop that gives up waiting ends every open request from the event loop's side while the worker is ending
+    some of the same requests itself: each still gets exactly one final event, and the worker does not fail."""
+    import logging
+
+    from engine import Engine
+    from generation.events import Failed, Finished
+    from generation.sampling import SamplingParams
+
+    async def round_(max_tokens: int) -> list[list[object]]:
+        engine = Engine(tiny_lm)
+        engine.start()
+        handles = [
+            engine.submit([1, 2, 3, 4][: 1 + i % 4], SamplingParams(max_new_tokens=max_tokens, ignore_eos=True))
+            for i in range(8)
+        ]
+        await asyncio.sleep(0.002 * max_tokens)  # about when the first ones finish
+        engine.stop(timeout=0)  # gives up at once: ends what is open from here, racing the worker
+        seen: list[list[object]] = []
+        for handle in handles:
+            finals: list[object] = []
+            async for event in handle.events(keepalive=60):
+                if isinstance(event, (Finished, Failed)):
+                    finals.append(event)
+            await asyncio.sleep(0.05)  # anything delivered after the end would be queued by now
+            while not handle._queue.empty():
+                finals.append(handle._queue.get_nowait())
+            seen.append([e for e in finals if isinstance(e, (Finished, Failed))])
+        return seen
+
+    errors: list[logging.LogRecord] = []
+
+    class Catch(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.levelno >= logging.ERROR:
+                errors.append(record)
+
+    catch = Catch()
+    logging.getLogger("engine").addHandler(catch)
+    try:
+        for max_tokens in (1, 2, 3, 5, 8, 13):
+            for finals in asyncio.run(round_(max_tokens)):
+                assert len(finals) == 1, finals
+    finally:
+        logging.getLogger("engine").removeHandler(catch)
+    assert not errors, [r.getMessage() for r in errors]
 
 
 def read_stream(port: int, body: dict[str, Any], first: threading.Event, out: list[dict[str, Any]]) -> None:

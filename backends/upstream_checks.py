@@ -1,0 +1,189 @@
+"""What an OpenAI-compatible upstream says, checked before any of it reaches a client: stream chunks parsed into
+typed parts (`parse_chunk`: anything else is a `MalformedChunk` or the upstream's own `ErrorChunk`), its error texts
+cleaned into one short line (`clean`, `error_text`, `refusal_message`)."""
+
+from __future__ import annotations
+
+import json
+import re
+import unicodedata
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+MESSAGE_LIMIT = 200  # characters of the upstream's own error text that reach a client
+REFUSAL_BYTES = 65536  # the most of a refusal's body read for its message: an error page can be any size
+MAX_COUNT = 2**53  # a token count past this is no count (and would overflow the metrics' float counters)
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def clean(text: str, limit: int = MESSAGE_LIMIT) -> str:
+    """Upstream text made fit for a client's error message or a log line: one line, no control characters,
+    whitespace collapsed, at most `limit` characters (an ellipsis where it was cut)."""
+    kept = "".join(
+        " " if c.isspace() else c for c in text if c.isspace() or unicodedata.category(c) not in ("Cc", "Cs")
+    )
+    line = " ".join(kept.split())
+    return line if len(line) <= limit else line[: limit - 1].rstrip() + "…"
+
+
+def exception_text(exc: BaseException) -> str:
+    """An exception as a short clean line (a timeout's text is empty: its name then)."""
+    return clean(str(exc)) or type(exc).__name__
+
+
+def _unicode(text: str) -> str:
+    """JSON may escape a lone surrogate (`\\ud800`), UTF-8 cannot encode one: the doors' writes would fail on it."""
+    return _SURROGATE.sub("\ufffd", text)
+
+
+class MalformedChunk(ValueError):
+    """A `data:` line of the upstream's stream that is not a chat.completion.chunk; the message says why."""
+
+    def __init__(self, message: str, data: bytes = b"") -> None:
+        super().__init__(message)
+        self.data = data  # the line's payload, for the log
+
+
+class ErrorChunk(Exception):
+    """The upstream reported an error mid-answer; the message is its own, cleaned."""
+
+
+@dataclass(frozen=True)
+class ChoiceChunk:
+    """One choice's part of a chunk."""
+
+    index: int
+    text: str  # "" when the chunk brings none
+    finish_reason: str | None
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One chat.completion.chunk, checked."""
+
+    choices: tuple[ChoiceChunk, ...]
+    usage: tuple[int, int] | None  # (prompt, completion) tokens, of all choices together
+
+
+def _kind(value: Any) -> str:
+    """A JSON value's type, in JSON's words."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    return "an array" if isinstance(value, list) else "an object"
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < MAX_COUNT
+
+
+def error_text(body: Any) -> str | None:
+    """The message of an error in the shapes OpenAI-compatible servers send it (OpenAI's and vLLM's
+    `{"error": {"message": ...}}`, TGI's `{"error": "..."}`, older vLLM's `{"object": "error", "message": ...}`,
+    FastAPI's `{"detail": "..."}`), cleaned; None when there is none."""
+    if not isinstance(body, dict):
+        return None
+    error = body.get("error")
+    if isinstance(error, dict):
+        error = error.get("message")
+    for text in (error, body.get("message"), body.get("detail")):
+        if isinstance(text, str) and (line := clean(text)):
+            return line
+    return None
+
+
+def parse_chunk(data: bytes) -> Chunk:
+    """One `data:` payload of the upstream's stream. Raises ErrorChunk for an error the upstream reports in it,
+    MalformedChunk for anything else that is not a chat.completion.chunk."""
+    try:
+        chunk = json.loads(data)
+    except (ValueError, RecursionError) as exc:  # RecursionError: nested deeper than Python's stack
+        raise MalformedChunk("not JSON", data) from exc
+    if not isinstance(chunk, dict):
+        raise MalformedChunk(f"{_kind(chunk)}, not an object", data)
+    if "error" in chunk or chunk.get("object") == "error":
+        raise ErrorChunk(error_text(chunk) or "it gave no message")
+    try:
+        if not isinstance(choices := chunk.get("choices"), list):
+            raise MalformedChunk("no choices" if "choices" not in chunk else f"choices is {_kind(choices)}")
+        return Chunk(tuple(_choice(c) for c in choices), _usage(chunk.get("usage")))
+    except MalformedChunk as exc:
+        exc.data = data
+        raise
+
+
+def _choice(choice: Any) -> ChoiceChunk:
+    if not isinstance(choice, dict):
+        raise MalformedChunk(f"a choice is {_kind(choice)}, not an object")
+    index = choice.get("index", 0)
+    if not isinstance(index, int) or isinstance(index, bool):
+        raise MalformedChunk(f"a choice's index is {_kind(index)}, not an integer")
+    delta = choice.get("delta")
+    if delta is None:  # the last chunk of some servers has `"delta": null`, or none
+        delta = {}
+    if not isinstance(delta, dict):
+        raise MalformedChunk(f"a choice's delta is {_kind(delta)}, not an object")
+    text = delta.get("content")
+    if text is not None and not isinstance(text, str):
+        raise MalformedChunk(f"a choice's content is {_kind(text)}, not a string")
+    reason = choice.get("finish_reason")
+    if reason is not None and not isinstance(reason, str):
+        raise MalformedChunk(f"a choice's finish_reason is {_kind(reason)}, not a string")
+    return ChoiceChunk(index, _unicode(text or ""), _unicode(reason) if reason else None)
+
+
+def _usage(usage: Any) -> tuple[int, int] | None:
+    if usage is None:  # vLLM sends `"usage": null` on every chunk but the last
+        return None
+    if not isinstance(usage, dict):
+        raise MalformedChunk(f"usage is {_kind(usage)}, not an object")
+    prompt, completion = usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
+    if not (_is_count(prompt) and _is_count(completion)):
+        raise MalformedChunk("usage has token counts that are not counts")
+    return prompt, completion
+
+
+def model_names(body: Any) -> tuple[str, ...]:
+    """The ids in a `GET /models` answer; ValueError when it is no model list."""
+    data = body.get("data", []) if isinstance(body, dict) else None
+    if not isinstance(data, list):
+        raise ValueError("GET /models answered no model list")
+    return tuple(str(m["id"]) for m in data if isinstance(m, dict) and "id" in m)
+
+
+async def read_head(content: aiohttp.StreamReader, limit: int) -> bytes:
+    """Up to `limit` bytes of a body (read() may return less than it has: it returns what has arrived)."""
+    parts: list[bytes] = []
+    size = 0
+    while size < limit and (part := await content.read(limit - size)):
+        parts.append(part)
+        size += len(part)
+    return b"".join(parts)
+
+
+async def refusal_message(response: aiohttp.ClientResponse, secrets: tuple[str, ...]) -> str:
+    """What an upstream's refusal says, cleaned: its JSON error's message, else its text; never an HTML page (a
+    proxy's error page tells the client nothing and can show the upstream's internals), nor the `secrets` (a server
+    may quote the key it refused)."""
+    fallback = clean(response.reason or "") or "no reason given"
+    try:
+        text = (await read_head(response.content, REFUSAL_BYTES)).decode("utf-8", "replace")
+    except (aiohttp.ClientError, TimeoutError):
+        return fallback
+    for secret in secrets:
+        text = text.replace(secret, "***")
+    try:
+        return error_text(json.loads(text)) or fallback
+    except (ValueError, RecursionError):
+        pass
+    if "html" in response.content_type or text.lstrip().startswith("<"):
+        return fallback
+    return clean(text) or fallback

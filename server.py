@@ -26,7 +26,7 @@ from api.metrics import Metrics
 from api.middleware import echo_request_id, request_context, require_key
 from api.serving import serve
 from backends.base import Backend, Limits
-from backends.upstream import UpstreamBackend, UpstreamConfig
+from backends.upstream import UpstreamBackend, UpstreamConfig, url_problem
 from models.devices import DTYPES
 from models.loader import ModelConfig, ModelLoadError, default_cache_dir, load, preflight
 
@@ -191,8 +191,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a(
         "--cors-origins",
         default="",
-        help="comma-separated web origins whose pages may call the API, besides loopback pages and files (null); "
-        "'*': any page on any site",
+        help="comma-separated web origins whose pages may call the API, besides loopback pages; 'null': pages "
+        "opened from a file (any site can send it from a sandboxed frame); '*': any page on any site",
     )
     a(
         "--allowed-hosts",
@@ -254,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
             raise StartupError(f"--read-timeout {args.read_timeout:g}: expected more than 0")
         if args.upstream and (flags := local_flags(args)):
             raise StartupError(f"--upstream serves from another engine: {', '.join(flags)} belong to a local model")
+        if args.upstream and (problem := url_problem(args.upstream)) is not None:
+            raise StartupError("--upstream: " + problem)  # never the URL itself: it may hold a password
         if not args.upstream:
             preflight(model_config)  # the mistakes a user can fix, before anything starts
         if args.save_native is not None:  # a conversion, not a server

@@ -5,10 +5,11 @@ using the model, reading its answers or changing state:
 
 - **Host** (DNS rebinding: a page whose own name resolves to 127.0.0.1 talks to us "same-origin"): bound to loopback,
   the `Host` header must be a loopback name or one of `--allowed-hosts`.
-- **Origin**: a request that carries one is served only for loopback pages, `null` (a page opened from a file, like
-  the original project's UI), the page's own server (same origin) and `--cors-origins`; anything else is a 403 before
-  the handler runs, so even "simple" requests a browser sends without a preflight do nothing. Allowed origins get
-  CORS headers, so their pages can read the answers.
+- **Origin**: a request that carries one is served only for loopback pages, the page's own server (same origin) and
+  `--cors-origins`; anything else is a 403 before the handler runs, so even "simple" requests a browser sends without
+  a preflight do nothing. Allowed origins get CORS headers, so their pages can read the answers. `null` (a page
+  opened from a file, like the original project's UI) is not allowed unless listed: any site can send `Origin: null`
+  from a sandboxed iframe.
 - **State-changing GETs** (`GET /clear`, which an `<img>` tag can send with no `Origin`): refused when the `Referer` or
   `Sec-Fetch-Site` says another site sent it.
 
@@ -62,7 +63,7 @@ class BrowserPolicy:
 
     bound_to_loopback: bool  # --host is a loopback address: every Host header is checked
     allowed_hosts: tuple[str, ...] = ()  # names besides loopback ones; ".example.com" includes its subdomains
-    cors_origins: tuple[str, ...] = ()  # origins besides loopback ones and null; "*": every origin
+    cors_origins: tuple[str, ...] = ()  # origins allowed besides loopback ones, "null" too if listed; "*": every one
 
     @classmethod
     def of(cls, bind_host: str, allowed_hosts: Iterable[str], cors_origins: Iterable[str]) -> BrowserPolicy:
@@ -91,7 +92,7 @@ class BrowserPolicy:
     def origin_allowed(self, origin: str, host: str | None) -> bool:
         """Whether a page from `origin` may use the server that the request's `host` names."""
         origin = origin.strip().lower().rstrip("/")
-        if self.any_origin or origin == "null" or origin in self.cors_origins:
+        if self.any_origin or origin in self.cors_origins:
             return True
         parts = urlsplit(origin)
         if parts.scheme not in ("http", "https") or not parts.netloc:
@@ -107,6 +108,8 @@ class BrowserPolicy:
             return f"the Host header {host!r} does not name this server (add it with --allowed-hosts)"
         origin = request.headers.get("Origin")
         if origin is not None:
+            if origin.strip().lower() == "null" and not self.origin_allowed(origin, host):
+                return "pages opened from a file (Origin: null) may use this server only with --cors-origins null"
             if not self.origin_allowed(origin, host):
                 return f"pages from {origin!r} may not use this server (allow them with --cors-origins)"
             return None

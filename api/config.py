@@ -22,7 +22,7 @@ class ServerConfig:
     max_body_bytes: int = 1 << 20  # larger bodies get 413
     api_key: str | None = None  # when set, API routes need `Authorization: Bearer <key>`
     metrics_need_key: bool = True  # /metrics follows the API key unless this is False
-    cors_origins: tuple[str, ...] = ()  # pages allowed besides loopback ones and null; "*": any (api.browsers)
+    cors_origins: tuple[str, ...] = ()  # pages allowed besides loopback ones ("null": files); "*": any (api.browsers)
     allowed_hosts: tuple[str, ...] = ()  # Host names accepted besides loopback ones (api.browsers)
     read_timeout: float = 30.0  # seconds a request's head, and then its body, may take to arrive; else 408
     limits: Limits = field(default_factory=Limits)  # ceilings on prompt and answer length, checked by the backends

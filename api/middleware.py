@@ -16,6 +16,7 @@ from aiohttp import web
 from api.config import CONFIG, LIFECYCLE, METRICS, OPEN_PATHS, REQUEST_ID, STATS, UNCOUNTED
 from api.errors import error_response
 from api.metrics import RequestStats
+from api.serving import guard_of
 
 log = logging.getLogger("access")
 CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
@@ -43,6 +44,9 @@ async def request_context(request: web.Request, handler: Any) -> web.StreamRespo
         response = error_response(429, "too many requests in flight; retry later", headers={"Retry-After": "1"})
     else:
         life.in_flight += counted
+        guard = guard_of(request.transport)
+        if guard is not None:
+            guard.request_started()
         try:
             response = await handler(request)
         except asyncio.CancelledError:  # the client closed the connection and aiohttp cancelled the handler
@@ -50,6 +54,8 @@ async def request_context(request: web.Request, handler: Any) -> web.StreamRespo
             raise
         finally:
             life.in_flight -= counted
+            if guard is not None:
+                guard.request_ended()
     _account(request, response.status)
     return response
 

@@ -54,20 +54,40 @@ class Refused(Exception):
 
 class HeadGuard(asyncio.Protocol):
     """Wraps aiohttp's protocol for one connection and passes every byte through, reading just enough to know where
-    each request head starts and ends (its body's length); a head's deadline runs from its first byte, the first
-    head's from the connection opening. A body of unknown length (chunked) ends the watch for that connection: its
-    later heads have aiohttp's keep-alive timeout."""
+    each request head starts and ends (its body's length). A head's deadline runs from its first byte (the first
+    head's from the connection opening), and only while no answer is being given on the connection: a pipelined head
+    waits for the answer before it. The request middleware reports when a request starts and ends (`guard_of`).
+
+    A chunked body is not followed: the next head is watched once its request has ended. An upgrade ends the watch."""
 
     def __init__(self, inner: asyncio.Protocol, timeout: float) -> None:
         self._inner = inner
         self._timeout = timeout
         self._transport: asyncio.Transport | None = None
-        self._state = "head"  # head: in a head; body: `_body_left` bytes to come; between: idle; off: not watching
+        # head: in a head; body: `_body_left` bytes to come; between: before the next head; chunked: a body of
+        # unknown length, until its request ends; off: not watching
+        self._state = "head"
         self._head = bytearray()
         self._line = 0  # bytes of the head's line in progress
         self._lines = 0
         self._body_left = 0
+        self._busy = False  # a request is being answered
         self._timer: asyncio.TimerHandle | None = None
+
+    # -- what the request middleware reports
+
+    def request_started(self) -> None:
+        self._busy = True
+        self._cancel_timer()  # a pipelined head's deadline waits for this answer
+
+    def request_ended(self) -> None:
+        self._busy = False
+        if self._state == "chunked":  # its body has been read (or given up on) by now
+            self._state = "between"
+        elif self._state == "head":
+            self._arm()
+
+    # -- the protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -100,8 +120,12 @@ class HeadGuard(asyncio.Protocol):
 
     def _follow(self, data: bytes) -> None:
         at = 0
-        while at < len(data) and self._state != "off":
+        while at < len(data) and self._state not in ("off", "chunked"):
             if self._state == "between":
+                while at < len(data) and data[at] in b"\r\n":  # line ends some clients send after a body
+                    at += 1
+                if at == len(data):
+                    return
                 self._start_head()
             if self._state == "head":
                 at = self._scan(data, at)
@@ -114,6 +138,11 @@ class HeadGuard(asyncio.Protocol):
     def _start_head(self) -> None:
         self._state, self._line, self._lines = "head", 0, 0
         self._head.clear()
+        self._cancel_timer()
+        if not self._busy:
+            self._arm()
+
+    def _arm(self) -> None:
         self._cancel_timer()
         self._timer = asyncio.get_running_loop().call_later(self._timeout, self._expired)
 
@@ -148,8 +177,8 @@ class HeadGuard(asyncio.Protocol):
         self._cancel_timer()
         length = body_length(bytes(self._head))
         self._head.clear()
-        if length is None:
-            self._state = "off"
+        if isinstance(length, str):
+            self._state = length
         elif length:
             self._state, self._body_left = "body", length
         else:
@@ -161,18 +190,21 @@ class HeadGuard(asyncio.Protocol):
             self._timer = None
 
     def _refuse(self, status: int, message: str) -> None:
+        """Answer and close; only close while an answer is (or may still be) going out: a second response written
+        into it would garble the first."""
         assert self._transport is not None
         log.warning("refused a request from %s: %s (%d)", self._peer(), message, status)
         self._cancel_timer()
         self._state = "off"
-        self._transport.write(raw_error(status, message))
+        if not self._busy and not self._transport.get_write_buffer_size():
+            self._transport.write(raw_error(status, message))
         self._transport.close()
 
     def _expired(self) -> None:
         """The head did not arrive in time: a 408 when some of it came, else just close (a connection that never
         sent anything)."""
         self._timer = None
-        if self._transport is None or self._transport.is_closing() or self._state != "head":
+        if self._transport is None or self._transport.is_closing() or self._state != "head" or self._busy:
             return
         if self._head or self._lines:
             self._refuse(408, f"the request's headers did not arrive within {self._timeout:g} s")
@@ -185,23 +217,32 @@ class HeadGuard(asyncio.Protocol):
         return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "?"
 
 
-def body_length(head: bytes) -> int | None:
-    """The body length a request head announces: its Content-Length, 0 without one; None when it cannot be told
-    from the head (chunked, an upgrade, a malformed or repeated length: aiohttp refuses those itself)."""
-    length: int | None = 0
+def body_length(head: bytes) -> int | str:
+    """The body length a request head announces: its Content-Length, 0 without one; "chunked" for a body of unknown
+    length (also a malformed or repeated length: aiohttp refuses those itself); "off" for an upgrade (what follows
+    is no longer HTTP)."""
+    length = 0
     seen = False
     for line in head.split(b"\n")[1:]:
         name, colon, value = line.partition(b":")
         name = name.strip().lower()
         if not colon:
             continue
-        if name in (b"transfer-encoding", b"upgrade"):
-            return None
+        if name == b"upgrade":
+            return "off"
+        if name == b"transfer-encoding":
+            return "chunked"
         if name == b"content-length":
             if seen or not value.strip().isdigit():
-                return None
+                return "chunked"
             seen, length = True, int(value.strip())
     return length
+
+
+def guard_of(transport: asyncio.BaseTransport | None) -> HeadGuard | None:
+    """The guard of a request's connection (None under a test client, which has none)."""
+    protocol = transport.get_protocol() if transport is not None else None
+    return protocol if isinstance(protocol, HeadGuard) else None
 
 
 class GuardedSite(web.BaseSite):

@@ -3,14 +3,13 @@ server, another instance of this one) instead of a local model. Auth, limits, me
 here; batching and parallelism are the upstream's.
 
 Whatever the upstream sends is checked before it reaches a client: a malformed chunk ends the answer with an error at
-once, its error texts arrive cleaned and cut short, and the credentials in `--upstream` never appear in an answer, on
-/health or in the log."""
+once, its error texts arrive cleaned and cut short, and this server's credentials (the api key, those in `--upstream`)
+never appear in an answer, on /health or in the log, even where the upstream quotes them."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 from dataclasses import dataclass, field
 from itertools import count
@@ -26,6 +25,7 @@ from backends.upstream_checks import (
     ChoiceChunk,
     ErrorChunk,
     MalformedChunk,
+    Secrets,
     clean,
     exception_text,
     model_names,
@@ -38,6 +38,10 @@ log = logging.getLogger(__name__)
 
 PROBE_EVERY = 2.0  # seconds between checks that the upstream answers
 REFUSED_CREDENTIALS = "the upstream refused this server's credentials (check --upstream-api-key)"
+# the upstream's 4xx that are about the client's request, passed on as they are; any other is about how this server
+# asks it (a wrong --upstream path or --upstream-model: 404; a proxy that wants credentials: 407), a 502
+CLIENTS_FAULT = frozenset({400, 413, 422})
+REJECTED = "the upstream %s rejected a request (%d; check --upstream and --upstream-model): %s"  # for the log
 
 
 @dataclass(frozen=True)
@@ -70,9 +74,10 @@ class UpstreamHandle(RequestHandle):
 class _Call:
     """One streamed request to the upstream, serving all `n` choices of a job."""
 
-    def __init__(self, response: aiohttp.ClientResponse, url: str) -> None:
+    def __init__(self, response: aiohttp.ClientResponse, url: str, secrets: Secrets) -> None:
         self.response = response
         self.url = url  # for the log: without credentials
+        self.secrets = secrets
         self.handles: list[UpstreamHandle] = []
         self.task: asyncio.Task[None] | None = None
         self.ended = False  # every choice has had its last event
@@ -113,11 +118,13 @@ class _Call:
             log.warning("the upstream %s reported an error mid-answer: %s", self.url, exc)
             self.fail(f"the upstream failed mid-answer: {exc}")
         except MalformedChunk as exc:
-            log.warning("the upstream %s sent a malformed chunk (%s): %r", self.url, exc, exc.data[:200])
-            self.fail(f"the upstream sent a malformed chunk: {exc}")
+            message = clean(str(exc), secrets=self.secrets)  # our words, with the upstream's numbers in some
+            data = self.secrets.scrub_bytes(exc.data)[:200]  # scrubbed whole: the cut could leave half a secret
+            log.warning("the upstream %s sent a malformed chunk (%s): %r", self.url, message, data)
+            self.fail(f"the upstream sent a malformed chunk: {message}")
         except (aiohttp.ClientError, TimeoutError) as exc:
-            log.warning("the upstream %s broke off an answer: %s", self.url, exception_text(exc))
-            self.fail(f"the upstream stream broke: {exception_text(exc)}")
+            log.warning("the upstream %s broke off an answer: %s", self.url, exception_text(exc, self.secrets))
+            self.fail(f"the upstream stream broke: {exception_text(exc, self.secrets)}")
         except Exception:  # a bug of ours: the choices still end, the details go to the log
             log.exception("reading an answer from the upstream %s failed", self.url)
             self.fail("internal server error", "server_error")
@@ -137,7 +144,7 @@ class _Call:
                     data = line[5:].strip()
                     if data == b"[DONE]":
                         break
-                    chunk = parse_chunk(data)
+                    chunk = parse_chunk(data, self.secrets)
                     usage = chunk.usage if chunk.usage is not None else usage
                     for choice in chunk.choices:
                         self._take(choice, reasons, data)
@@ -162,16 +169,61 @@ class _Call:
 # ---- the backend ---------------------------------------------------------------------------------
 
 
-def _split_credentials(url: str) -> tuple[str, str | None, str | None]:
-    """The URL to request, show and log, without its user:password@ (requested without them, it cannot leak into
-    aiohttp's exception texts either); the user and the password, None when it names none."""
+def _parsed(url: str) -> URL | None:
     try:
-        parsed = URL(url)
-    except ValueError:  # no request can use it (a port past 65535): each will say so, as for an upstream that is down
-        return re.sub(r"//[^/]*@", "//", url, count=1).rstrip("/"), None, None
-    if parsed.raw_user is None and parsed.raw_password is None:
-        return url.rstrip("/"), None, None
-    return str(parsed.with_user(None)).rstrip("/"), parsed.user or "", parsed.password
+        return URL(url)
+    except ValueError:  # a port past 65535, a port that is no number (a raw / in a password ends the host early)
+        return None
+
+
+def _unnamed(parsed: URL) -> str:
+    """A parsed URL without yarl's user:password@ (with_user raises on a URL with no host: it has none then)."""
+    return str(parsed) if parsed.raw_user is None and parsed.raw_password is None else str(parsed.with_user(None))
+
+
+def _without_credentials(url: str) -> str:
+    """The URL to request, show and log: yarl's user:password@ left out (requested without them, they cannot leak
+    into aiohttp's exception texts either). Where an @ is still in it, yarl did not see the credentials (a raw / in
+    the password ends the authority early, and a /, ? or # could be anywhere in it): everything from :// to the last
+    @ is hidden."""
+    parsed = _parsed(url)
+    text = url if parsed is None else _unnamed(parsed)
+    if (at := text.rfind("@")) >= 0:
+        scheme_end = text.find("://", 0, at)
+        start = scheme_end + 3 if scheme_end >= 0 else 0
+        text = text[:start] + "***" + text[at:]
+    return text.rstrip("/")
+
+
+def url_problem(url: str) -> str | None:
+    """Why this server cannot use `url` as its upstream, in one line that quotes no part of it (whatever part of it
+    is a password); None when it can."""
+    parsed = _parsed(url)
+    if "@" in url and (parsed is None or "@" in _unnamed(parsed)):
+        return (
+            "the upstream URL has an @ that does not end a user:password@ before its host: percent-encode its "
+            "credentials (a / as %2F, an @ as %40, a : as %3A)"
+        )
+    if parsed is None:
+        return "the upstream URL cannot be parsed (check its host and port)"
+    if parsed.scheme not in ("http", "https"):  # never quoted: in `user:password@host` the user is the scheme
+        return "the upstream URL must start with http:// or https://"
+    if not parsed.host:
+        return "the upstream URL names no host"
+    if parsed.user and ":" in parsed.user:
+        return "the upstream URL's user name holds a : (%3A), which HTTP Basic auth cannot send"
+    return None
+
+
+def _credentials(config: UpstreamConfig) -> tuple[str | None, Secrets]:
+    """The Basic auth value for the URL's user:password@ (None without one, or in a URL it cannot use: never sent),
+    and what this server sends the upstream and must never pass on: the key, the password (as given and decoded),
+    that value and its base64 token."""
+    parsed = None if url_problem(config.url) else URL(config.url)
+    if parsed is None or (parsed.raw_user is None and parsed.raw_password is None):
+        return None, Secrets.of(config.api_key)
+    basic = aiohttp.encode_basic_auth(parsed.user or "", parsed.password or "")
+    return basic, Secrets.of(config.api_key, parsed.password, parsed.raw_password, basic, basic.split(" ", 1)[1])
 
 
 class UpstreamBackend:
@@ -179,10 +231,10 @@ class UpstreamBackend:
 
     def __init__(self, config: UpstreamConfig) -> None:
         self.config = config
-        self.url, user, password = _split_credentials(config.url)
-        self._basic_auth = None if user is None else aiohttp.encode_basic_auth(user, password or "")
-        # should the upstream quote them in an error, they are never passed on
-        self._secrets = tuple(s for s in (config.api_key, password) if s)
+        self.url = _without_credentials(config.url)
+        # a URL it cannot use (the server refuses one at start-up) is never requested: each request says why
+        self._problem = url_problem(config.url)
+        self._basic_auth, self._secrets = _credentials(config)
         self.started_at = time.time()
         self._session: aiohttp.ClientSession | None = None
         self._calls: set[_Call] = set()
@@ -212,6 +264,10 @@ class UpstreamBackend:
             total=None, connect=self.config.connect_timeout, sock_read=self.config.read_timeout
         )
         self._session = aiohttp.ClientSession(timeout=timeout, headers=self._headers())
+        if self._problem is not None:
+            self._reachable = self._problem
+            log.warning("the upstream %s cannot be used (%s); every request will fail", self.url, self._problem)
+            return
         await self._probe()
         if self._reachable is not None:
             log.warning("the upstream %s cannot serve yet (%s); serving anyway", self.url, self._reachable)
@@ -232,7 +288,7 @@ class UpstreamBackend:
             self._models = model_names(body)
             self._reachable = None
         except (aiohttp.ClientError, TimeoutError, ValueError, RecursionError) as exc:
-            self._reachable = clean(f"{type(exc).__name__}: {exc}").rstrip(": ")
+            self._reachable = clean(f"{type(exc).__name__}: {exc}", secrets=self._secrets).rstrip(": ")
 
     async def _probe_forever(self) -> None:
         while True:
@@ -300,13 +356,16 @@ class UpstreamBackend:
         if self._session is None or self._session.closed:
             raise BackendError(503, "the server is shutting down")
         body = self._body(job)
+        if self._problem is not None:
+            raise BackendError(502, f"the upstream {self.url} cannot be used: {self._problem}")
         try:
             response = await self._session.post(f"{self.url}/chat/completions", json=body)
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise BackendError(502, f"the upstream {self.url} cannot be reached: {exception_text(exc)}") from exc
+            text = exception_text(exc, self._secrets)
+            raise BackendError(502, f"the upstream {self.url} cannot be reached: {text}") from exc
         if response.status != 200:
             raise await self._refusal(response)
-        call = _Call(response, self.url)
+        call = _Call(response, self.url, self._secrets)
         loop = asyncio.get_running_loop()
         call.handles = [UpstreamHandle(next(self._ids), loop, call) for _ in range(job.n)]
         call.task = asyncio.create_task(call.pump())
@@ -319,9 +378,10 @@ class UpstreamBackend:
         call.close()
 
     async def _refusal(self, response: aiohttp.ClientResponse) -> BackendError:
-        """The upstream's refusal in our terms: its 4xx as they are (they are about the client's request), but 401
-        and 403 as 502 (they are about this server's key: passed on, they would tell the client its own key is
-        wrong), 429 with Retry-After, any 5xx as 502 (503 as 503: it is loading or overloaded)."""
+        """The upstream's refusal in our terms: the 4xx about the client's request (400, 413, 422) as they are, 429
+        with Retry-After; 401 and 403 as 502 (they are about this server's key: passed on, they would tell the
+        client its own key is wrong), any other 4xx as 502 (a 404 is a wrong --upstream or --upstream-model, not a
+        wrong door), any 5xx as 502 (503 as 503: it is loading or overloaded)."""
         async with response:
             message = await refusal_message(response, self._secrets)
         status = response.status
@@ -329,9 +389,12 @@ class UpstreamBackend:
             log.warning("the upstream %s refused this server's credentials (%d): %s", self.url, status, message)
             return BackendError(502, REFUSED_CREDENTIALS)
         if status == 429:
-            retry = clean(response.headers.get("Retry-After", "1"), 40) or "1"
+            retry = clean(response.headers.get("Retry-After", "1"), 40, self._secrets) or "1"
             return BackendError(429, f"the upstream is busy: {message}", {"Retry-After": retry})
-        if 400 <= status < 500:
+        if status in CLIENTS_FAULT:
             return BackendError(status, f"the upstream refused the request: {message}")
+        if 400 <= status < 500:
+            log.warning(REJECTED, self.url, status, message)
+            return BackendError(502, f"the upstream as configured rejected the request ({status}): {message}")
         log.warning("the upstream %s failed a request (%d): %s", self.url, status, message)
         return BackendError(503 if status == 503 else 502, f"the upstream failed ({status}): {message}")

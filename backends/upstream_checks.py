@@ -1,13 +1,14 @@
 """What an OpenAI-compatible upstream says, checked before any of it reaches a client: stream chunks parsed into
 typed parts (`parse_chunk`: anything else is a `MalformedChunk` or the upstream's own `ErrorChunk`), its error texts
-cleaned into one short line (`clean`, `error_text`, `refusal_message`)."""
+cleaned into one short line (`clean`, `error_text`, `refusal_message`) with this server's credentials blanked out
+(`Secrets`)."""
 
 from __future__ import annotations
 
 import json
 import re
 import unicodedata
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
@@ -17,21 +18,60 @@ REFUSAL_BYTES = 65536  # the most of a refusal's body read for its message: an e
 MAX_COUNT = 2**53  # a token count past this is no count (and would overflow the metrics' float counters)
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
+BLANK = "***"  # what a secret becomes
 
 
-def clean(text: str, limit: int = MESSAGE_LIMIT) -> str:
-    """Upstream text made fit for a client's error message or a log line: one line, no control characters,
-    whitespace collapsed, at most `limit` characters (an ellipsis where it was cut)."""
+def _spellings(secret: str) -> set[str]:
+    """The ways a secret can appear in what the upstream sends: as it is, and as JSON writes it (non-ASCII as
+    `\\u` escapes or not, a `/` escaped as `\\/` or not: base64 tokens hold slashes), for the raw chunks the log
+    quotes."""
+    escaped = {json.dumps(secret)[1:-1], json.dumps(secret, ensure_ascii=False)[1:-1]}
+    return {secret} | escaped | {e.replace("/", "\\/") for e in escaped}
+
+
+@dataclass(frozen=True)
+class Secrets:
+    """The credentials this server sends the upstream. A server may quote them in an error (the key it refused, the
+    header it got): every text that comes from the upstream passes `scrub` before a client or the log sees it."""
+
+    words: tuple[str, ...] = field(default=(), repr=False)
+
+    @classmethod
+    def of(cls, *secrets: str | None) -> Secrets:
+        spellings = {s for secret in secrets if secret for s in _spellings(secret)}
+        # longest first: a secret that holds another (`Basic <token>`, <token>) is blanked whole
+        return cls(tuple(sorted(spellings, key=lambda s: (-len(s), s))))
+
+    def scrub(self, text: str) -> str:
+        for word in self.words:
+            text = text.replace(word, BLANK)
+        return text
+
+    def scrub_bytes(self, data: bytes) -> bytes:
+        for word in self.words:
+            # "replace": a key from argv may hold undecodable bytes (surrogates); it must not break an error path
+            data = data.replace(word.encode("utf-8", "replace"), BLANK.encode())
+        return data
+
+
+NO_SECRETS = Secrets()
+
+
+def clean(text: str, limit: int = MESSAGE_LIMIT, secrets: Secrets = NO_SECRETS) -> str:
+    """Upstream text made fit for a client's error message or a log line: no secrets, one line, no control
+    characters, whitespace collapsed, at most `limit` characters (an ellipsis where it was cut)."""
     kept = "".join(
         " " if c.isspace() else c for c in text if c.isspace() or unicodedata.category(c) not in ("Cc", "Cs")
     )
-    line = " ".join(kept.split())
+    # scrubbed once control characters are gone (one could split a secret) and before the cut (it could leave a
+    # secret's first half)
+    line = secrets.scrub(" ".join(kept.split()))
     return line if len(line) <= limit else line[: limit - 1].rstrip() + "…"
 
 
-def exception_text(exc: BaseException) -> str:
+def exception_text(exc: BaseException, secrets: Secrets = NO_SECRETS) -> str:
     """An exception as a short clean line (a timeout's text is empty: its name then)."""
-    return clean(str(exc)) or type(exc).__name__
+    return clean(str(exc), secrets=secrets) or type(exc).__name__
 
 
 def _unicode(text: str) -> str:
@@ -85,7 +125,7 @@ def _is_count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < MAX_COUNT
 
 
-def error_text(body: Any) -> str | None:
+def error_text(body: Any, secrets: Secrets = NO_SECRETS) -> str | None:
     """The message of an error in the shapes OpenAI-compatible servers send it (OpenAI's and vLLM's
     `{"error": {"message": ...}}`, TGI's `{"error": "..."}`, older vLLM's `{"object": "error", "message": ...}`,
     FastAPI's `{"detail": "..."}`), cleaned; None when there is none."""
@@ -95,14 +135,14 @@ def error_text(body: Any) -> str | None:
     if isinstance(error, dict):
         error = error.get("message")
     for text in (error, body.get("message"), body.get("detail")):
-        if isinstance(text, str) and (line := clean(text)):
+        if isinstance(text, str) and (line := clean(text, secrets=secrets)):
             return line
     return None
 
 
-def parse_chunk(data: bytes) -> Chunk:
-    """One `data:` payload of the upstream's stream. Raises ErrorChunk for an error the upstream reports in it,
-    MalformedChunk for anything else that is not a chat.completion.chunk."""
+def parse_chunk(data: bytes, secrets: Secrets = NO_SECRETS) -> Chunk:
+    """One `data:` payload of the upstream's stream. Raises ErrorChunk for an error the upstream reports in it (its
+    message without the `secrets`), MalformedChunk for anything else that is not a chat.completion.chunk."""
     try:
         chunk = json.loads(data)
     except (ValueError, RecursionError) as exc:  # RecursionError: nested deeper than Python's stack
@@ -110,7 +150,7 @@ def parse_chunk(data: bytes) -> Chunk:
     if not isinstance(chunk, dict):
         raise MalformedChunk(f"{_kind(chunk)}, not an object", data)
     if "error" in chunk or chunk.get("object") == "error":
-        raise ErrorChunk(error_text(chunk) or "it gave no message")
+        raise ErrorChunk(error_text(chunk, secrets) or "it gave no message")
     try:
         if not isinstance(choices := chunk.get("choices"), list):
             raise MalformedChunk("no choices" if "choices" not in chunk else f"choices is {_kind(choices)}")
@@ -169,21 +209,19 @@ async def read_head(content: aiohttp.StreamReader, limit: int) -> bytes:
     return b"".join(parts)
 
 
-async def refusal_message(response: aiohttp.ClientResponse, secrets: tuple[str, ...]) -> str:
+async def refusal_message(response: aiohttp.ClientResponse, secrets: Secrets) -> str:
     """What an upstream's refusal says, cleaned: its JSON error's message, else its text; never an HTML page (a
     proxy's error page tells the client nothing and can show the upstream's internals), nor the `secrets` (a server
     may quote the key it refused)."""
-    fallback = clean(response.reason or "") or "no reason given"
+    fallback = clean(response.reason or "", secrets=secrets) or "no reason given"
     try:
         text = (await read_head(response.content, REFUSAL_BYTES)).decode("utf-8", "replace")
     except (aiohttp.ClientError, TimeoutError):
         return fallback
-    for secret in secrets:
-        text = text.replace(secret, "***")
     try:
-        return error_text(json.loads(text)) or fallback
+        return error_text(json.loads(text), secrets) or fallback
     except (ValueError, RecursionError):
         pass
     if "html" in response.content_type or text.lstrip().startswith("<"):
         return fallback
-    return clean(text) or fallback
+    return clean(text, secrets=secrets) or fallback

@@ -19,7 +19,7 @@ from tests.conftest import MakeClient
 
 CHAT = {"query": "hi", "max_tokens": 1}
 EVIL = "https://evil.example"
-LOOPBACK_PAGES = ["http://localhost:5173", "http://127.0.0.1:8000", "http://[::1]:3000", "null"]
+LOOPBACK_PAGES = ["http://localhost:5173", "http://127.0.0.1:8000", "http://[::1]:3000"]
 JSON_ROUTES = [
     ("/chat", CHAT),
     ("/stream", CHAT),
@@ -54,10 +54,11 @@ async def test_pages_on_other_sites_are_refused_before_anything_runs(make_client
     assert "chat_prompt_tokens_total 0.0" in text  # the model never ran for them
 
 
-@pytest.mark.parametrize("origin", LOOPBACK_PAGES)
-async def test_loopback_pages_and_files_may_call_and_read(make_client: MakeClient, origin: str) -> None:
-    """The original project's UI opened from a file (`Origin: null`) or served on a loopback port keeps working."""
-    client = await make_client()
+@pytest.mark.parametrize("origin", [*LOOPBACK_PAGES, "null"])
+async def test_loopback_pages_and_listed_origins_may_call_and_read(make_client: MakeClient, origin: str) -> None:
+    """The original project's UI served on a loopback port keeps working; opened from a file (`Origin: null`) with
+    `--cors-origins null`."""
+    client = await make_client(cors_origins=("null",) if origin == "null" else ())
     preflight = await client.options(
         "/stream",
         headers={
@@ -76,6 +77,14 @@ async def test_loopback_pages_and_files_may_call_and_read(make_client: MakeClien
     assert "X-Request-ID" in resp.headers["Access-Control-Expose-Headers"]
     clear = await client.get("/clear", headers={"Origin": origin})
     assert clear.status == 200
+
+
+async def test_null_origins_are_refused_unless_listed(make_client: MakeClient) -> None:
+    """`Origin: null` comes from files, but also from a sandboxed iframe any site can make."""
+    client = await make_client()
+    resp = await client.post("/chat", json=CHAT, headers={"Origin": "null"})
+    assert resp.status == 403 and "--cors-origins null" in (await resp.json())["error"]["message"]
+    assert (await client.get("/clear", headers={"Origin": "null"})).status == 403
 
 
 async def test_cors_origins_widens_and_star_allows_every_page(make_client: MakeClient) -> None:
@@ -190,6 +199,7 @@ async def test_client_text_cannot_forge_log_fields(make_client: MakeClient, capl
 
 
 ORIGINS = st.sampled_from([None, "null", "http://localhost:9", "http://[::1]", EVIL, "http://localhost.evil.example"])
+REFUSED_ORIGINS = ("null", EVIL, "http://localhost.evil.example")
 HOSTS = st.sampled_from(["127.0.0.1", "localhost:1", "[::1]:80", "evil.example", "127.0.0.1.nip.io", ""])
 CONTENT_TYPES = st.sampled_from(["application/json", "text/plain", "application/x-www-form-urlencoded", "a/b+json"])
 PRINTABLE = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=40)
@@ -223,7 +233,7 @@ async def test_fuzzed_headers_are_refused_or_served_never_a_5xx(make_client: Mak
         host_name = host.rsplit(":", 1)[0] if not host.startswith("[") else host
         if host_name in ("evil.example", "127.0.0.1.nip.io"):
             assert resp.status == 403, case
-        if origin in (EVIL, "http://localhost.evil.example"):
+        if origin in REFUSED_ORIGINS:
             assert resp.status == 403, case
         if resp.status == 200:
             media = content_type.split(";")[0].strip().lower()

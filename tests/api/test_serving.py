@@ -38,8 +38,20 @@ class Server:
 
 @pytest.fixture
 async def server(tiny_lm: LoadedModel) -> AsyncIterator[Server]:
+    async for served in serving(tiny_lm):
+        yield served
+
+
+@pytest.fixture
+async def slow_server(slow_lm: LoadedModel) -> AsyncIterator[Server]:
+    """The same with a model 20 ms slower per step: a 100-token answer outlasts the deadline."""
+    async for served in serving(slow_lm):
+        yield served
+
+
+async def serving(lm: LoadedModel) -> AsyncIterator[Server]:
     quiet_parse_errors()
-    app = create_app(ServerConfig(read_timeout=TIMEOUT), Engine(tiny_lm))
+    app = create_app(ServerConfig(read_timeout=TIMEOUT), Engine(lm))
     runner = web.AppRunner(
         app, access_log=None, keepalive_timeout=KEEPALIVE, lingering_time=LINGER, handler_cancellation=True
     )
@@ -126,6 +138,49 @@ async def test_idle_keep_alive_and_pipelined_requests_are_not_cut(server: Server
     # a body is not a head: a 20 kB line in one is no over-long header
     writer.write(post("/chat", {"query": "hi", "max_tokens": 1, "stop": ["x" * 20000]}))
     assert (await answer(reader))[0] == 200
+
+
+async def test_a_pipelined_head_waits_for_the_answer_before_it(slow_server: Server) -> None:
+    """A client that sends the start of its next request while a long answer streams: the answer is not cut, and
+    the next head's deadline starts when the answer has gone."""
+    reader, writer = await slow_server.connect()
+    # in one packet with the request before it, and no more
+    writer.write(post("/stream", {"query": "hi", "max_tokens": 100, "ignore_eos": True}) + b"GET /health HTTP/1.1\r\n")
+    started = time.monotonic()
+    status, headers, _ = await answer(reader)
+    assert status == 200 and headers["transfer-encoding"] == "chunked"
+    stream = b""
+    while b"0\r\n\r\n" not in stream and (part := await asyncio.wait_for(reader.read(65536), 10)):
+        stream += part  # up to the chunked answer's end
+    assert time.monotonic() - started > TIMEOUT * 1.5  # it outlasted the deadline
+    assert b'"finished":true' in stream and b"408" not in stream
+    ended = time.monotonic()
+    status, _, _ = await asyncio.wait_for(answer(reader), 3)
+    assert status == 408 and time.monotonic() - ended > TIMEOUT * 0.8
+
+
+async def test_line_ends_after_a_body_do_not_start_a_deadline(server: Server) -> None:
+    reader, writer = await server.connect()
+    writer.write(post("/chat", {"query": "hi", "max_tokens": 1}) + b"\r\n")  # as some clients do
+    assert (await answer(reader))[0] == 200
+    await asyncio.sleep(TIMEOUT * 2)
+    writer.write(post("/chat", {"query": "hi", "max_tokens": 1}))
+    assert (await asyncio.wait_for(answer(reader), 3))[0] == 200
+
+
+async def test_after_a_chunked_body_the_next_head_has_its_deadline(server: Server) -> None:
+    reader, writer = await server.connect()
+    body = json.dumps({"query": "hi", "max_tokens": 1}).encode()
+    head = (
+        b"POST /chat HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n"
+    )
+    writer.write(head + b"%x\r\n" % len(body) + body + b"\r\n0\r\n\r\n")
+    assert (await answer(reader))[0] == 200
+    writer.write(b"GET /health HTTP/1.1\r\n")  # and no more
+    started = time.monotonic()
+    status, _, _ = await asyncio.wait_for(answer(reader), 3)
+    assert status == 408 and time.monotonic() - started < 2.5
 
 
 async def test_200_idle_connections_do_not_stop_service(server: Server) -> None:

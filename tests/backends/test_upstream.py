@@ -20,7 +20,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from api.config import ServerConfig
-from backends.upstream import PROBE_EVERY, UpstreamBackend, UpstreamConfig
+from backends.upstream import PROBE_EVERY, UpstreamBackend, UpstreamConfig, url_problem
 from backends.upstream_checks import MESSAGE_LIMIT
 from server import create_app
 from tests.conftest import LiveServer, build_tiny_model, free_port, running_server
@@ -113,7 +113,9 @@ async def test_the_upstreams_refusals_keep_their_meaning(upstream: LiveServer, a
     proxy = await proxy_of(aiohttp_client, upstream.url + "/v1", model="no-such-model")
     resp = await proxy.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
     error = (await resp.json())["error"]
-    assert resp.status == 404 and "no-such-model" in error["message"]  # the upstream's own 404, in our shape
+    # the upstream's 404 is about this server's --upstream-model, not the client's request: a 502, saying why
+    assert resp.status == 502 and "rejected the request (404)" in error["message"]
+    assert "no-such-model" in error["message"]
     # the upstream allows 4 requests in flight: a fifth gets its 429, Retry-After included
     proxy = await proxy_of(aiohttp_client, upstream.url + "/v1")
     body = {"query": "go", "max_tokens": 4000, "ignore_eos": True}
@@ -223,9 +225,10 @@ def chunk(text: str = "", reason: str | None = None) -> bytes:
 
 
 class FakeUpstream:
-    """An OpenAI-compatible upstream in the test's process: `POST /v1/chat/completions` answers `status` with
-    `body`, or (200) replays `lines` as an event stream, then ends it, or with `hold`, keeps it open until the
-    proxy lets go. It notes the Authorization header of every request, and when the proxy let go of a stream."""
+    """An OpenAI-compatible upstream in the test's process: `POST /v1/chat/completions` answers `status` (and
+    `reason`) with `body`, or (200) replays `lines` as an event stream, then ends it, or with `hold`, keeps it open
+    until the proxy lets go (or the test sets `released`). It notes the Authorization header of every request, and
+    when the proxy let go of a stream."""
 
     def __init__(
         self,
@@ -235,10 +238,13 @@ class FakeUpstream:
         body: bytes = b"",
         content_type: str = "application/json",
         hold: bool = False,
+        reason: str | None = None,
     ) -> None:
         self.lines, self.status, self.body, self.content_type, self.hold = list(lines), status, body, content_type, hold
+        self.reason = reason
         self.authorizations: list[str | None] = []
         self.let_go = asyncio.Event()
+        self.released = asyncio.Event()
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -256,14 +262,14 @@ class FakeUpstream:
         self.authorizations.append(request.headers.get("Authorization"))
         await request.read()
         if self.status != 200:
-            return web.Response(status=self.status, body=self.body, content_type=self.content_type)
+            return web.Response(status=self.status, reason=self.reason, body=self.body, content_type=self.content_type)
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
         try:
             for line in self.lines:
                 await response.write(line + b"\n\n")
-            if self.hold:  # until the proxy closes the connection: that cancels this handler
-                await asyncio.Event().wait()
+            if self.hold:  # until the proxy closes the connection (that cancels this handler), or the test says
+                await self.released.wait()
         except ConnectionError:  # the proxy let go mid-write
             pass
         finally:
@@ -397,3 +403,137 @@ async def test_a_stream_that_stops_before_the_answer_ends_is_a_502(aiohttp_clien
     resp = await proxy.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
     error = (await resp.json())["error"]
     assert resp.status == 502 and "before the answer" in error["message"]
+
+
+@pytest.mark.parametrize(
+    ("status", "answered"),
+    [(404, 502), (405, 502), (407, 502), (400, 400), (413, 413), (422, 422)],
+    ids=["not-found", "method-not-allowed", "proxy-auth", "bad-request", "too-large", "unprocessable"],
+)
+async def test_an_upstream_4xx_about_how_it_is_asked_is_a_502(
+    status: int, answered: int, aiohttp_client: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    refusal = json.dumps({"error": {"message": "The model `fake` does not exist\n here"}}).encode()
+    proxy = await fake_proxy(aiohttp_client, FakeUpstream(status=status, body=refusal))
+    openai = {"messages": [{"role": "user", "content": "hi"}]}
+    for path, body in (("/chat", {"query": "hi"}), ("/stream", {"query": "hi"}), ("/v1/chat/completions", openai)):
+        resp = await proxy.post(path, json=body)
+        message = (await resp.json())["error"]["message"]
+        # never the client's own 404 or 405: its door and method are right, the upstream's configuration is not
+        assert resp.status == answered, (path, resp.status, message)
+        assert "does not exist here" in message and one_line(message), message  # why, cleaned
+        if answered == 502:
+            assert message.startswith(f"the upstream as configured rejected the request ({status})"), message
+    if answered == 502:  # the operator learns where to look
+        assert "check --upstream and --upstream-model" in caplog.text
+
+
+async def test_a_password_with_a_raw_slash_is_never_shown(
+    aiohttp_client: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    # yarl ends the authority at the first /: it sees host `ada`, port `Zm9v`, and no user
+    fake = FakeUpstream([chunk("Hi", "stop")])
+    proxy = await fake_proxy(aiohttp_client, fake, "http://ada:Zm9v/YmFy@127.0.0.1:{port}/v1")
+    health = await (await proxy.get("/health")).json()
+    resp = await proxy.post("/chat", json={"query": "hi"})
+    answer = await resp.text()
+    for shown in (json.dumps(health), answer, caplog.text):
+        assert "Zm9v" not in shown and "YmFy" not in shown, shown
+    assert health["upstream"].startswith("http://***@127.0.0.1:") and health["upstream"].endswith("/v1")
+    assert health["status"] == "unavailable" and "percent-encode" in health["upstream_status"]
+    # a URL it cannot use is never requested: each request says why
+    assert resp.status == 502 and "percent-encode" in answer and fake.authorizations == []
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://ada:Zm9v/YmFy@127.0.0.1:8000/v1",  # yarl: no user, a port that is no number
+        "http://ada/Zm9vYmFy@127.0.0.1:8000/v1",  # yarl: no user, the @ in the path
+        "http://ada:Zm9v@127.0.0.1:8000/Ym@Fy/v1",  # yarl: a user, and an @ left in the path
+        "ada:Zm9vYmFy@127.0.0.1:8000/v1",  # no scheme: yarl reads `ada` as one
+        "ftp://ada:Zm9vYmFy@127.0.0.1/v1",
+        "127.0.0.1:8000/v1",
+        "http:///v1",
+        "http://127.0.0.1:99999/v1",
+        "http://a%3Ada:Zm9vYmFy@127.0.0.1/v1",  # a : in the user name: Basic auth cannot send it
+    ],
+)
+def test_url_problem_names_what_is_wrong_without_quoting_the_url(url: str) -> None:
+    problem = url_problem(url)
+    assert problem is not None and one_line(problem)
+    assert not any(part in problem for part in ("ada", "Zm9v", "YmFy", "127.0.0.1", "8000", "ftp")), problem
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:8000/v1",
+        "https://example.com/v1/",
+        "http://ada:Zm9v%2FYmFy@127.0.0.1:8000/v1",  # the / percent-encoded
+        "http://ada:p%40ss%3Aw@[::1]:8000/v1",
+        "http://a@b:pw@127.0.0.1/v1",  # a raw @ in the user: yarl (as curl) ends the user at the last @
+        "http://:token@localhost/v1",
+    ],
+)
+def test_url_problem_passes_a_usable_url(url: str) -> None:
+    assert url_problem(url) is None
+
+
+PASSWORD = "Zm9v/Ym?Fy"  # percent-encoded in the URL
+BASIC_TOKEN = base64.b64encode(f"ada:{PASSWORD}".encode()).decode()  # it holds a / too
+CREDENTIALS = "http://ada:Zm9v%2FYm%3FFy@127.0.0.1:{port}/v1"
+
+
+@pytest.mark.parametrize(
+    ("url", "key", "bad", "secret"),
+    [
+        (None, "sk-op-SECRET", b'data: {"error": {"message": "token sk-op-SECRET expired"}}', "sk-op-SECRET"),
+        (None, "sk-op-SECRET", b'data: {"error": "' + b"x" * 190 + b' sk-op-SECRET"}', "sk-op"),
+        (None, "sk-op-SECRET", b'data: {"error": "token sk-op-\\u0007SECRET expired"}', "SECRET"),
+        (None, "sk-op-SECRET", b'data: {"choices": "sk-op-SECRET"}', "SECRET"),
+        (CREDENTIALS, None, b'data: {"error": "got Basic %s"}', BASIC_TOKEN[:8]),
+        (CREDENTIALS, None, b'data: {"error": "got %s"}', BASIC_TOKEN[:8]),
+        (CREDENTIALS, None, b'data: {"error": "bad password Zm9v/Ym?Fy"}', "Zm9v"),
+        (CREDENTIALS, None, b'data: {"choices": 1, "auth": "Basic %s"}', BASIC_TOKEN[:8]),
+        (CREDENTIALS, None, b'data: {"choices": 1, "auth": "Zm9v\\/Ym?Fy"}', "Zm9v"),
+    ],
+    ids=[
+        "key-in-error",
+        "key-at-the-cut",
+        "key-split-by-a-control-character",
+        "key-in-malformed-chunk",
+        "basic-value-in-error",
+        "basic-token-in-error",
+        "password-in-error",
+        "basic-value-in-malformed-chunk",
+        "escaped-password-in-malformed-chunk",
+    ],
+)
+async def test_an_upstream_that_quotes_our_credentials_mid_answer_never_passes_them_on(
+    url: str | None, key: str | None, bad: bytes, secret: str, aiohttp_client: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    # %s: the token as some JSON writers put it, its / escaped (the log quotes a malformed chunk as it came)
+    bad = bad.replace(b"%s", BASIC_TOKEN.replace("/", "\\/").encode())
+    fake = FakeUpstream([chunk("Hel"), bad])
+    proxy = await fake_proxy(aiohttp_client, fake, url, api_key=key)
+    body = (await (await proxy.post("/stream", json={"query": "hi"})).read()).decode()
+    last = delta_frames(body.encode())[-1]
+    assert last["finish_reason"] == "error" and one_line(last["error"]["message"])
+    assert secret not in body and secret not in caplog.text
+    assert "***" in caplog.text  # what the upstream said still reaches the log, blanked
+    assert fake.authorizations[-1] == (f"Bearer {key}" if key else f"Basic {BASIC_TOKEN}")
+
+
+async def test_a_refusals_reason_phrase_never_passes_our_key_on(
+    aiohttp_client: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    # an error page says nothing: the reason phrase stands in for it
+    fake = FakeUpstream(status=500, reason="Bad key sk-op-SECRET", body=b"<html>oops</html>", content_type="text/html")
+    proxy = await fake_proxy(aiohttp_client, fake, api_key="sk-op-SECRET")
+    resp = await proxy.post("/chat", json={"query": "hi"})
+    message = (await resp.json())["error"]["message"]
+    assert resp.status == 502 and message == "the upstream failed (500): Bad key ***"
+    assert "sk-op-SECRET" not in caplog.text

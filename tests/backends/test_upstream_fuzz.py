@@ -1,7 +1,8 @@
 """An upstream that sends anything at all: hypothesis writes the event streams (garbage lines, JSON of every type,
 errors of every shape, chunks with fields of the wrong type, good chunks before a bad one), a real aiohttp server
 replays them, and the proxy in front of it must answer every door within a second: a stream that ends, with an error
-frame when the upstream broke, or a 502, never a hang and never a 500."""
+frame when the upstream broke, or a 502, never a hang and never a 500. Where the answer ends at a line (`[DONE]`, a
+bad one), the upstream keeps the stream open after its lines: only a proxy that stops there answers in time."""
 
 from __future__ import annotations
 
@@ -215,16 +216,26 @@ def check_chat(status: int, body: bytes, want: Expected | None) -> None:
                 }
 
 
+def ends_at_a_line(items: list[Item]) -> bool:
+    """Whether the answer ends before the upstream's stream does: at `[DONE]`, or at a bad line (an error or a
+    malformed chunk) wherever it is (a line that could be anything before it, if bad itself, ends it sooner)."""
+    return any(kind in ("done", "bad") for kind, _ in items)
+
+
 async def through_the_proxy(items: list[Item]) -> None:
-    fake = FakeUpstream([line(kind, value) for kind, value in items])
+    # held open after its lines where the answer ends at one: a proxy that waits for the upstream's end hangs there
+    fake = FakeUpstream([line(kind, value) for kind, value in items], hold=ends_at_a_line(items))
     want = expected(items)
     async with TestServer(fake.app()) as upstream:
-        backend = UpstreamBackend(UpstreamConfig(f"http://127.0.0.1:{upstream.port}/v1"))
-        async with TestClient(TestServer(create_app(ServerConfig(), backend))) as client:
-            check_chatglm_stream(*await within_a_second(client, "/stream", {"query": "hi"}), want)
-            openai = {"messages": [{"role": "user", "content": "hi"}], "stream": True}
-            check_openai_stream(*await within_a_second(client, "/v1/chat/completions", openai), want)
-            check_chat(*await within_a_second(client, "/chat", {"query": "hi"}), want)
+        try:
+            backend = UpstreamBackend(UpstreamConfig(f"http://127.0.0.1:{upstream.port}/v1"))
+            async with TestClient(TestServer(create_app(ServerConfig(), backend))) as client:
+                check_chatglm_stream(*await within_a_second(client, "/stream", {"query": "hi"}), want)
+                openai = {"messages": [{"role": "user", "content": "hi"}], "stream": True}
+                check_openai_stream(*await within_a_second(client, "/v1/chat/completions", openai), want)
+                check_chat(*await within_a_second(client, "/chat", {"query": "hi"}), want)
+        finally:  # a handler the proxy never let go of ends here, not 60 s into the upstream's shutdown
+            fake.released.set()
 
 
 @settings(

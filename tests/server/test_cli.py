@@ -39,8 +39,21 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
         (["--threads", "0"], "--threads 0: expected 1 or more"),
         (["--prefill-seconds", "0"], "--prefill-seconds 0: expected more than 0"),
         (["--upstream", "http://127.0.0.1:9/v1", "--threads", "2"], "--threads belong to a local model"),
+        (["--upstream", "http://ada:Zm9v/YmFy@127.0.0.1:9/v1"], "--upstream: the upstream URL has an @"),
+        (["--read-timeout", "0"], "--read-timeout 0: expected more than 0"),
     ],
-    ids=["missing", "not-gguf", "not-hf-dir", "gpus-without-cuda", "device", "threads", "prefill-seconds", "upstream"],
+    ids=[
+        "missing",
+        "not-gguf",
+        "not-hf-dir",
+        "gpus-without-cuda",
+        "device",
+        "threads",
+        "prefill-seconds",
+        "upstream",
+        "upstream-url",
+        "read-timeout",
+    ],
 )
 def test_start_up_errors_are_clear(args: list[str], message: str, tiny_dir: Path) -> None:
     if args[0] in ("--quantize", "--device"):
@@ -49,6 +62,7 @@ def test_start_up_errors_are_clear(args: list[str], message: str, tiny_dir: Path
     assert result.returncode == 2
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+    assert "Zm9v" not in result.stderr + result.stdout  # a password in --upstream is never echoed
 
 
 def test_live_server_serves_both_apis(tiny_server: LiveServer) -> None:

@@ -20,9 +20,11 @@ from typing import Any
 import torch
 
 from generation.batch import KVBatch, batchable, decode_step, prefill, prefill_chunk, prefill_groups, select_rows
-from generation.events import Delta, Failed, Finished, Outbox, RequestHandle
+from generation.constraints import Matcher, apply_masks
+from generation.events import Delta, Failed, Finished, Outbox, RequestHandle, TokenLogprob
+from generation.logprobs import TokenTexts
 from generation.output import Output
-from generation.sampling import History, SamplingParams, sample
+from generation.sampling import History, Sampled, SamplingParams, sample
 from generation.scheduler import PrefillClock, Scheduler
 from generation.threads import ThreadTuner
 from models.loader import LoadedModel
@@ -70,6 +72,8 @@ class _Sequence:
     history: History | None = None  # set once prefilled
     cache: Any = None  # the KV cache of a prompt prefilled in chunks, while it is
     prefilled: int = 0  # prompt tokens in that cache
+    matcher: Matcher | None = None  # its place in its constraint's grammar, when it has one
+    pending: list[TokenLogprob] = field(default_factory=list)  # logprobs of tokens whose text is not out yet
 
 
 class Engine:
@@ -95,6 +99,7 @@ class Engine:
         self.tuner: ThreadTuner | None = None  # made on the worker, before the model loads
         self._clock: PrefillClock | None = None  # a prompt token's measured cost; made once the model is loaded
         self._prefills = 0  # prefill calls so far (a decode step after one in the same engine step is not clean)
+        self._texts: TokenTexts | None = None  # tokens' bytes for logprobs, made when first asked for
         # guarded by _lock, shared with the event loop: requests not yet ended, and those of them admitted
         self._lock = threading.Lock()
         self._open: dict[int, RequestHandle] = {}
@@ -158,6 +163,8 @@ class Engine:
         lm = self.model
         output = Output(lm.tokenizer, prompt, lm.chat.response_stream(), params.stop)
         seq = _Sequence(handle, prompt, params, generator, output)
+        if params.constraint is not None:
+            seq.matcher = params.constraint.matcher()
         self._inbox.put(seq)
         return handle
 
@@ -233,6 +240,11 @@ class Engine:
         self._sched.running, self._sched.chunking = [], None
         self._batch = KVBatch()
         self._flush()
+
+    def _token_texts(self) -> TokenTexts:
+        if self._texts is None:
+            self._texts = TokenTexts(self.model.tokenizer, tuple(sorted(self.model.eos_token_ids)))
+        return self._texts
 
     def _emit(self, handle: RequestHandle, event: Delta) -> None:
         self._outbox.append((handle, event))
@@ -414,7 +426,18 @@ class Engine:
         self._keep(self._sample_rows(running, logits))
 
     def _sample_rows(self, seqs: list[_Sequence], logits: torch.Tensor) -> list[int]:
-        """Each sequence samples from its row of logits [B, V]; returns the rows still running."""
+        """Each sequence samples from its row of logits [B, V], constrained rows from what their grammar allows;
+        returns the rows still running."""
+        constrained = [i for i, seq in enumerate(seqs) if seq.matcher is not None]
+        if constrained:
+            try:
+                matchers = [m for i in constrained if (m := seqs[i].matcher) is not None]
+                apply_masks(logits, constrained, matchers, len(self.model.tokenizer))
+            except Exception as exc:  # one call for all constrained rows: the fault cannot be pinned on one
+                log.exception("constraint masks failed")
+                for i in constrained:
+                    self._end(seqs[i].handle, Failed(f"generation failed: {exc}"))
+                return [i for i in range(len(seqs)) if i not in constrained]
         keep = []
         for i, seq in enumerate(seqs):
             try:  # a fault in one request's sampling or detokenizing ends only that request
@@ -426,23 +449,38 @@ class Engine:
                 self._end(seq.handle, Failed(f"generation failed: {exc}"))
         return keep
 
-    def _advance(self, seq: _Sequence, token: int) -> bool:
+    def _advance(self, seq: _Sequence, sampled: Sampled) -> bool:
         """Record a sampled token and stream its text; False once the sequence has finished."""
         lm = self.model
+        token = sampled.token
         seq.tokens.append(token)
         assert seq.history is not None
         seq.history.add(token)
         is_eos = token in lm.eos_token_ids
         reason: str | None = "stop" if is_eos else None
+        if seq.matcher is not None:
+            seq.matcher.consume(token)
+            if (error := seq.matcher.error) is not None:
+                raise RuntimeError(f"the constraint refused a token: {error}")
+            if seq.matcher.done:  # the grammar is complete: the answer is whole
+                reason = "stop"
         if reason is None and (
             len(seq.tokens) >= seq.params.max_new_tokens or len(seq.prompt) + len(seq.tokens) >= lm.context_length
         ):
             reason = "length"
+        if seq.params.logprobs is not None and not is_eos:
+            seq.pending.append(self._token_texts().entry(sampled))
         out, hit = seq.output.push(None if is_eos else token, last=reason is not None)
         if hit:
             reason = "stop"
-        if out:
-            self._emit(seq.handle, Delta(out))
+            seq.pending.clear()  # their text was cut at the stop string
+        if reason is not None and not out:
+            # at the end, the entries of tokens with no text of their own (special ones) still go out; those of a
+            # character cut short by the end do not, as its bytes do not: the entries' bytes join to the answer
+            seq.pending = [entry for entry in seq.pending if not entry.bytes]
+        if out or (seq.pending and reason is not None):
+            self._emit(seq.handle, Delta(out, tuple(seq.pending)))
+            seq.pending.clear()
         if reason is None:
             return True
         self._end(seq.handle, Finished(reason, len(seq.prompt), len(seq.tokens), seq.queue_s))

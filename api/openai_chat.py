@@ -6,7 +6,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from contextlib import aclosing
 from dataclasses import replace
 from typing import Any
@@ -17,7 +17,7 @@ from api.config import BACKEND, CONFIG
 from api.errors import error_response, failure_response, not_started
 from api.http import events_of, peeked, read_body, served_names, usage
 from api.schema import CompletionRequest, parse_completion
-from backends.base import ChatJob, Delta, Event, Failed, Finished, KeepAlive, SamplingDefaults, Stream
+from backends.base import ChatJob, Delta, Event, Failed, Finished, KeepAlive, SamplingDefaults, Stream, TokenLogprob
 from sse import ClientGone, EventStream, dumps
 
 log = logging.getLogger(__name__)
@@ -92,28 +92,51 @@ async def completions(request: web.Request) -> web.StreamResponse:
     try:
         if req.stream:
             return await _stream(request, req, handles, base)
-        return await _complete(request, handles, base)
+        return await _complete(request, req, handles, base)
     finally:
         for h in handles:
             h.cancel()
 
 
-async def _complete(request: web.Request, handles: list[Stream], base: dict[str, Any]) -> web.Response:
+def logprobs_part(tokens: Sequence[TokenLogprob]) -> dict[str, Any]:
+    """A choice's `logprobs` in OpenAI's shape, for the tokens of a whole answer or of one chunk."""
+    content = [
+        {
+            "token": t.token,
+            "logprob": t.logprob,
+            "bytes": list(t.bytes),
+            "top_logprobs": [{"token": top.token, "logprob": top.logprob, "bytes": list(top.bytes)} for top in t.top],
+        }
+        for t in tokens
+    ]
+    return {"content": content, "refusal": None}
+
+
+async def _complete(
+    request: web.Request, req: CompletionRequest, handles: list[Stream], base: dict[str, Any]
+) -> web.Response:
     texts = [""] * len(handles)
+    tokens: list[list[TokenLogprob]] = [[] for _ in handles]
     reasons = [""] * len(handles)
     done: list[Finished] = []
     async with aclosing(merge([events_of(request, h) for h in handles])) as events:
         async for i, event in events:
             if isinstance(event, Delta):
                 texts[i] += event.text
+                tokens[i] += event.logprobs
             elif isinstance(event, Failed):
                 return failure_response(event)
             elif isinstance(event, Finished):
                 reasons[i] = event.reason
                 done.append(event)
     choices = [
-        {"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None, "finish_reason": r}
-        for i, (t, r) in enumerate(zip(texts, reasons, strict=True))
+        {
+            "index": i,
+            "message": {"role": "assistant", "content": texts[i]},
+            "logprobs": logprobs_part(tokens[i]) if req.logprobs else None,
+            "finish_reason": reasons[i],
+        }
+        for i in range(len(handles))
     ]
     body: dict[str, Any] = {**base, "object": "chat.completion", "choices": choices}
     if (counts := total_usage(done)) is not None:
@@ -128,8 +151,14 @@ def total_usage(done: list[Finished]) -> dict[str, int] | None:
     return usage(replace(done[0], completion_tokens=sum(d.completion_tokens for d in done)))
 
 
-def _chunk(base: dict[str, Any], i: int, delta: dict[str, str], reason: str | None = None) -> dict[str, Any]:
-    choice = {"index": i, "delta": delta, "logprobs": None, "finish_reason": reason}
+def _chunk(
+    base: dict[str, Any],
+    i: int,
+    delta: dict[str, str],
+    reason: str | None = None,
+    logprobs: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    choice = {"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
     return {**base, "object": "chat.completion.chunk", "choices": [choice]}
 
 
@@ -150,7 +179,8 @@ async def _stream(
             if isinstance(event, KeepAlive):
                 await out.ping()
             elif isinstance(event, Delta):
-                await out.send_json(_chunk(base, i, {"content": event.text}))
+                logprobs = logprobs_part(event.logprobs) if req.logprobs else None
+                await out.send_json(_chunk(base, i, {"content": event.text}, logprobs=logprobs))
             elif isinstance(event, Finished):
                 done.append(event)
                 await out.send_json(_chunk(base, i, {}, event.reason))

@@ -1,12 +1,15 @@
 """Request bodies of both APIs, each defined once as a pydantic model: the model checks a body, and its JSON Schema is
 the request body /openapi.json publishes (api/openapi.py), so the two cannot disagree. A checked body becomes the
-typed request the doors hand on (ChatRequest, CompletionRequest); every error names its field."""
+typed request the doors hand on (ChatRequest, CompletionRequest); every error names its field.
+
+Nothing a client sends is silently ignored: a field this server does not implement is a 400 naming it (the few that
+SDKs send and that change nothing here are accepted, and documented as having no effect)."""
 
 from __future__ import annotations
 
 import functools
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Annotated, Any, Literal, TypeVar, cast
 
 from pydantic import (
@@ -22,10 +25,12 @@ from pydantic import (
 from pydantic_core import CoreSchema, PydanticCustomError, core_schema
 from typing_extensions import TypedDict  # pydantic's own dependency; it needs this TypedDict before Python 3.12
 
-from backends.base import InvalidField, Message, Sampling
+from backends.base import Constraint, InvalidField, Message, Sampling
 
 MAX_STOPS = 4
 MAX_CHOICES = 8
+MAX_TOP_LOGPROBS = 20  # OpenAI's ceiling
+MAX_LOGIT_BIAS = 300  # entries; OpenAI's limit
 _INT_MAX = 2**63 - 1  # the ceiling of every integer field without its own (a seed's range)
 _INT_MIN = -(2**63)
 
@@ -51,6 +56,7 @@ class CompletionRequest:
     n: int
     stream: bool
     include_usage: bool
+    logprobs: bool = False  # the answer carries each token's logprobs (how many alternatives: sampling.logprobs)
 
 
 def parse_json(raw: bytes) -> dict[str, Any]:
@@ -127,9 +133,10 @@ class _Says:
             raise
 
 
-# JSON's own types, strictly: no "1" or true for 1, no NaN or Infinity (Python's json reads them). Unknown fields are
-# ignored, as they always were: clients send the fields of other servers.
-_STRICT = ConfigDict(strict=True, allow_inf_nan=False, extra="ignore")
+# JSON's own types, strictly: no "1" or true for 1, no NaN or Infinity (Python's json reads them). An unknown field is
+# refused, at every level: ignored, a field the client relies on (tools, a schema in another server's spelling) would
+# pass unnoticed while the answer disregards it.
+_STRICT = ConfigDict(strict=True, allow_inf_nan=False, extra="forbid")
 
 
 class _Wire(BaseModel):
@@ -215,8 +222,99 @@ class _CompletionFields(_Wire):
     n: Annotated[int, Field(ge=1, le=MAX_CHOICES), _INTEGRAL] | None = 1
 
 
-class CompletionBody(_SamplingFields, _CompletionFields):
-    """The body of `/v1/chat/completions`."""
+class JsonSchemaFormat(_Wire):
+    """A JSON Schema the answer is held to (OpenAI's `response_format.json_schema`)."""
+
+    name: Annotated[str, Field(min_length=1)] = Field(description="Required, as OpenAI requires it; no effect here")
+    schema_: dict[str, Any] = Field(alias="schema", description="The JSON Schema; a keyword it cannot hold is a 400")
+    strict: bool | None = Field(None, description="The answer is always held to the schema, as with strict: true")
+    description: str | None = Field(None, description="No effect here: the schema alone shapes the answer")
+
+
+class ResponseFormat(_Wire):
+    """OpenAI's response_format: text (no constraint), any JSON object, or JSON that fits `json_schema`."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = Field(None, description="Required with type json_schema, only then")
+
+
+_Choice = Annotated[str, Field(min_length=1)]
+
+
+class StructuredOutputs(_Wire):
+    """vLLM's structured_outputs (sent in the OpenAI SDK's `extra_body`): exactly one of its fields."""
+
+    json_: Annotated[dict[str, Any] | str, _Says("must be a JSON schema: an object, or its JSON text")] | None = Field(
+        None, alias="json", description="A JSON Schema, or its JSON text"
+    )
+    regex: Annotated[str, Field(min_length=1)] | None = None
+    choice: (
+        Annotated[
+            list[_Choice], Field(min_length=1), _Says("must be a non-empty array of non-empty strings", beneath=True)
+        ]
+        | None
+    ) = Field(None, description="The answer is one of these strings")
+    grammar: Annotated[str, Field(min_length=1)] | None = Field(None, description="A Lark grammar")
+    json_object: bool | None = Field(None, description="true: any JSON object")
+
+
+_LOGIT_BIAS = (
+    f'must map token ids (whole numbers from 0, as strings: {{"1234": -100}}) to numbers between -100 and 100, '
+    f"at most {MAX_LOGIT_BIAS} of them"
+)
+
+
+class _OutputFields(_Wire):
+    """What the answer is held to, and what it reports of its tokens."""
+
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+    logprobs: bool | None = Field(False, description="Each answer token's logprob in `choices[].logprobs`")
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS), _INTEGRAL] | None = Field(
+        None, description="The likeliest alternatives to list with each token; needs logprobs: true"
+    )
+    logit_bias: (
+        Annotated[
+            dict[
+                Annotated[str, Field(pattern=r"^(0|[1-9][0-9]*)$")],
+                Annotated[float, Field(ge=-100, le=100)],
+            ],
+            Field(max_length=MAX_LOGIT_BIAS, json_schema_extra={"additionalProperties": False}),
+            _Says(_LOGIT_BIAS, beneath=True),
+        ]
+        | None
+    ) = Field(None, description="Added to the named tokens' logits; -100 bans a token, 100 all but forces it")
+
+
+_NO_EFFECT = "Accepted, without effect here"
+
+
+class _NoEffectFields(_Wire):
+    """Fields SDKs and clients send that change nothing on this server: accepted, so those clients work, and
+    documented as without effect. Fields that would change the answer are refused instead (see `_UNSUPPORTED`)."""
+
+    user: str | None = Field(None, description=_NO_EFFECT)
+    store: Annotated[Literal[False], _Says("must be false or null: this server stores no completions")] | None = Field(
+        None, description="Only false: this server stores no completions"
+    )
+    metadata: dict[str, str] | None = Field(None, description=_NO_EFFECT)
+    service_tier: str | None = Field(None, description=_NO_EFFECT)
+    prompt_cache_key: str | None = Field(None, description=f"{_NO_EFFECT}: common prompt prefixes are not cached")
+    safety_identifier: str | None = Field(None, description=_NO_EFFECT)
+    modalities: (
+        Annotated[
+            list[Literal["text"]],
+            Field(min_length=1, max_length=1),
+            _Says('must be ["text"]: this server answers in text only', beneath=True),
+        ]
+        | None
+    ) = Field(None, description='Only ["text"]')
+
+
+class CompletionBody(_NoEffectFields, _OutputFields, _SamplingFields, _CompletionFields):
+    """The body of `/v1/chat/completions`. A field not listed here is refused (400), among them tools, tool_choice,
+    functions, function_call, parallel_tool_calls, audio, prediction, reasoning_effort, web_search_options and
+    verbosity."""
 
     model_config = ConfigDict(title="CompletionRequest")
 
@@ -253,6 +351,29 @@ _BOUND_WORDS = {
 # ChatGLM clients send a history back as they got it: an error in it names the field as a whole, its message the pair
 _BLAMED_WHOLE = frozenset({"history"})
 
+_NO_TOOLS = "not supported yet: this server does not call tools"
+_OLD_VLLM = "vLLM's older spelling, not supported: send structured_outputs (json, regex, choice or grammar)"
+# Fields other servers implement that this one refuses (any other unknown field gets the general words): each would
+# change the answer, so accepting it and doing nothing would be a silent lie
+_UNSUPPORTED = {
+    "tools": _NO_TOOLS,
+    "tool_choice": _NO_TOOLS,
+    "parallel_tool_calls": _NO_TOOLS,
+    "functions": _NO_TOOLS,
+    "function_call": _NO_TOOLS,
+    "audio": "not supported: this server answers in text only",
+    "prediction": "not supported: this server does not use predicted outputs",
+    "reasoning_effort": "not supported: this server has no reasoning setting",
+    "verbosity": "not supported: this server has no verbosity setting",
+    "web_search_options": "not supported: this server does not search the web",
+    "guided_json": _OLD_VLLM,
+    "guided_regex": _OLD_VLLM,
+    "guided_choice": _OLD_VLLM,
+    "guided_grammar": _OLD_VLLM,
+    "guided_decoding_backend": _OLD_VLLM,
+    "guided_whitespace_pattern": _OLD_VLLM,
+}
+
 _W = TypeVar("_W", bound=BaseModel)
 
 
@@ -279,6 +400,8 @@ def _invalid(model: type[BaseModel], exc: ValidationError) -> InvalidField:
     kind, value = error["type"], error["input"]
     if kind == "float_type" and isinstance(value, int) and not isinstance(value, bool):
         kind = "less_than_equal"  # an integer too large for a float: out of range, not "not a number"
+    if kind == "extra_forbidden":
+        return _unknown(path, loc)
     if kind == "says":
         says = str(error["ctx"]["says"])
     elif kind in _RANGE and len(loc) == 1:
@@ -288,6 +411,13 @@ def _invalid(model: type[BaseModel], exc: ValidationError) -> InvalidField:
         says = known.format_map(error.get("ctx", {})) if known else f"is not valid: {error['msg']}"
     param = str(loc[0]) if loc[0] in _BLAMED_WHOLE else path
     return InvalidField(param, f"'{path}' {says}")
+
+
+def _unknown(path: str, loc: tuple[int | str, ...]) -> InvalidField:
+    """A field this server does not implement (OpenAI's code for one a model does not take)."""
+    why = _UNSUPPORTED.get(str(loc[0])) if len(loc) == 1 else None
+    says = why or "not a field this server implements: it is refused rather than ignored"
+    return InvalidField(path, f"'{path}' is {says}", "unsupported_parameter")
 
 
 def _validate(model: type[_W], body: dict[str, Any]) -> _W:
@@ -342,8 +472,97 @@ def parse_completion(body: dict[str, Any]) -> CompletionRequest:
         messages=tuple(
             Message("system" if m["role"] == "developer" else m["role"], _text(m["content"])) for m in wire.messages
         ),
-        sampling=_sampling(wire, max_tokens),
+        sampling=replace(
+            _sampling(wire, max_tokens),
+            logit_bias=tuple(sorted((int(token), float(bias)) for token, bias in (wire.logit_bias or {}).items())),
+            logprobs=_logprobs(wire),
+            constraint=_constraint(wire),
+        ),
         n=wire.n or 1,
         stream=bool(wire.stream),
         include_usage=bool(wire.stream_options and wire.stream_options.include_usage),
+        logprobs=bool(wire.logprobs),
     )
+
+
+def _logprobs(wire: _OutputFields) -> int | None:
+    """Sampling.logprobs: None when not asked, else how many alternatives each token lists."""
+    if wire.logprobs:
+        return wire.top_logprobs or 0
+    if wire.top_logprobs is not None:  # as OpenAI: alternatives of logprobs nobody asked for are a mistake
+        raise InvalidField("top_logprobs", "'top_logprobs' needs 'logprobs': true")
+    return None
+
+
+_SCHEMA_PARAM = "response_format.json_schema.schema"
+
+
+def _constraint(wire: _OutputFields) -> Constraint | None:
+    """The one constraint response_format or structured_outputs asks for; None for free text."""
+    form = wire.response_format
+    if form is not None and form.json_schema is not None and form.type != "json_schema":
+        raise InvalidField("response_format.json_schema", "'response_format.json_schema' is only for type json_schema")
+    if form is None or form.type == "text":
+        return None if wire.structured_outputs is None else _structured(wire.structured_outputs)
+    if wire.structured_outputs is not None:  # two constraints: which one would win is anybody's guess
+        raise InvalidField(
+            "structured_outputs", f"'structured_outputs' cannot be sent with 'response_format' of type {form.type}"
+        )
+    if form.type == "json_object":
+        return Constraint("json_object", "", "response_format")
+    if form.json_schema is None:
+        raise InvalidField("response_format.json_schema", "'response_format.json_schema' is required")
+    return Constraint("json_schema", _schema_text(form.json_schema.schema_, _SCHEMA_PARAM), _SCHEMA_PARAM)
+
+
+def _structured(outputs: StructuredOutputs) -> Constraint:
+    """vLLM's structured_outputs as a constraint: exactly one of its fields."""
+    sent = {
+        "json": outputs.json_,
+        "regex": outputs.regex,
+        "choice": outputs.choice,
+        "grammar": outputs.grammar,
+        "json_object": outputs.json_object or None,  # false asks for nothing
+    }
+    given = [name for name, value in sent.items() if value is not None]
+    if len(given) != 1:
+        got = f", got {' and '.join(given)}" if given else ""
+        raise InvalidField(
+            "structured_outputs",
+            f"'structured_outputs' must hold exactly one of json, regex, choice, grammar or json_object: true{got}",
+        )
+    (name,) = given
+    param = f"structured_outputs.{name}"
+    if name == "json":
+        return Constraint("json_schema", _schema_text(sent[name], param), param)
+    if name == "choice":
+        return Constraint("choice", _compact(sent[name]), param)
+    if name == "json_object":
+        return Constraint("json_object", "", param)
+    return Constraint("regex" if name == "regex" else "grammar", str(sent[name]), param)
+
+
+def _compact(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _schema_text(schema: Any, param: str) -> str:
+    """A schema, sent as an object or as its JSON text, as compact JSON text (its keys kept in their order: it is
+    the order the answer's properties come in)."""
+    if isinstance(schema, str):
+        try:
+            schema = json.loads(schema, parse_constant=_no_constant)
+        except (ValueError, RecursionError) as exc:
+            raise InvalidField(param, f"'{param}' is not valid JSON: {exc}") from exc
+        if not isinstance(schema, dict):
+            raise InvalidField(param, f"'{param}' must be a JSON schema: an object, or its JSON text")
+        if _unpaired_surrogate(schema) is not None:
+            raise InvalidField(param, f"'{param}' holds an unpaired UTF-16 surrogate, which is not text")
+    try:
+        return _compact(schema)
+    except RecursionError as exc:  # nested deeper than the encoder goes
+        raise InvalidField(param, f"'{param}' is nested too deeply") from exc

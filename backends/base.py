@@ -8,13 +8,15 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from generation.events import Delta, Event, Failed, Finished, KeepAlive
+from generation.events import Delta, Event, Failed, Finished, KeepAlive, TokenLogprob, TopLogprob
+from generation.structured import Constraint
 from models.chat_format import Message, SamplingDefaults
 
 __all__ = [
     "Backend",
     "BackendError",
     "ChatJob",
+    "Constraint",
     "Delta",
     "Event",
     "Failed",
@@ -26,6 +28,8 @@ __all__ = [
     "Sampling",
     "SamplingDefaults",
     "Stream",
+    "TokenLogprob",
+    "TopLogprob",
 ]
 
 
@@ -63,6 +67,9 @@ class Sampling:
     min_tokens: int = 0
     ignore_eos: bool = False
     stop: tuple[str, ...] = ()
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias -100..100), as OpenAI's logit_bias
+    logprobs: int | None = None  # None: none; k: each token's logprob and its k likeliest alternatives (0-20)
+    constraint: Constraint | None = None  # the answer held to a schema, regex, choice list or grammar
 
 
 @dataclass(frozen=True)

@@ -8,10 +8,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any
 
-from backends.base import BackendError, ChatJob, InvalidField, Stream
+from backends.base import BackendError, ChatJob, Constraint, InvalidField, Stream
 from backends.limits import check_limits
 from backends.sampling import sampling_params
 from engine import Engine, EngineStopped, QueueFull
+from generation.constraints import CompiledConstraint, ConstraintError, grammars_for
 from generation.prompts import PromptTooLong, fit_chat
 from generation.sampling import SamplingParams
 from models.chat_format import ChatRejected
@@ -65,7 +66,41 @@ def _plan(lm: LoadedModel, job: ChatJob) -> tuple[list[int], SamplingParams]:
     check_limits(job.limits, max_tokens, len(ids), job.prompt_param)
     wanted = limit - len(ids) if cap is not None else (max_tokens or job.limits.default_max_tokens)
     max_new = max(1, min(wanted, lm.context_length - len(ids), job.limits.max_tokens_limit))
-    return ids, sampling_params(job.sampling, max_new, defaults)
+    check_bias(lm, job.sampling.logit_bias)
+    return ids, sampling_params(job.sampling, max_new, defaults, compiled(lm, job.sampling.constraint))
+
+
+def check_bias(lm: LoadedModel, bias: tuple[tuple[int, float], ...]) -> None:
+    if not bias:
+        return
+    vocab = token_count(lm)
+    if bad := [token for token, _ in bias if token >= vocab]:
+        raise InvalidField("logit_bias", f"'logit_bias' names token {bad[0]}; this model's tokens are 0 to {vocab - 1}")
+
+
+def token_count(lm: LoadedModel) -> int:
+    """The tokens a request may name: a Hugging Face tokenizer's with its added ones; a model's own tokenizer
+    (ChatGLM's) says its vocabulary size."""
+    try:
+        return len(lm.tokenizer)
+    except TypeError:
+        return int(lm.tokenizer.vocab_size)
+
+
+def compiled(lm: LoadedModel, constraint: Constraint | None) -> CompiledConstraint | None:
+    """A request's constraint compiled for the model's tokenizer (cached): a schema keyword the grammar library
+    does not enforce, a bad regex or grammar is the client's error, naming its field."""
+    if constraint is None:
+        return None
+    try:
+        grammars = grammars_for(lm.tokenizer, tuple(sorted(lm.eos_token_ids)))
+    except Exception as exc:
+        message = f"'{constraint.param}' needs a Hugging Face fast tokenizer; this model's cannot be read ({exc})"
+        raise InvalidField(constraint.param, message) from exc
+    try:
+        return grammars.compile(constraint)
+    except ConstraintError as exc:
+        raise InvalidField(exc.param, exc.message) from exc
 
 
 class LocalBackend:

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from backends.base import Sampling
+from generation.constraints import CompiledConstraint
 from generation.sampling import SamplingParams
 from models.chat_format import SamplingDefaults
 
 
-def sampling_params(s: Sampling, max_new_tokens: int, defaults: SamplingDefaults) -> SamplingParams:
-    """Fill a request's sampling fields with the defaults (the model family's, else the route's)."""
+def sampling_params(
+    s: Sampling, max_new_tokens: int, defaults: SamplingDefaults, constraint: CompiledConstraint | None = None
+) -> SamplingParams:
+    """Fill a request's sampling fields with the defaults (the model family's, else the route's); `constraint`: the
+    request's constraint compiled for the model's tokenizer."""
     return SamplingParams(
         max_new_tokens=max_new_tokens,
         temperature=defaults.temperature if s.temperature is None else s.temperature,
@@ -21,4 +25,7 @@ def sampling_params(s: Sampling, max_new_tokens: int, defaults: SamplingDefaults
         seed=s.seed,
         min_tokens=s.min_tokens,
         ignore_eos=s.ignore_eos,
+        logit_bias=s.logit_bias,
+        logprobs=s.logprobs,
+        constraint=constraint,
     )

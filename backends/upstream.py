@@ -9,6 +9,7 @@ never appear in an answer, on /health or in the log, even where the upstream quo
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ import aiohttp
 from aiohttp.http_exceptions import LineTooLong
 from yarl import URL
 
-from backends.base import BackendError, ChatJob, Stream
+from backends.base import BackendError, ChatJob, Constraint, Stream
 from backends.limits import check_limits
 from backends.upstream_checks import (
     ChoiceChunk,
@@ -32,7 +33,7 @@ from backends.upstream_checks import (
     parse_chunk,
     refusal_message,
 )
-from generation.events import Delta, Failed, Finished, RequestHandle
+from generation.events import Delta, Failed, Finished, RequestHandle, TokenLogprob
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,7 @@ class _Call:
         self.handles: list[UpstreamHandle] = []
         self.task: asyncio.Task[None] | None = None
         self.ended = False  # every choice has had its last event
+        self._held: dict[int, tuple[TokenLogprob, ...]] = {}  # by choice: logprobs of tokens whose text is to come
 
     def stop(self) -> None:
         if self.task is not None and not self.task.done():
@@ -155,8 +157,11 @@ class _Call:
     def _take(self, choice: ChoiceChunk, reasons: dict[int, str], data: bytes) -> None:
         if not 0 <= choice.index < len(self.handles):
             raise MalformedChunk(f"choice {choice.index} was not asked for", data)
-        if choice.text:
-            self.handles[choice.index].deliver(Delta(choice.text))
+        logprobs = self._held.pop(choice.index, ()) + choice.logprobs
+        if choice.text or (logprobs and choice.finish_reason):
+            self.handles[choice.index].deliver(Delta(choice.text, logprobs))
+        elif logprobs:  # a token that is part of a character (vLLM sends no text for it): as a local model's, its
+            self._held[choice.index] = logprobs  # entry comes with the text it makes
         if choice.finish_reason:
             reasons[choice.index] = choice.finish_reason
 
@@ -224,6 +229,22 @@ def _credentials(config: UpstreamConfig) -> tuple[str | None, Secrets]:
         return None, Secrets.of(config.api_key)
     basic = aiohttp.encode_basic_auth(parsed.user or "", parsed.password or "")
     return basic, Secrets.of(config.api_key, parsed.password, parsed.raw_password, basic, basic.split(" ", 1)[1])
+
+
+def _constraint(constraint: Constraint | None) -> dict[str, Any]:
+    """A constraint in the fields upstreams take: a JSON answer as OpenAI's response_format, regex, choice and
+    grammar as vLLM's structured_outputs. The job does not keep the client's schema name: every schema is named
+    "response". Strict: a local model always holds its answer to the schema, so the upstream is asked to as well."""
+    if constraint is None:
+        return {}
+    if constraint.kind == "json_object":
+        return {"response_format": {"type": "json_object"}}
+    if constraint.kind == "json_schema":
+        schema = {"name": "response", "schema": json.loads(constraint.source), "strict": True}
+        return {"response_format": {"type": "json_schema", "json_schema": schema}}
+    if constraint.kind == "choice":
+        return {"structured_outputs": {"choice": json.loads(constraint.source)}}
+    return {"structured_outputs": {constraint.kind: constraint.source}}  # regex, grammar: vLLM names them so
 
 
 class UpstreamBackend:
@@ -326,7 +347,7 @@ class UpstreamBackend:
         return {"note": "no local model: the upstream manages its own memory"}
 
     def _body(self, job: ChatJob) -> dict[str, Any]:
-        """The OpenAI request for a job: every sampling field the client set passes through."""
+        """The OpenAI request for a job: every sampling field the client set passes through, and its constraint."""
         s = job.sampling
         max_tokens = s.max_tokens or job.limits.default_max_tokens
         check_limits(job.limits, s.max_tokens, 0, job.prompt_param)
@@ -349,8 +370,11 @@ class UpstreamBackend:
             "seed": s.seed,
             "min_tokens": s.min_tokens or None,
             "ignore_eos": s.ignore_eos or None,
+            "logit_bias": {str(token): bias for token, bias in s.logit_bias} or None,
+            "logprobs": None if s.logprobs is None else True,
+            "top_logprobs": s.logprobs,
         }
-        return {**body, **{k: v for k, v in optional.items() if v is not None}}
+        return {**body, **_constraint(s.constraint), **{k: v for k, v in optional.items() if v is not None}}
 
     async def open(self, job: ChatJob) -> list[Stream]:
         if self._session is None or self._session.closed:

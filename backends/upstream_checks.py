@@ -6,12 +6,15 @@ cleaned into one short line (`clean`, `error_text`, `refusal_message`) with this
 from __future__ import annotations
 
 import json
+import math
 import re
 import unicodedata
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeGuard
 
 import aiohttp
+
+from generation.events import TokenLogprob, TopLogprob
 
 MESSAGE_LIMIT = 200  # characters of the upstream's own error text that reach a client
 REFUSAL_BYTES = 65536  # the most of a refusal's body read for its message: an error page can be any size
@@ -98,6 +101,7 @@ class ChoiceChunk:
     index: int
     text: str  # "" when the chunk brings none
     finish_reason: str | None
+    logprobs: tuple[TokenLogprob, ...] = ()  # of the tokens that made `text`, when they were asked for
 
 
 @dataclass(frozen=True)
@@ -119,6 +123,20 @@ def _kind(value: Any) -> str:
     if isinstance(value, str):
         return "a string"
     return "an array" if isinstance(value, list) else "an object"
+
+
+def _is_finite(value: Any) -> TypeGuard[int | float]:
+    """A JSON number a float holds: NaN and Infinity are no JSON (Python's reader takes them), 1e400 no float."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer past what a float holds
+        return False
+
+
+def _is_byte(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 256
 
 
 def _is_count(value: Any) -> bool:
@@ -177,7 +195,51 @@ def _choice(choice: Any) -> ChoiceChunk:
     reason = choice.get("finish_reason")
     if reason is not None and not isinstance(reason, str):
         raise MalformedChunk(f"a choice's finish_reason is {_kind(reason)}, not a string")
-    return ChoiceChunk(index, _unicode(text or ""), _unicode(reason) if reason else None)
+    return ChoiceChunk(index, _unicode(text or ""), _unicode(reason) if reason else None, _logprobs(choice))
+
+
+def _logprobs(choice: dict[str, Any]) -> tuple[TokenLogprob, ...]:
+    """A choice's `logprobs.content` (null or absent: none)."""
+    logprobs = choice.get("logprobs")
+    if logprobs is None:
+        return ()
+    if not isinstance(logprobs, dict):
+        raise MalformedChunk(f"a choice's logprobs is {_kind(logprobs)}, not an object")
+    content = logprobs.get("content")
+    if content is None:
+        return ()
+    if not isinstance(content, list):
+        raise MalformedChunk(f"a choice's logprobs.content is {_kind(content)}, not an array")
+    return tuple(_token_logprob(entry) for entry in content)
+
+
+def _token_logprob(entry: Any) -> TokenLogprob:
+    token, logprob, raw = _logprob_fields(entry, "a logprobs entry")
+    top = entry.get("top_logprobs")
+    if top is None:
+        top = []
+    if not isinstance(top, list):
+        raise MalformedChunk(f"a logprobs entry's top_logprobs is {_kind(top)}, not an array")
+    alternatives = tuple(TopLogprob(*_logprob_fields(t, "a top_logprobs entry")) for t in top)
+    return TokenLogprob(token, logprob, raw, alternatives)
+
+
+def _logprob_fields(entry: Any, what: str) -> tuple[str, float, tuple[int, ...]]:
+    """An entry's token, its logprob (a finite number: JSON has no -Infinity, vLLM sends -9999.0) and its bytes;
+    where those are null (OpenAI: a token without a byte form), the token's own UTF-8, as vLLM fills them in."""
+    if not isinstance(entry, dict):
+        raise MalformedChunk(f"{what} is {_kind(entry)}, not an object")
+    token, logprob, raw = entry.get("token"), entry.get("logprob"), entry.get("bytes")
+    if not isinstance(token, str):
+        raise MalformedChunk(f"{what}'s token is {_kind(token)}, not a string")
+    if not _is_finite(logprob):
+        raise MalformedChunk(f"{what}'s logprob is not a finite number")
+    token = _unicode(token)
+    if raw is None:
+        return token, float(logprob), tuple(token.encode())
+    if not (isinstance(raw, list) and all(map(_is_byte, raw))):
+        raise MalformedChunk(f"{what}'s bytes are not an array of bytes")
+    return token, float(logprob), tuple(raw)
 
 
 def _usage(usage: Any) -> tuple[int, int] | None:

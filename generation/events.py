@@ -9,10 +9,32 @@ from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
+class TopLogprob:
+    """One of the likeliest tokens at a step: its text, log-probability and raw bytes."""
+
+    token: str
+    logprob: float
+    bytes: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability (OpenAI's: after penalties and constraints, before temperature), its raw
+    bytes (a token may hold part of a character: the bytes of all tokens join to the answer's UTF-8) and the
+    likeliest tokens at that step, most likely first."""
+
+    token: str
+    logprob: float
+    bytes: tuple[int, ...]
+    top: tuple[TopLogprob, ...] = ()
+
+
+@dataclass(frozen=True)
 class Delta:
-    """New text, never ending inside a character."""
+    """New text, never ending inside a character; with `logprobs` asked for, the tokens that made it."""
 
     text: str
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True)

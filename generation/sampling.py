@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -22,6 +23,9 @@ class SamplingParams:
     seed: int | None = None
     min_tokens: int = 0
     ignore_eos: bool = False
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
+    logprobs: int | None = None  # None: none; k: each token's logprob and the k likeliest (0-20)
+    constraint: Any = None  # a CompiledConstraint (generation/constraints.py): each sequence gets its own matcher
 
 
 @dataclass
@@ -45,17 +49,38 @@ class History:
         self.generated += 1
 
 
-def sample(logits: torch.Tensor, p: SamplingParams, history: History, eos: frozenset[int]) -> int:
-    """Pick the next token from logits [V] under a request's parameters."""
+@dataclass(frozen=True)
+class Sampled:
+    """A picked token; with logprobs asked for, its log-probability and the likeliest tokens (id, logprob), from the
+    distribution OpenAI defines: after penalties, bias and constraints, before temperature."""
+
+    token: int
+    logprob: float = 0.0
+    top: tuple[tuple[int, float], ...] = ()
+
+
+def adjust(logits: torch.Tensor, p: SamplingParams, history: History, eos: frozenset[int]) -> torch.Tensor:
+    """Logits [V] after the request's penalties, bias and end-of-sequence rule (a constraint's mask is already in)."""
     if p.repetition_penalty != 1.0:
         penalised = torch.where(logits > 0, logits / p.repetition_penalty, logits * p.repetition_penalty)
         logits = torch.where(history.seen, penalised, logits)
     if p.presence_penalty or p.frequency_penalty:
         counts = history.counts
         logits = logits - p.frequency_penalty * counts - p.presence_penalty * (counts > 0).float()
-    if eos and (p.ignore_eos or history.generated < p.min_tokens):
+    if p.logit_bias:
+        ids, bias = zip(*p.logit_bias, strict=True)
         logits = logits.clone()
-        logits[list(eos)] = float("-inf")
+        logits[list(ids)] += torch.tensor(bias, dtype=logits.dtype, device=logits.device)
+    if eos and (p.ignore_eos or history.generated < p.min_tokens):
+        kept = logits.clone()
+        kept[list(eos)] = float("-inf")
+        # a constraint may allow nothing but the end (its grammar is complete): then the end it is
+        logits = kept if bool(torch.isfinite(kept).any()) else logits
+    return logits
+
+
+def pick(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator) -> int:
+    """Pick a token from adjusted logits [V]: greedy at temperature 0, else top-k, top-p, then a draw."""
     if p.temperature == 0:
         return int(torch.argmax(logits))
     logits = logits / p.temperature
@@ -70,4 +95,16 @@ def sample(logits: torch.Tensor, p: SamplingParams, history: History, eos: froze
         drop[0] = False  # top_p 0 keeps just the most likely token
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
-    return int(torch.multinomial(probs, 1, generator=history.generator))
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def sample(logits: torch.Tensor, p: SamplingParams, history: History, eos: frozenset[int]) -> Sampled:
+    """Pick the next token from logits [V] under a request's parameters."""
+    adjusted = adjust(logits, p, history, eos)
+    token = pick(adjusted, p, history.generator)
+    if p.logprobs is None:
+        return Sampled(token)
+    logprobs = torch.log_softmax(adjusted.float(), dim=-1)
+    top = torch.topk(logprobs, p.logprobs) if p.logprobs else None
+    pairs = () if top is None else tuple(zip(top.indices.tolist(), top.values.tolist(), strict=True))
+    return Sampled(token, float(logprobs[token]), pairs)

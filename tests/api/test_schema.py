@@ -22,6 +22,8 @@ BODIES: dict[str, tuple[dict[str, Any], Callable[[dict[str, Any]], Any]]] = {
     "ChatRequest": ({"query": "q"}, parse_chat),
     "CompletionRequest": ({"messages": [{"role": "user", "content": "hi"}]}, parse_completion),
 }
+# what a numeric field needs beside it to be taken at all
+COMPANIONS: dict[str, dict[str, Any]] = {"top_logprobs": {"logprobs": True}}
 BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
 NOTES = ("title", "description", "default")  # keywords that do not constrain a value
 
@@ -86,6 +88,8 @@ def delivered(request: Any, field: str) -> Any:
         return getattr(request, field)
     if field == "max_completion_tokens":
         return request.sampling.max_tokens
+    if field == "top_logprobs":
+        return request.sampling.logprobs
     return getattr(request.sampling, field)
 
 
@@ -95,7 +99,7 @@ def disagreements(body: str, field: str, prop: dict[str, Any]) -> list[str]:
     wrong = []
     for value in boundary_values(prop):
         try:
-            request = parse({**base, field: value})
+            request = parse({**base, **COMPANIONS.get(field, {}), field: value})
         except InvalidField as exc:
             accepted = False
             assert exc.param == field and f"'{field}'" in exc.message, (value, exc.param, exc.message)
@@ -236,10 +240,19 @@ def test_a_refused_body_names_its_field_and_says_why(
     assert (info.value.param, info.value.message) == (param, message)
 
 
-def test_unknown_fields_are_ignored_and_text_parts_are_joined() -> None:
-    chat = parse_chat({"query": "q", "history": [["a", "b"]], "frobnicate": {"x": 1}, "stop": ["", "END"]})
+def test_unknown_fields_are_refused_and_text_parts_are_joined() -> None:
+    chat = parse_chat({"query": "q", "history": [["a", "b"]], "stop": ["", "END"]})
     assert chat.query == "q" and chat.history == (("a", "b"),) and chat.sampling.stop == ("END",)
+    with pytest.raises(InvalidField) as info:
+        parse_chat({"query": "q", "frobnicate": {"x": 1}})
+    assert info.value.param == "frobnicate" and "not a field this server implements" in info.value.message
     parts = [{"type": "text", "text": "Tell me "}, {"type": "text", "text": "a story."}]
-    done = parse_completion({"messages": [{"role": "developer", "content": parts, "name": "x"}], "user": "u"})
+    done = parse_completion({"messages": [{"role": "developer", "content": parts}], "user": "u"})
     assert [(m.role, m.content) for m in done.messages] == [("system", "Tell me a story.")]
     assert (done.n, done.stream, done.include_usage, done.sampling.max_tokens) == (1, False, False, None)
+    assert (done.logprobs, done.sampling.logprobs, done.sampling.logit_bias, done.sampling.constraint) == (
+        False,
+        None,
+        (),
+        None,
+    )

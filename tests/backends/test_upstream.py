@@ -227,8 +227,8 @@ def chunk(text: str = "", reason: str | None = None) -> bytes:
 class FakeUpstream:
     """An OpenAI-compatible upstream in the test's process: `POST /v1/chat/completions` answers `status` (and
     `reason`) with `body`, or (200) replays `lines` as an event stream, then ends it, or with `hold`, keeps it open
-    until the proxy lets go (or the test sets `released`). It notes the Authorization header of every request, and
-    when the proxy let go of a stream."""
+    until the proxy lets go (or the test sets `released`). It notes the Authorization header and the body of every
+    request, and when the proxy let go of a stream."""
 
     def __init__(
         self,
@@ -243,6 +243,7 @@ class FakeUpstream:
         self.lines, self.status, self.body, self.content_type, self.hold = list(lines), status, body, content_type, hold
         self.reason = reason
         self.authorizations: list[str | None] = []
+        self.bodies: list[Any] = []
         self.let_go = asyncio.Event()
         self.released = asyncio.Event()
 
@@ -260,7 +261,7 @@ class FakeUpstream:
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         self.authorizations.append(request.headers.get("Authorization"))
-        await request.read()
+        self.bodies.append(json.loads(await request.read()))
         if self.status != 200:
             return web.Response(status=self.status, reason=self.reason, body=self.body, content_type=self.content_type)
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
@@ -363,6 +364,10 @@ async def test_an_unreachable_upstream_never_shows_its_credentials(
     assert "s3cret" not in await (await proxy.get("/health")).text()
 
 
+# a chunk of text "x" whose logprobs entry is the %s
+LOGPROB = b'data: {"choices": [{"index": 0, "delta": {"content": "x"}, "logprobs": {"content": [%s]}}]}'
+
+
 @pytest.mark.parametrize(
     ("bad", "says"),
     [
@@ -371,8 +376,26 @@ async def test_an_unreachable_upstream_never_shows_its_credentials(
         (b"data: [1,2,3]", "malformed"),
         (b'data: {"choices": [{"index": 0, "delta": "Hi"}]}', "malformed"),
         (b"data: " + b"x" * 600_000, "malformed"),  # past what aiohttp reads as one line
+        (b'data: {"choices": [{"index": 0, "delta": {}, "logprobs": []}]}', "logprobs is an array"),
+        (LOGPROB % b'{"token": "x", "logprob": "-1"}', "logprob is not a finite number"),
+        (LOGPROB % b'{"token": "x", "logprob": NaN}', "logprob is not a finite number"),
+        (LOGPROB % b'{"token": 7, "logprob": -1}', "token is a number"),
+        (LOGPROB % b'{"token": "x", "logprob": -1, "bytes": [256]}', "bytes are not an array of bytes"),
+        (LOGPROB % b'{"token": "x", "logprob": -1, "top_logprobs": [{"token": "y"}]}', "a top_logprobs entry's"),
     ],
-    ids=["error-string", "error-object", "array", "delta-string", "endless-line"],
+    ids=[
+        "error-string",
+        "error-object",
+        "array",
+        "delta-string",
+        "endless-line",
+        "logprobs-array",
+        "logprob-string",
+        "logprob-nan",
+        "logprobs-token-number",
+        "logprobs-bytes-past-255",
+        "top-logprob-missing",
+    ],
 )
 async def test_a_bad_chunk_mid_stream_ends_the_answer_at_once(
     bad: bytes, says: str, aiohttp_client: Any, caplog: pytest.LogCaptureFixture
@@ -537,3 +560,129 @@ async def test_a_refusals_reason_phrase_never_passes_our_key_on(
     message = (await resp.json())["error"]["message"]
     assert resp.status == 502 and message == "the upstream failed (500): Bad key ***"
     assert "sk-op-SECRET" not in caplog.text
+
+
+# ---- constraints, logprobs and logit_bias pass through ---------------------------------------------------------
+
+SCHEMA = {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}
+AS_SCHEMA = {"type": "json_schema", "json_schema": {"name": "response", "schema": SCHEMA, "strict": True}}
+
+
+@pytest.mark.parametrize(
+    ("sent", "asked"),
+    [
+        ({}, {}),
+        ({"response_format": {"type": "text"}}, {}),
+        ({"response_format": {"type": "json_object"}}, {"response_format": {"type": "json_object"}}),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "person", "schema": SCHEMA}}},
+            {"response_format": AS_SCHEMA},
+        ),
+        ({"structured_outputs": {"json": json.dumps(SCHEMA)}}, {"response_format": AS_SCHEMA}),
+        ({"structured_outputs": {"json_object": True}}, {"response_format": {"type": "json_object"}}),
+        ({"structured_outputs": {"regex": r"\d+"}}, {"structured_outputs": {"regex": r"\d+"}}),
+        ({"structured_outputs": {"choice": ["yes", "no"]}}, {"structured_outputs": {"choice": ["yes", "no"]}}),
+        ({"structured_outputs": {"grammar": 'start: "a"'}}, {"structured_outputs": {"grammar": 'start: "a"'}}),
+        ({"logprobs": True}, {"logprobs": True, "top_logprobs": 0}),
+        ({"logprobs": True, "top_logprobs": 5}, {"logprobs": True, "top_logprobs": 5}),
+        ({"logprobs": False}, {}),
+        ({"logit_bias": {"50256": -100, "7": 2.5}}, {"logit_bias": {"7": 2.5, "50256": -100.0}}),
+        ({"user": "u", "store": False, "metadata": {"k": "v"}, "service_tier": "auto"}, {}),
+    ],
+    ids=[
+        "nothing",
+        "text",
+        "json_object",
+        "json_schema",
+        "so-json",
+        "so-json_object",
+        "so-regex",
+        "so-choice",
+        "so-grammar",
+        "logprobs",
+        "top_logprobs",
+        "logprobs-false",
+        "logit_bias",
+        "without-effect",
+    ],
+)
+async def test_what_the_answer_is_held_to_reaches_the_upstream(
+    sent: dict[str, Any], asked: dict[str, Any], aiohttp_client: Any
+) -> None:
+    fake = FakeUpstream([chunk("Hi", "stop")])
+    proxy = await fake_proxy(aiohttp_client, fake)
+    resp = await proxy.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], **sent})
+    assert resp.status == 200, await resp.text()
+    (body,) = fake.bodies
+    passed = ("response_format", "structured_outputs", "logprobs", "top_logprobs", "logit_bias")
+    assert {k: v for k, v in body.items() if k in passed} == asked
+    # and nothing else of the client's reaches it: the fields without effect stay here
+    assert body.keys() <= {
+        *passed,
+        "model",
+        "messages",
+        "stream",
+        "stream_options",
+        "max_tokens",
+        "temperature",
+        "top_p",
+    }
+
+
+def logprob_chunk(text: str, entries: list[dict[str, Any]], reason: str | None = None) -> bytes:
+    choice = {"index": 0, "delta": {"content": text}, "logprobs": {"content": entries}, "finish_reason": reason}
+    return b"data: " + json.dumps({"object": "chat.completion.chunk", "choices": [choice]}).encode()
+
+
+HI = {"token": "Hi", "logprob": -0.5, "bytes": [72, 105], "top_logprobs": [{"token": "Hi", "logprob": -0.5}]}
+# "é" in two tokens, as vLLM sends a token that is part of a character; the second's bytes left out (null)
+E1 = {"token": "\\xc3", "logprob": -1.25, "bytes": [195], "top_logprobs": []}
+E2 = {"token": "é", "logprob": -9999.0, "bytes": None}
+UPSTREAM_LOGPROBS = [
+    logprob_chunk("Hi", [HI]),
+    logprob_chunk("", [E1]),
+    logprob_chunk(" é", [E2]),
+    chunk(reason="stop"),
+    b"data: [DONE]",
+]
+# as the client gets them: each entry in OpenAI's shape, null bytes filled in with the token's UTF-8
+HI_OUT = {**HI, "top_logprobs": [{"token": "Hi", "logprob": -0.5, "bytes": [72, 105]}]}
+E2_OUT = {"token": "é", "logprob": -9999.0, "bytes": [195, 169], "top_logprobs": []}
+
+
+async def test_the_upstreams_logprobs_reach_the_client_in_openais_shape(aiohttp_client: Any) -> None:
+    proxy = await fake_proxy(aiohttp_client, FakeUpstream(UPSTREAM_LOGPROBS))
+    body = {"messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 1}
+    done = await (await proxy.post("/v1/chat/completions", json=body)).json()
+    (choice,) = done["choices"]
+    assert choice["message"]["content"] == "Hi é"
+    assert choice["logprobs"] == {"content": [HI_OUT, E1, E2_OUT], "refusal": None}
+    streamed = await (await proxy.post("/v1/chat/completions", json={**body, "stream": True})).read()
+    chunks = [json.loads(data)["choices"][0] for _, data in parse_frames(streamed)[:-1]]
+    parts = [(c["delta"].get("content"), c["logprobs"]) for c in chunks]
+    assert parts == [
+        ("", None),  # the role
+        ("Hi", {"content": [HI_OUT], "refusal": None}),
+        (" é", {"content": [E1, E2_OUT], "refusal": None}),  # a token that made no text comes with the one that did
+        (None, None),  # the finish reason
+    ]
+
+
+async def test_logprobs_of_a_last_token_without_text_still_arrive(aiohttp_client: Any) -> None:
+    lines = [logprob_chunk("Hi", [HI]), logprob_chunk("", [E1]), chunk(reason="length")]
+    proxy = await fake_proxy(aiohttp_client, FakeUpstream(lines))
+    body = {"messages": [{"role": "user", "content": "hi"}], "logprobs": True}
+    done = await (await proxy.post("/v1/chat/completions", json=body)).json()
+    assert done["choices"][0]["logprobs"]["content"] == [HI_OUT, E1]
+    assert done["choices"][0]["finish_reason"] == "length"
+
+
+async def test_logprobs_not_asked_for_are_not_shown(aiohttp_client: Any) -> None:
+    proxy = await fake_proxy(aiohttp_client, FakeUpstream(UPSTREAM_LOGPROBS))
+    body = {"messages": [{"role": "user", "content": "hi"}]}
+    done = await (await proxy.post("/v1/chat/completions", json=body)).json()
+    assert done["choices"][0]["logprobs"] is None and done["choices"][0]["message"]["content"] == "Hi é"
+    streamed = await (await proxy.post("/v1/chat/completions", json={**body, "stream": True})).read()
+    assert all(json.loads(d)["choices"][0]["logprobs"] is None for _, d in parse_frames(streamed)[:-1])
+    frames = delta_frames(await (await proxy.post("/stream", json={"query": "hi"})).read())
+    assert [f["delta"] for f in frames] == ["Hi", " é", ""]  # the ChatGLM door has no logprobs

@@ -40,3 +40,18 @@ async def wait_until(condition: Callable[[], bool], within: float = 5.0) -> floa
         assert time.monotonic() - start < within, "condition not reached in time"
         await asyncio.sleep(0.01)
     return time.monotonic() - start
+
+
+def chromium_or_skip() -> str:
+    """Debian's chromium for the browser tests: skips the calling module where it is missing, except in CI."""
+    import os
+    import shutil
+
+    import pytest
+
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        if os.environ.get("CI"):
+            raise RuntimeError("CI needs Debian's chromium for the browser tests (apt-get install chromium)")
+        pytest.skip("chromium is not installed (apt-get install chromium)", allow_module_level=True)
+    return chromium

@@ -6,8 +6,6 @@ can neither use the model nor read an answer (nor can a sandboxed frame it makes
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,13 +13,10 @@ from typing import Any
 import pytest
 
 from tests.conftest import LiveServer, running_server
+from tests.helpers import chromium_or_skip
 
 playwright_sync = pytest.importorskip("playwright.sync_api")
-CHROMIUM = shutil.which("chromium")
-if CHROMIUM is None:
-    if os.environ.get("CI"):
-        raise RuntimeError("CI needs Debian's chromium for the browser tests (apt-get install chromium)")
-    pytest.skip("chromium is not installed (apt-get install chromium)", allow_module_level=True)
+CHROMIUM = chromium_or_skip()
 
 ASK = """async (url) => {
   try {

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,13 +11,10 @@ from typing import Any
 import pytest
 
 from tests.conftest import ROOT, LiveServer
+from tests.helpers import chromium_or_skip
 
 playwright_sync = pytest.importorskip("playwright.sync_api")
-CHROMIUM = shutil.which("chromium")
-if CHROMIUM is None:
-    if os.environ.get("CI"):
-        raise RuntimeError("CI needs Debian's chromium for the browser tests (apt-get install chromium)")
-    pytest.skip("chromium is not installed (apt-get install chromium)", allow_module_level=True)
+CHROMIUM = chromium_or_skip()
 
 ARTIFACTS = ROOT / "artifacts"
 XSS = '<img src=x onerror="window.__xss=1"><script>window.__xss=2</script> **not bold**'

@@ -198,3 +198,19 @@ async def test_a_client_leaving_a_constrained_stream_frees_its_row(make_client: 
     done = await client.post("/v1/chat/completions", json={**body, "stream": False, "max_tokens": 5})
     answer = (await done.json())["choices"][0]["message"]["content"]
     assert re.fullmatch("[a-z]+", answer)
+
+
+async def test_a_constrained_prompt_prefilled_in_chunks(make_client: Any) -> None:
+    """The first token of a prompt prefilled in several chunks is sampled under the constraint too."""
+    client = await make_client(prefill_chunk=8, prefill_seconds=10.0)
+    body = {
+        "messages": [{"role": "user", "content": "a long prompt " * 6}],
+        "structured_outputs": {"regex": "[0-9]{4}"},
+        "max_tokens": 10,
+    }
+    resp = await client.post("/v1/chat/completions", json=body)
+    done = await resp.json()
+    assert resp.status == 200, done
+    assert done["usage"]["prompt_tokens"] > 3 * 8  # it took several chunks
+    assert re.fullmatch("[0-9]{4}", done["choices"][0]["message"]["content"])
+    assert done["choices"][0]["finish_reason"] == "stop"

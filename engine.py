@@ -432,7 +432,7 @@ class Engine:
         if constrained:
             try:
                 matchers = [m for i in constrained if (m := seqs[i].matcher) is not None]
-                apply_masks(logits, constrained, matchers, len(self.model.tokenizer))
+                apply_masks(logits, constrained, matchers)
             except Exception as exc:  # one call for all constrained rows: the fault cannot be pinned on one
                 log.exception("constraint masks failed")
                 for i in constrained:

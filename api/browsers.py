@@ -108,20 +108,22 @@ class BrowserPolicy:
             return f"the Host header {host!r} does not name this server (add it with --allowed-hosts)"
         origin = request.headers.get("Origin")
         if origin is not None:
-            if origin.strip().lower() == "null" and not self.origin_allowed(origin, host):
+            if self.origin_allowed(origin, host):
+                return None
+            if origin.strip().lower() == "null":
                 return "pages opened from a file (Origin: null) may use this server only with --cors-origins null"
-            if not self.origin_allowed(origin, host):
-                return f"pages from {origin!r} may not use this server (allow them with --cors-origins)"
-            return None
-        if request.method == "GET" and request.path in STATE_CHANGING_GETS:
-            referer = request.headers.get("Referer")
-            if referer is not None:
-                parts = urlsplit(referer)
-                if not self.origin_allowed(f"{parts.scheme}://{parts.netloc}", host):
-                    return "another site's page may not send this request (use POST from your own client)"
-            elif request.headers.get("Sec-Fetch-Site") in ("cross-site", "same-site"):
-                return "another site's page may not send this request (use POST from your own client)"
+            return f"pages from {origin!r} may not use this server (allow them with --cors-origins)"
+        if request.method == "GET" and request.path in STATE_CHANGING_GETS and self._sent_by_another_site(request):
+            return "another site's page may not send this request (use POST from your own client)"
         return None
+
+    def _sent_by_another_site(self, request: web.Request) -> bool:
+        """What a request without an Origin says of the page that sent it (an `<img>` sends only these)."""
+        referer = request.headers.get("Referer")
+        if referer is not None:
+            parts = urlsplit(referer)
+            return not self.origin_allowed(f"{parts.scheme}://{parts.netloc}", request.headers.get("Host"))
+        return request.headers.get("Sec-Fetch-Site") in ("cross-site", "same-site")
 
 
 def _netloc(scheme: str, netloc: str) -> str:

@@ -57,8 +57,9 @@ def grammar_of(constraint: Constraint) -> str:
 class Matcher:
     """One sequence's place in its grammar."""
 
-    def __init__(self, matcher: llguidance.LLMatcher) -> None:
+    def __init__(self, matcher: llguidance.LLMatcher, vocab: int) -> None:
         self.ll = matcher
+        self.vocab = vocab  # the tokenizer's tokens, the width of its masks
 
     def consume(self, token: int) -> None:
         self.ll.consume_token(token)
@@ -76,13 +77,14 @@ class Matcher:
 class CompiledConstraint:
     """A constraint compiled for one tokenizer; `matcher()` is a fresh one for each sequence (a cheap copy)."""
 
-    def __init__(self, template: llguidance.LLMatcher) -> None:
+    def __init__(self, template: llguidance.LLMatcher, vocab: int) -> None:
         self._template = template
+        self._vocab = vocab
         self._lock = threading.Lock()  # copied from the prompt threads and the engine's
 
     def matcher(self) -> Matcher:
         with self._lock:
-            return Matcher(self._template.deep_copy())
+            return Matcher(self._template.deep_copy(), self._vocab)
 
 
 class Grammars:
@@ -122,11 +124,7 @@ class Grammars:
         template = llguidance.LLMatcher(self.tokenizer, grammar, log_level=0, limits=QUIET)
         if template.is_error():
             raise ConstraintError(constraint.param, f"'{constraint.param}' cannot be used: {template.get_error()}")
-        return CompiledConstraint(template)
-
-    def token_bytes(self, token: int) -> bytes:
-        """A token's raw bytes (part of a character, for some)."""
-        return bytes(self.tokenizer.decode_bytes([token]))
+        return CompiledConstraint(template, self.tokenizer.vocab_size)
 
 
 @functools.lru_cache(maxsize=4)
@@ -139,12 +137,13 @@ def grammars_for(tokenizer: Any, eos: tuple[int, ...] = ()) -> Grammars:
 _EXECUTOR = llguidance.LLExecutor()  # llguidance's own threads: the masks of a batch are filled in parallel
 
 
-def apply_masks(logits: torch.Tensor, rows: list[int], matchers: list[Matcher], vocab: int) -> None:
-    """Logits [B, V] of the constrained `rows` set to -inf where their matcher allows no token. `vocab`: the
-    tokenizer's tokens; logits past them (a model's padding) are never allowed.
+def apply_masks(logits: torch.Tensor, rows: list[int], matchers: list[Matcher]) -> None:
+    """Logits [B, V] of the constrained `rows` set to -inf where their matcher allows no token; logits past the
+    tokenizer's tokens (a model's padding) are never allowed.
 
     The bitmask is unpacked with numpy: llguidance's own `apply_token_bitmask_inplace` is built with torch.compile on
     a CPU, which takes seconds on its first call and a C++ compiler at run time (bench/README.md)."""
+    vocab = matchers[0].vocab  # one model, one tokenizer
     bitmask = llguidance.torch.allocate_token_bitmask(len(rows), vocab)
     if len(rows) == 1:
         llguidance.torch.fill_next_token_bitmask(matchers[0].ll, bitmask, 0)

@@ -26,6 +26,19 @@ from tests.server.test_cli import NO_GPU, run_cli
 FLAGS = "fpu vme de pse tsc msr pae mce cx8 apic avx2 avx512f avx512bw"
 
 
+def count_unpacks(monkeypatch: pytest.MonkeyPatch) -> list[QuantizedLinear]:
+    """From now on, each layer that unpacks its weights into a dense copy, once per time it does."""
+    unpacked: list[QuantizedLinear] = []
+    original = QuantizedLinear._dense_now
+
+    def counted(self: QuantizedLinear, dtype: torch.dtype) -> torch.Tensor:
+        unpacked.append(self)
+        return original(self, dtype)
+
+    monkeypatch.setattr(QuantizedLinear, "_dense_now", counted)
+    return unpacked
+
+
 @pytest.mark.parametrize(
     ("flags", "capability", "want"),
     [
@@ -122,14 +135,7 @@ def test_a_chunked_prompt_dequantizes_the_weights_once(
     for m in dense:  # the route where a copy serves many rows (the calibration may have chosen the kernel)
         monkeypatch.setattr(m, "dense", torch.float32)
         monkeypatch.setattr(m, "held", torch.float32)
-    unpacked: list[QuantizedLinear] = []
-    original = QuantizedLinear._dense_now
-
-    def counted(self: QuantizedLinear, dtype: torch.dtype) -> torch.Tensor:
-        unpacked.append(self)
-        return original(self, dtype)
-
-    monkeypatch.setattr(QuantizedLinear, "_dense_now", counted)
+    unpacked = count_unpacks(monkeypatch)
 
     def chunked() -> tuple[torch.Tensor, Any]:
         cache, start = None, 0
@@ -166,14 +172,7 @@ def test_a_model_keeps_a_prefill_copy_where_memory_allows(
     prompt = [10 + i % 300 for i in range(DENSE_ROWS + 7)]
     with torch.inference_mode():
         kept, _, _ = batch.prefill(lm, [prompt])
-        unpacked: list[QuantizedLinear] = []
-        original = QuantizedLinear._dense_now
-
-        def counted(self: QuantizedLinear, dtype: torch.dtype) -> torch.Tensor:
-            unpacked.append(self)
-            return original(self, dtype)
-
-        monkeypatch.setattr(QuantizedLinear, "_dense_now", counted)
+        unpacked = count_unpacks(monkeypatch)
         assert torch.equal(batch.prefill(lm, [prompt])[0], kept) and not unpacked
         fresh, _, _ = batch.prefill(dataclasses.replace(lm, prefill_copy={}), [prompt])  # copies made for the call
     assert unpacked and torch.allclose(fresh, kept, atol=1e-3 * float(kept.abs().max()))

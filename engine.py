@@ -161,7 +161,10 @@ class Engine:
         seed = params.seed if params.seed is not None else random.getrandbits(63)
         generator = torch.Generator(device=self.model.device).manual_seed(seed)
         lm = self.model
-        output = Output(lm.tokenizer, prompt, lm.chat.response_stream(), params.stop)
+        tools = params.tools
+        calls = None if tools is None else tools.stream()
+        parallel = tools is None or tools.parallel
+        output = Output(lm.tokenizer, prompt, lm.chat.response_stream(), params.stop, calls, parallel)
         seq = _Sequence(handle, prompt, params, generator, output)
         if params.constraint is not None:
             seq.matcher = params.constraint.matcher()
@@ -470,18 +473,21 @@ class Engine:
             reason = "length"
         if seq.params.logprobs is not None and not is_eos:
             seq.pending.append(self._token_texts().entry(sampled))
-        out, hit = seq.output.push(None if is_eos else token, last=reason is not None)
-        if hit:
+        emitted = seq.output.push(None if is_eos else token, last=reason is not None)
+        out = emitted.text
+        if emitted.stopped:
             reason = "stop"
             seq.pending.clear()  # their text was cut at the stop string
         if reason is not None and not out:
             # at the end, the entries of tokens with no text of their own (special ones) still go out; those of a
             # character cut short by the end do not, as its bytes do not: the entries' bytes join to the answer
             seq.pending = [entry for entry in seq.pending if not entry.bytes]
-        if out or (seq.pending and reason is not None):
-            self._emit(seq.handle, Delta(out, tuple(seq.pending)))
+        if out or emitted.calls or (seq.pending and reason is not None):
+            self._emit(seq.handle, Delta(out, tuple(seq.pending), tuple(emitted.calls)))
             seq.pending.clear()
         if reason is None:
             return True
+        if reason == "stop" and seq.output.called:
+            reason = "tool_calls"
         self._end(seq.handle, Finished(reason, len(seq.prompt), len(seq.tokens), seq.queue_s))
         return False

@@ -29,6 +29,7 @@ from backends.base import Backend, Limits
 from backends.upstream import UpstreamBackend, UpstreamConfig, url_problem
 from models.devices import DTYPES
 from models.loader import ModelConfig, ModelLoadError, default_cache_dir, load, preflight
+from models.tools.formats import PARSER_NAMES
 
 if TYPE_CHECKING:
     from engine import Engine
@@ -165,6 +166,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--cache-dir", type=Path, default=default_cache_dir(), help="converted GGUF models (default: %(default)s)")
     a("--save-native", type=Path, help="write an original ChatGLM2/3 or GLM-4 checkpoint in transformers' layout, exit")
     a("--no-cache", action="store_true", help="convert a GGUF model on every start instead")
+    a(
+        "--tool-call-parser",
+        choices=PARSER_NAMES,
+        help="the tool-call format of the model (default: its family's, or what its chat template shows)",
+    )
     a("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     a("--port", type=int, default=8800)
     a("--served-model-name", action="append", default=[], help="name clients use (repeatable)")
@@ -234,6 +240,7 @@ def local_flags(args: argparse.Namespace) -> list[str]:
         "--quantize": args.quantize != "auto",
         "--dtype": args.dtype != "auto",
         "--save-native": args.save_native is not None,
+        "--tool-call-parser": args.tool_call_parser is not None,
         "--threads": args.threads is not None,
     }
     return [flag for flag, set_ in given.items() if set_]
@@ -244,7 +251,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     quantize = None if args.quantize == "auto" else int(args.quantize)
     cache = None if args.no_cache else args.cache_dir
-    model_config = ModelConfig(args.model, args.device, quantize, cache, args.dtype, args.save_native)
+    model_config = ModelConfig(
+        args.model, args.device, quantize, cache, args.dtype, args.save_native, tool_parser=args.tool_call_parser
+    )
     try:
         if args.threads is not None and args.threads < 1:
             raise StartupError(f"--threads {args.threads}: expected 1 or more")

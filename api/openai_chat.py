@@ -17,7 +17,18 @@ from api.config import BACKEND, CONFIG
 from api.errors import error_response, failure_response, not_started
 from api.http import events_of, peeked, read_body, served_names, usage
 from api.schema import CompletionRequest, parse_completion
-from backends.base import ChatJob, Delta, Event, Failed, Finished, KeepAlive, SamplingDefaults, Stream, TokenLogprob
+from backends.base import (
+    CallDelta,
+    ChatJob,
+    Delta,
+    Event,
+    Failed,
+    Finished,
+    KeepAlive,
+    SamplingDefaults,
+    Stream,
+    TokenLogprob,
+)
 from sse import ClientGone, EventStream, dumps
 
 log = logging.getLogger(__name__)
@@ -46,7 +57,15 @@ async def start(request: web.Request, req: CompletionRequest) -> tuple[list[Stre
             "model",
             "model_not_found",
         )
-    job = ChatJob(req.messages, req.sampling, OPENAI_DEFAULTS, n=req.n, limits=request.app[CONFIG].limits)
+    job = ChatJob(
+        req.messages,
+        req.sampling,
+        OPENAI_DEFAULTS,
+        n=req.n,
+        limits=request.app[CONFIG].limits,
+        tools=req.tools,
+        tool_choice=req.tool_choice,
+    )
     return await request.app[BACKEND].open(job), req.model or names[0]
 
 
@@ -112,10 +131,46 @@ def logprobs_part(tokens: Sequence[TokenLogprob]) -> dict[str, Any]:
     return {"content": content, "refusal": None}
 
 
+def finish_reason(req: CompletionRequest, reason: str) -> str:
+    """A legacy `functions` request hears of its call as `function_call`."""
+    return "function_call" if reason == "tool_calls" and req.legacy_functions else reason
+
+
+def message(req: CompletionRequest, text: str, calls: list[dict[str, Any]]) -> dict[str, Any]:
+    """An answer's message: its text (null when it only called), its calls."""
+    out: dict[str, Any] = {"role": "assistant", "content": text if text or not calls else None}
+    if calls and req.legacy_functions:
+        out["function_call"] = calls[0]["function"]
+    elif calls:
+        out["tool_calls"] = calls
+    return out
+
+
+def add_call(calls: list[dict[str, Any]], piece: CallDelta) -> None:
+    """A call's streamed piece into the whole calls of an answer."""
+    if piece.id is not None:
+        calls.append({"id": piece.id, "type": "function", "function": {"name": piece.name, "arguments": ""}})
+    calls[piece.index]["function"]["arguments"] += piece.arguments
+
+
+def call_delta(req: CompletionRequest, piece: CallDelta) -> dict[str, Any]:
+    """A streamed piece in OpenAI's shape: the first of a call names it, the rest add to its arguments."""
+    function: dict[str, str] = {"arguments": piece.arguments}
+    if piece.name is not None:
+        function = {"name": piece.name, **function}
+    if req.legacy_functions:
+        return {"function_call": function}
+    call: dict[str, Any] = {"index": piece.index}
+    if piece.id is not None:
+        call.update(id=piece.id, type="function")
+    return {"tool_calls": [{**call, "function": function}]}
+
+
 async def _complete(
     request: web.Request, req: CompletionRequest, handles: list[Stream], base: dict[str, Any]
 ) -> web.Response:
     texts = [""] * len(handles)
+    calls: list[list[dict[str, Any]]] = [[] for _ in handles]
     tokens: list[list[TokenLogprob]] = [[] for _ in handles]
     reasons = [""] * len(handles)
     done: list[Finished] = []
@@ -124,6 +179,8 @@ async def _complete(
             if isinstance(event, Delta):
                 texts[i] += event.text
                 tokens[i] += event.logprobs
+                for piece in event.calls:
+                    add_call(calls[i], piece)
             elif isinstance(event, Failed):
                 return failure_response(event)
             elif isinstance(event, Finished):
@@ -132,9 +189,9 @@ async def _complete(
     choices = [
         {
             "index": i,
-            "message": {"role": "assistant", "content": texts[i]},
+            "message": message(req, texts[i], calls[i]),
             "logprobs": logprobs_part(tokens[i]) if req.logprobs else None,
-            "finish_reason": reasons[i],
+            "finish_reason": finish_reason(req, reasons[i]),
         }
         for i in range(len(handles))
     ]
@@ -154,7 +211,7 @@ def total_usage(done: list[Finished]) -> dict[str, int] | None:
 def _chunk(
     base: dict[str, Any],
     i: int,
-    delta: dict[str, str],
+    delta: dict[str, Any],
     reason: str | None = None,
     logprobs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
@@ -180,10 +237,15 @@ async def _stream(
                 await out.ping()
             elif isinstance(event, Delta):
                 logprobs = logprobs_part(event.logprobs) if req.logprobs else None
-                await out.send_json(_chunk(base, i, {"content": event.text}, logprobs=logprobs))
+                if event.text or not event.calls:
+                    await out.send_json(_chunk(base, i, {"content": event.text}, logprobs=logprobs))
+                    logprobs = None
+                for piece in event.calls:
+                    await out.send_json(_chunk(base, i, call_delta(req, piece), logprobs=logprobs))
+                    logprobs = None
             elif isinstance(event, Finished):
                 done.append(event)
-                await out.send_json(_chunk(base, i, {}, event.reason))
+                await out.send_json(_chunk(base, i, {}, finish_reason(req, event.reason)))
             elif isinstance(event, Failed):
                 error = {"message": event.message, "type": event.type, "param": None, "code": None}
                 await out.send_json({"error": error})

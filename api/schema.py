@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import functools
 import json
-from dataclasses import dataclass, replace
-from typing import Annotated, Any, Literal, TypeVar, cast
+from dataclasses import dataclass, field, replace
+from typing import Annotated, Any, Literal, NotRequired, TypeVar, cast
 
 from pydantic import (
     BaseModel,
@@ -25,7 +25,7 @@ from pydantic import (
 from pydantic_core import CoreSchema, PydanticCustomError, core_schema
 from typing_extensions import TypedDict  # pydantic's own dependency; it needs this TypedDict before Python 3.12
 
-from backends.base import Constraint, InvalidField, Message, Sampling
+from backends.base import Constraint, InvalidField, Message, Sampling, Tool, ToolCall, ToolChoice
 
 MAX_STOPS = 4
 MAX_CHOICES = 8
@@ -57,6 +57,9 @@ class CompletionRequest:
     stream: bool
     include_usage: bool
     logprobs: bool = False  # the answer carries each token's logprobs (how many alternatives: sampling.logprobs)
+    tools: tuple[Tool, ...] = ()
+    tool_choice: ToolChoice = field(default_factory=ToolChoice)
+    legacy_functions: bool = False  # the request spoke of `functions`: calls are answered as `function_call`
 
 
 def parse_json(raw: bytes) -> dict[str, Any]:
@@ -194,13 +197,79 @@ class TextPart(TypedDict):
     text: str
 
 
+_Content = Annotated[
+    str | list[TextPart],
+    _Says("must be a string or a list of text parts (only text content parts are supported)"),
+]
+_FunctionName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+
+
+@with_config(_STRICT)
+class CalledFunction(TypedDict):
+    name: _FunctionName
+    arguments: str
+
+
+@with_config(_STRICT)
+class MessageToolCall(TypedDict):
+    id: Annotated[str, Field(min_length=1)]
+    type: Literal["function"]
+    function: CalledFunction
+
+
 @with_config(_STRICT)
 class ChatMessage(TypedDict):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: Annotated[
-        str | list[TextPart],
-        _Says("must be a string or a list of text parts (only text content parts are supported)"),
-    ]
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: NotRequired[_Content | None]
+    name: NotRequired[str]
+    tool_calls: NotRequired[list[MessageToolCall]]
+    tool_call_id: NotRequired[str]
+    function_call: NotRequired[CalledFunction]
+
+
+class FunctionDefinition(_Wire):
+    name: _FunctionName = Field(description="Letters, digits, _ and -, at most 64")
+    description: str | None = None
+    parameters: dict[str, Any] | None = Field(None, description="A JSON Schema of the arguments")
+    strict: bool | None = Field(None, description="A forced call's arguments are held to `parameters`")
+
+
+class ToolDefinition(_Wire):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Wire):
+    name: _FunctionName
+
+
+class NamedToolChoice(_Wire):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class _ToolFields(_Wire):
+    """Tools the model may call (and the legacy `functions` spelling of the same)."""
+
+    tools: Annotated[list[ToolDefinition], Field(max_length=128)] | None = None
+    tool_choice: (
+        Annotated[
+            Literal["none", "auto", "required"] | NamedToolChoice,
+            _Says('must be "none", "auto", "required" or {"type": "function", "function": {"name": ...}}'),
+        ]
+        | None
+    ) = Field(None, description="auto by default when tools are sent; required and a named function are enforced")
+    parallel_tool_calls: bool | None = Field(None, description="false: at most one call per answer")
+    functions: Annotated[list[FunctionDefinition], Field(max_length=128)] | None = Field(
+        None, description="Legacy: tools as bare functions; answers carry `function_call`"
+    )
+    function_call: (
+        Annotated[
+            Literal["none", "auto"] | NamedFunction,
+            _Says('must be "none", "auto" or {"name": ...}'),
+        ]
+        | None
+    ) = Field(None, description="Legacy tool_choice")
 
 
 class StreamOptions(_Wire):
@@ -311,10 +380,9 @@ class _NoEffectFields(_Wire):
     ) = Field(None, description='Only ["text"]')
 
 
-class CompletionBody(_NoEffectFields, _OutputFields, _SamplingFields, _CompletionFields):
-    """The body of `/v1/chat/completions`. A field not listed here is refused (400), among them tools, tool_choice,
-    functions, function_call, parallel_tool_calls, audio, prediction, reasoning_effort, web_search_options and
-    verbosity."""
+class CompletionBody(_NoEffectFields, _ToolFields, _OutputFields, _SamplingFields, _CompletionFields):
+    """The body of `/v1/chat/completions`. A field not listed here is refused (400), among them audio, prediction,
+    reasoning_effort, web_search_options and verbosity."""
 
     model_config = ConfigDict(title="CompletionRequest")
 
@@ -351,16 +419,10 @@ _BOUND_WORDS = {
 # ChatGLM clients send a history back as they got it: an error in it names the field as a whole, its message the pair
 _BLAMED_WHOLE = frozenset({"history"})
 
-_NO_TOOLS = "not supported yet: this server does not call tools"
 _OLD_VLLM = "vLLM's older spelling, not supported: send structured_outputs (json, regex, choice or grammar)"
 # Fields other servers implement that this one refuses (any other unknown field gets the general words): each would
 # change the answer, so accepting it and doing nothing would be a silent lie
 _UNSUPPORTED = {
-    "tools": _NO_TOOLS,
-    "tool_choice": _NO_TOOLS,
-    "parallel_tool_calls": _NO_TOOLS,
-    "functions": _NO_TOOLS,
-    "function_call": _NO_TOOLS,
     "audio": "not supported: this server answers in text only",
     "prediction": "not supported: this server does not use predicted outputs",
     "reasoning_effort": "not supported: this server has no reasoning setting",
@@ -467,11 +529,13 @@ def parse_completion(body: dict[str, Any]) -> CompletionRequest:
     """Validate an OpenAI chat completions body."""
     wire = _validate(CompletionBody, body)
     max_tokens = wire.max_tokens if wire.max_completion_tokens is None else wire.max_completion_tokens
+    tools, choice = _tools(wire, body)
     return CompletionRequest(
         model=wire.model,
-        messages=tuple(
-            Message("system" if m["role"] == "developer" else m["role"], _text(m["content"])) for m in wire.messages
-        ),
+        messages=tuple(_message(i, m) for i, m in enumerate(wire.messages)),
+        tools=tools,
+        tool_choice=choice,
+        legacy_functions=wire.functions is not None or wire.function_call is not None,
         sampling=replace(
             _sampling(wire, max_tokens),
             logit_bias=tuple(sorted((int(token), float(bias)) for token, bias in (wire.logit_bias or {}).items())),
@@ -483,6 +547,67 @@ def parse_completion(body: dict[str, Any]) -> CompletionRequest:
         include_usage=bool(wire.stream_options and wire.stream_options.include_usage),
         logprobs=bool(wire.logprobs),
     )
+
+
+def _message(i: int, m: ChatMessage) -> Message:
+    """A checked message as the backends take it: developer is system, a legacy function result a tool result."""
+    role, content = m["role"], m.get("content")
+    where = f"messages[{i}]"
+    calls = tuple(
+        ToolCall(c["id"], c["function"]["name"], c["function"]["arguments"]) for c in m.get("tool_calls") or ()
+    )
+    if (legacy := m.get("function_call")) is not None:
+        calls += (ToolCall(f"call_{i}", legacy["name"], legacy["arguments"]),)
+    for key in ("tool_calls", "function_call"):
+        if key in m and role != "assistant":
+            raise InvalidField(f"{where}.{key}", f"'{where}.{key}' is only for assistant messages")
+    if "name" in m and role not in ("tool", "function"):  # a participant's name would change nothing here
+        raise InvalidField(f"{where}.name", f"'{where}.name' is only for tool and function messages")
+    if "tool_call_id" in m and role != "tool":
+        raise InvalidField(f"{where}.tool_call_id", f"'{where}.tool_call_id' is only for tool messages")
+    if content is None and not (role == "assistant" and calls):
+        raise InvalidField(f"{where}.content", f"'{where}.content' is required")
+    if role == "tool" and not m.get("tool_call_id"):
+        raise InvalidField(f"{where}.tool_call_id", f"'{where}.tool_call_id' is required for tool messages")
+    if role == "function" and not m.get("name"):
+        raise InvalidField(f"{where}.name", f"'{where}.name' is required for function messages")
+    text = "" if content is None else _text(content)
+    if role in ("tool", "function"):
+        return Message("tool", text, tool_call_id=m.get("tool_call_id"), name=m.get("name"))
+    return Message("system" if role == "developer" else role, text, tool_calls=calls)
+
+
+def _tools(wire: _ToolFields, body: dict[str, Any]) -> tuple[tuple[Tool, ...], ToolChoice]:
+    """The tools and the choice among them; the legacy `functions` and `function_call` map onto the same."""
+    if wire.tools is not None and wire.functions is not None:
+        raise InvalidField("functions", "'functions' cannot be sent with 'tools'")
+    for other in ("tool_choice", "tools"):
+        if wire.function_call is not None and getattr(wire, other) is not None:
+            raise InvalidField("function_call", f"'function_call' cannot be sent with '{other}'")
+    legacy = wire.functions is not None or wire.function_call is not None
+    name_of = "functions" if legacy else "tools"
+    sent = body.get(name_of) or []
+    raw = [entry if legacy else entry["function"] for entry in sent]  # as sent: key order shows in some prompts
+    defined = wire.functions if legacy else [t.function for t in wire.tools or ()]
+    tools: list[Tool] = []
+    for i, (fn, spec) in enumerate(zip(defined or (), raw, strict=True)):
+        if any(t.name == fn.name for t in tools):
+            raise InvalidField(f"{name_of}[{i}]", f"'{name_of}[{i}]' repeats the name {fn.name!r}")
+        parameters = None if fn.parameters is None else _compact(fn.parameters)
+        tools.append(Tool(fn.name, json.dumps(spec, ensure_ascii=False), parameters, bool(fn.strict)))
+    choice_field = "function_call" if legacy else "tool_choice"
+    choice = wire.function_call if legacy else wire.tool_choice
+    parallel = wire.parallel_tool_calls is not False
+    if choice is None:
+        return tuple(tools), ToolChoice("auto" if tools else "none", parallel=parallel)
+    if not tools:
+        raise InvalidField(choice_field, f"'{choice_field}' is only allowed when '{name_of}' are sent")
+    if isinstance(choice, str):
+        return tuple(tools), ToolChoice(choice, parallel=parallel)
+    name = choice.function.name if isinstance(choice, NamedToolChoice) else choice.name
+    if all(t.name != name for t in tools):
+        raise InvalidField(choice_field, f"'{choice_field}' names {name!r}, which is not among the '{name_of}'")
+    return tuple(tools), ToolChoice("function", name, parallel)
 
 
 def _logprobs(wire: _OutputFields) -> int | None:

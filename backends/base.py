@@ -5,16 +5,18 @@ events they get back, and the errors a backend raises. Nothing of aiohttp's serv
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from generation.events import Delta, Event, Failed, Finished, KeepAlive, TokenLogprob, TopLogprob
 from generation.structured import Constraint
 from models.chat_format import Message, SamplingDefaults
+from models.tools.base import CallDelta, Tool, ToolCall
 
 __all__ = [
     "Backend",
     "BackendError",
+    "CallDelta",
     "ChatJob",
     "Constraint",
     "Delta",
@@ -29,6 +31,9 @@ __all__ = [
     "SamplingDefaults",
     "Stream",
     "TokenLogprob",
+    "Tool",
+    "ToolCall",
+    "ToolChoice",
     "TopLogprob",
 ]
 
@@ -85,6 +90,16 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class ToolChoice:
+    """Which calls an answer may or must make: `mode` none (the tools stay out of the prompt), auto (the model
+    decides), required (at least one call) or function (a call of `name`); `parallel`: more than one call."""
+
+    mode: str = "auto"
+    name: str | None = None
+    parallel: bool = True
+
+
+@dataclass(frozen=True)
 class ChatJob:
     """One chat request, in either API's words."""
 
@@ -97,6 +112,8 @@ class ChatJob:
     prompt_param: str = "messages"  # the request field a prompt over the context is blamed on
     template_param: str | None = "messages"  # the field a chat template's refusal is blamed on
     limits: Limits = Limits()
+    tools: tuple[Tool, ...] = ()
+    tool_choice: ToolChoice = field(default_factory=ToolChoice)
 
 
 class Stream(Protocol):

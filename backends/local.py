@@ -8,13 +8,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any
 
-from backends.base import BackendError, ChatJob, Constraint, InvalidField, Stream
+from backends.base import BackendError, ChatJob, Constraint, InvalidField, Stream, Tool
 from backends.limits import check_limits
 from backends.sampling import sampling_params
 from engine import Engine, EngineStopped, QueueFull
 from generation.constraints import CompiledConstraint, ConstraintError, grammars_for
+from generation.output import ToolCalling
 from generation.prompts import PromptTooLong, fit_chat
 from generation.sampling import SamplingParams
+from generation.structured import Constraint as Grammar
 from models.chat_format import ChatRejected
 from models.devices import clear_caches, memory_report
 from models.loader import LoadedModel
@@ -35,6 +37,7 @@ def plan(lm: LoadedModel, job: ChatJob) -> tuple[list[int], SamplingParams]:
 
 
 def _plan(lm: LoadedModel, job: ChatJob) -> tuple[list[int], SamplingParams]:
+    calling = tool_calling(lm, job)  # first: a model without a tool format is refused for its tools
     defaults = lm.chat.defaults or job.defaults
     max_tokens = job.sampling.max_tokens
     # a length in ChatGLM's sense (prompt + answer): the request's max_length, else the family's default
@@ -56,7 +59,7 @@ def _plan(lm: LoadedModel, job: ChatJob) -> tuple[list[int], SamplingParams]:
         if dropped:
             log.info("dropped %d oldest history messages to fit the context", dropped)
     else:
-        ids = lm.chat.encode(job.messages)
+        ids = lm.chat.encode(job.messages, offered(job))
         if len(ids) >= limit:
             message = (
                 f"This model's maximum context length is {limit} tokens. "
@@ -67,7 +70,40 @@ def _plan(lm: LoadedModel, job: ChatJob) -> tuple[list[int], SamplingParams]:
     wanted = limit - len(ids) if cap is not None else (max_tokens or job.limits.default_max_tokens)
     max_new = max(1, min(wanted, lm.context_length - len(ids), job.limits.max_tokens_limit))
     check_bias(lm, job.sampling.logit_bias)
-    return ids, sampling_params(job.sampling, max_new, defaults, compiled(lm, job.sampling.constraint))
+    constraint = job.sampling.constraint
+    if calling is not None and job.tool_choice.mode in ("required", "function"):
+        if constraint is not None:
+            why = f"'tool_choice' that forces a call cannot be sent with '{constraint.param}'"
+            raise InvalidField("tool_choice", why)
+        # the answer is held to the model's call format: a forced call is made, not hoped for
+        constraint = Grammar("grammar", calling.format.forced(calling.tools), "tool_choice")
+    params = sampling_params(job.sampling, max_new, defaults, compiled(lm, constraint))
+    return ids, replace(params, tools=calling)
+
+
+def offered(job: ChatJob) -> tuple[Tool, ...]:
+    """The tools the prompt tells the model of: none with tool_choice none, only the named one when one is named."""
+    choice = job.tool_choice
+    if choice.mode == "none":
+        return ()
+    if choice.mode == "function":
+        return tuple(t for t in job.tools if t.name == choice.name)
+    return job.tools
+
+
+def tool_calling(lm: LoadedModel, job: ChatJob) -> ToolCalling | None:
+    """How the answer's calls are read, when the request offers tools; a model without a call format is refused."""
+    tools = offered(job)
+    if not tools:
+        return None
+    fmt = lm.chat.tool_format
+    if fmt is None:
+        raise InvalidField(
+            "tools",
+            f"'tools' cannot be used: the model {lm.name} has no tool-call format (its chat template does not render "
+            "tools); start the server with --tool-call-parser NAME if the model was trained on one",
+        )
+    return ToolCalling(fmt, tools, job.tool_choice.parallel)
 
 
 def check_bias(lm: LoadedModel, bias: tuple[tuple[int, float], ...]) -> None:

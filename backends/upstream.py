@@ -20,9 +20,10 @@ import aiohttp
 from aiohttp.http_exceptions import LineTooLong
 from yarl import URL
 
-from backends.base import BackendError, ChatJob, Constraint, Stream
+from backends.base import BackendError, CallDelta, ChatJob, Constraint, Message, Stream, ToolChoice
 from backends.limits import check_limits
 from backends.upstream_checks import (
+    CallChunk,
     ChoiceChunk,
     ErrorChunk,
     MalformedChunk,
@@ -34,6 +35,7 @@ from backends.upstream_checks import (
     refusal_message,
 )
 from generation.events import Delta, Failed, Finished, RequestHandle, TokenLogprob
+from models.tools.base import call_id
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +85,7 @@ class _Call:
         self.task: asyncio.Task[None] | None = None
         self.ended = False  # every choice has had its last event
         self._held: dict[int, tuple[TokenLogprob, ...]] = {}  # by choice: logprobs of tokens whose text is to come
+        self._calls: dict[int, _Calls] = {}  # by choice: the tool calls its answer has begun
 
     def stop(self) -> None:
         if self.task is not None and not self.task.done():
@@ -158,8 +161,9 @@ class _Call:
         if not 0 <= choice.index < len(self.handles):
             raise MalformedChunk(f"choice {choice.index} was not asked for", data)
         logprobs = self._held.pop(choice.index, ()) + choice.logprobs
-        if choice.text or (logprobs and choice.finish_reason):
-            self.handles[choice.index].deliver(Delta(choice.text, logprobs))
+        calls = self._calls.setdefault(choice.index, _Calls()).take(choice.calls, data) if choice.calls else ()
+        if choice.text or calls or (logprobs and choice.finish_reason):
+            self.handles[choice.index].deliver(Delta(choice.text, logprobs, calls))
         elif logprobs:  # a token that is part of a character (vLLM sends no text for it): as a local model's, its
             self._held[choice.index] = logprobs  # entry comes with the text it makes
         if choice.finish_reason:
@@ -169,6 +173,34 @@ class _Call:
         """Once the pump is done: end choices it never reached (cancelled before it ran) and free the connection."""
         self.fail("the client closed the request", "cancelled")
         self.response.close()  # no-op after a release
+
+
+class _Calls:
+    """The tool calls of one choice's answer, as the upstream streams them, renumbered 0, 1, ... in the order they
+    begin (the doors index an answer's calls by that number, whatever numbers the upstream used). A call begins with
+    a piece that names its function, under a number the upstream has not used yet or with an id other than the one
+    that number had (a server that numbers every call 0); without an id, it gets one. The pieces after it under its
+    number add to its arguments."""
+
+    def __init__(self) -> None:
+        self._count = 0
+        self._begun: dict[int, tuple[int, str, str]] = {}  # the upstream's number -> (ours, id, name)
+
+    def take(self, pieces: tuple[CallChunk, ...], data: bytes) -> tuple[CallDelta, ...]:
+        out: list[CallDelta] = []
+        for piece in pieces:
+            known = self._begun.get(piece.index)
+            if known is None or (piece.id is not None and piece.id != known[1]):
+                if piece.name is None:
+                    raise MalformedChunk("a tool call's first piece names no function", data)
+                ours, made, self._count = self._count, piece.id or call_id(), self._count + 1
+                self._begun[piece.index] = (ours, made, piece.name)
+                out.append(CallDelta(ours, piece.arguments, made, piece.name))
+            elif piece.name is not None and piece.name != known[2]:
+                raise MalformedChunk("a tool call's function changed its name mid-call", data)
+            elif piece.arguments:
+                out.append(CallDelta(known[0], piece.arguments))
+        return tuple(out)
 
 
 # ---- the backend ---------------------------------------------------------------------------------
@@ -245,6 +277,51 @@ def _constraint(constraint: Constraint | None) -> dict[str, Any]:
     if constraint.kind == "choice":
         return {"structured_outputs": {"choice": json.loads(constraint.source)}}
     return {"structured_outputs": {constraint.kind: constraint.source}}  # regex, grammar: vLLM names them so
+
+
+def _messages(messages: tuple[Message, ...]) -> list[dict[str, Any]]:
+    """The conversation in OpenAI's shape: an assistant's calls with it (its content null when it only called), a
+    tool result with the id of its call. A legacy function result names no call: it answers the last call of its
+    function before it."""
+    out: list[dict[str, Any]] = []
+    last: dict[str, str] = {}  # the id of each function's last call so far
+    for m in messages:
+        message: dict[str, Any] = {"role": m.role, "content": m.content}
+        if m.role == "assistant" and m.tool_calls:
+            message["content"] = m.content or None
+            message["tool_calls"] = [
+                {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+                for c in m.tool_calls
+            ]
+            last.update((c.name, c.id) for c in m.tool_calls)
+        elif m.role == "tool":
+            answered = m.tool_call_id or last.get(m.name or "")
+            if answered is not None:
+                message["tool_call_id"] = answered
+            if m.name is not None:
+                message["name"] = m.name
+        out.append(message)
+    return out
+
+
+def _tool_choice(choice: ToolChoice) -> str | dict[str, Any]:
+    if choice.mode == "function":
+        return {"type": "function", "function": {"name": choice.name}}
+    return choice.mode  # none, auto, required
+
+
+def _tools(job: ChatJob) -> dict[str, Any]:
+    """The tools as the client sent them (each function object as it came), the choice among them, and whether an
+    answer may make more than one call (said only when it may not: the upstream's default is that it may)."""
+    if not job.tools:
+        return {}
+    fields: dict[str, Any] = {
+        "tools": [{"type": "function", "function": json.loads(t.spec)} for t in job.tools],
+        "tool_choice": _tool_choice(job.tool_choice),
+    }
+    if not job.tool_choice.parallel:
+        fields["parallel_tool_calls"] = False
+    return fields
 
 
 class UpstreamBackend:
@@ -347,13 +424,14 @@ class UpstreamBackend:
         return {"note": "no local model: the upstream manages its own memory"}
 
     def _body(self, job: ChatJob) -> dict[str, Any]:
-        """The OpenAI request for a job: every sampling field the client set passes through, and its constraint."""
+        """The OpenAI request for a job: every sampling field the client set passes through, its constraint and its
+        tools."""
         s = job.sampling
         max_tokens = s.max_tokens or job.limits.default_max_tokens
         check_limits(job.limits, s.max_tokens, 0, job.prompt_param)
         body: dict[str, Any] = {
             "model": self.names()[0],
-            "messages": [{"role": m.role, "content": m.content} for m in job.messages],
+            "messages": _messages(job.messages),
             "stream": True,
             "stream_options": {"include_usage": True},
             "max_tokens": max_tokens,
@@ -374,7 +452,8 @@ class UpstreamBackend:
             "logprobs": None if s.logprobs is None else True,
             "top_logprobs": s.logprobs,
         }
-        return {**body, **_constraint(s.constraint), **{k: v for k, v in optional.items() if v is not None}}
+        fields = {**_constraint(s.constraint), **_tools(job)}
+        return {**body, **fields, **{k: v for k, v in optional.items() if v is not None}}
 
     async def open(self, job: ChatJob) -> list[Stream]:
         if self._session is None or self._session.closed:

@@ -102,6 +102,19 @@ class ChoiceChunk:
     text: str  # "" when the chunk brings none
     finish_reason: str | None
     logprobs: tuple[TokenLogprob, ...] = ()  # of the tokens that made `text`, when they were asked for
+    calls: tuple[CallChunk, ...] = ()  # pieces of tool calls, after the text
+
+
+@dataclass(frozen=True)
+class CallChunk:
+    """One piece of a tool call as the upstream numbers it (`delta.tool_calls[]`, or the legacy
+    `delta.function_call` as call 0): the first piece of a call names it, later ones add to its arguments. Its
+    types are checked; whether the pieces make whole calls is the reader's to judge, across chunks."""
+
+    index: int
+    arguments: str  # "" when the piece brings none
+    id: str | None = None  # None when the piece has none (or an empty one)
+    name: str | None = None
 
 
 @dataclass(frozen=True)
@@ -195,7 +208,56 @@ def _choice(choice: Any) -> ChoiceChunk:
     reason = choice.get("finish_reason")
     if reason is not None and not isinstance(reason, str):
         raise MalformedChunk(f"a choice's finish_reason is {_kind(reason)}, not a string")
-    return ChoiceChunk(index, _unicode(text or ""), _unicode(reason) if reason else None, _logprobs(choice))
+    if reason == "function_call":  # the legacy name of the same end: the answer made a call
+        reason = "tool_calls"
+    text, reason = _unicode(text or ""), _unicode(reason) if reason else None
+    return ChoiceChunk(index, text, reason, _logprobs(choice), _calls(delta))
+
+
+def _calls(delta: dict[str, Any]) -> tuple[CallChunk, ...]:
+    """A delta's `tool_calls` (null or absent: none), and its legacy `function_call` as call 0."""
+    entries = delta.get("tool_calls")
+    if entries is None:
+        entries = []
+    if not isinstance(entries, list):
+        raise MalformedChunk(f"a choice's tool_calls is {_kind(entries)}, not an array")
+    calls = [_call(entry) for entry in entries]
+    legacy = delta.get("function_call")
+    if legacy is not None:
+        calls.append(_function(legacy, 0, None, "a choice's function_call"))
+    return tuple(calls)
+
+
+def _call(entry: Any) -> CallChunk:
+    """One `tool_calls` entry: its index (a call's number in the answer), id, type and function."""
+    if not isinstance(entry, dict):
+        raise MalformedChunk(f"a tool_calls entry is {_kind(entry)}, not an object")
+    index = entry.get("index")
+    if not isinstance(index, int) or not _is_count(index):
+        raise MalformedChunk(f"a tool_calls entry's index is {_kind(index)}, not an integer of 0 or more")
+    call_id, kind = entry.get("id"), entry.get("type")
+    if call_id is not None and not isinstance(call_id, str):
+        raise MalformedChunk(f"a tool_calls entry's id is {_kind(call_id)}, not a string")
+    if kind is not None and kind != "function":
+        raise MalformedChunk("a tool_calls entry's type is not function")
+    function = entry.get("function")
+    if function is None:  # a piece that brings nothing (its call's number only)
+        function = {}
+    return _function(function, index, call_id, "a tool_calls entry's function")
+
+
+def _function(function: Any, index: int, call_id: str | None, what: str) -> CallChunk:
+    """A call's `function` piece: its name and a fragment of its arguments, both strings or null."""
+    if not isinstance(function, dict):
+        raise MalformedChunk(f"{what} is {_kind(function)}, not an object")
+    name, arguments = function.get("name"), function.get("arguments")
+    if name is not None and not isinstance(name, str):
+        raise MalformedChunk(f"{what}'s name is {_kind(name)}, not a string")
+    if arguments is not None and not isinstance(arguments, str):
+        raise MalformedChunk(f"{what}'s arguments are {_kind(arguments)}, not a string")
+    return CallChunk(
+        index, _unicode(arguments or ""), _unicode(call_id) if call_id else None, _unicode(name) if name else None
+    )
 
 
 def _logprobs(choice: dict[str, Any]) -> tuple[TokenLogprob, ...]:

@@ -92,7 +92,7 @@ class Grammars:
 
     def __init__(self, tokenizer: Any, eos: tuple[int, ...] = ()) -> None:
         # the model's own end tokens (a chat model's end of turn), where the tokenizer's default may be another
-        self.tokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=len(tokenizer), eos_token=list(eos) or None)
+        self.tokenizer = ll_tokenizer(tokenizer, eos)
         self._cache: OrderedDict[Constraint, CompiledConstraint] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -125,6 +125,29 @@ class Grammars:
         if template.is_error():
             raise ConstraintError(constraint.param, f"'{constraint.param}' cannot be used: {template.get_error()}")
         return CompiledConstraint(template, self.tokenizer.vocab_size)
+
+
+class _Vocabulary:
+    """A model's own tokenizer (ChatGLM's) as llguidance's TokenizerWrapper reads one."""
+
+    def __init__(self, tokenizer: Any, eos: tuple[int, ...]) -> None:
+        self.tokens = tokenizer.token_bytes()
+        self.eos_token_id = eos[0] if eos else tokenizer.eos_token_id
+        self.bos_token_id = None
+        self.special_token_ids = [i for i, t in enumerate(self.tokens) if t.startswith(b"\xff")]
+        self._tokenizer = tokenizer
+
+    def __call__(self, text: bytes) -> list[int]:
+        return list(self._tokenizer.tokenize_bytes(text))
+
+
+def ll_tokenizer(tokenizer: Any, eos: tuple[int, ...]) -> llguidance.LLTokenizer:
+    """llguidance's view of a tokenizer: a Hugging Face fast one, or one that lists its tokens' bytes."""
+    if hasattr(tokenizer, "token_bytes"):
+        vocabulary = _Vocabulary(tokenizer, eos)
+        wrapper = llguidance.TokenizerWrapper(vocabulary)
+        return llguidance.LLTokenizer(wrapper, n_vocab=len(vocabulary.tokens), eos_token=list(eos) or None)
+    return llguidance.hf.from_tokenizer(tokenizer, n_vocab=len(tokenizer), eos_token=list(eos) or None)
 
 
 @functools.lru_cache(maxsize=4)

@@ -7,6 +7,8 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
+from models.tools.base import CallDelta
+
 
 @dataclass(frozen=True)
 class TopLogprob:
@@ -31,15 +33,17 @@ class TokenLogprob:
 
 @dataclass(frozen=True)
 class Delta:
-    """New text, never ending inside a character; with `logprobs` asked for, the tokens that made it."""
+    """New text, never ending inside a character; with `logprobs` asked for, the tokens that made it; `calls`:
+    pieces of tool calls, after the text."""
 
     text: str
     logprobs: tuple[TokenLogprob, ...] = ()
+    calls: tuple[CallDelta, ...] = ()
 
 
 @dataclass(frozen=True)
 class Finished:
-    """Generation ended normally; reason is stop or length."""
+    """Generation ended normally; reason is stop, length or tool_calls (the answer made calls)."""
 
     reason: str
     prompt_tokens: int

@@ -26,6 +26,7 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
     logprobs: int | None = None  # None: none; k: each token's logprob and the k likeliest (0-20)
     constraint: Any = None  # a CompiledConstraint (generation/constraints.py): each sequence gets its own matcher
+    tools: Any = None  # a ToolCalling (generation/output.py): the answer's calls are read out of its text
 
 
 @dataclass

@@ -3,17 +3,28 @@ message and defaults types, the `ChatFormat` protocol, and the chat-template for
 
 from __future__ import annotations
 
+import json
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from models.tools.base import Tool, ToolCall, ToolFormat
+from models.tools.formats import from_template
+
+log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class Message:
-    """One chat message; role is system, user or assistant."""
+    """One chat message; role is system, user, assistant or tool (a call's result, `tool_call_id` naming the call).
+    An assistant message may hold the calls it made."""
 
     role: str
     content: str
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str | None = None
+    name: str | None = None  # the tool whose result this is (legacy function messages name it)
 
 
 class ChatRejected(Exception):
@@ -44,9 +55,20 @@ class ChatFormat(Protocol):
     @property
     def defaults(self) -> SamplingDefaults | None: ...
 
-    def encode(self, messages: Sequence[Message]) -> list[int]: ...
+    @property
+    def tool_format(self) -> ToolFormat | None:
+        """How this model calls tools (None: it cannot)."""
+
+    def encode(self, messages: Sequence[Message], tools: Sequence[Tool] = ()) -> list[int]:
+        """Prompt ids; `tools` are the ones the model is told it may call."""
 
     def response_stream(self) -> TextStream: ...
+
+
+def no_tools(messages: Sequence[Message], tools: Sequence[Tool]) -> None:
+    """For a family without a tool format: a conversation about tools is refused, never rendered without them."""
+    if tools or any(m.role == "tool" or m.tool_calls for m in messages):
+        raise ChatRejected("this model has no tool-call format: its conversations cannot hold tools or tool calls")
 
 
 class PassThrough:
@@ -60,30 +82,86 @@ class PassThrough:
 
 
 class TemplateFormat:
-    """Hugging Face models: the tokenizer's chat template, or the plain fallback format without one."""
+    """Hugging Face models: the tokenizer's chat template, or the plain fallback format without one. A template that
+    renders tools itself gets them; the call format is the one its text shows (`models/tools/formats.py`)."""
 
     defaults: SamplingDefaults | None = None
 
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
+        self.renders_tools = renders_tools(tokenizer)
+        template = getattr(tokenizer, "chat_template", None)
+        self.tool_format: ToolFormat | None = (
+            from_template(template) if self.renders_tools and isinstance(template, str) else None
+        )
 
-    def encode(self, messages: Sequence[Message]) -> list[int]:
-        return encode_chat(self.tokenizer, messages)
+    def encode(self, messages: Sequence[Message], tools: Sequence[Tool] = ()) -> list[int]:
+        if tools and not self.renders_tools:
+            # a format named on the command line for a template that ignores tools: its own instructions, as a system
+            # message
+            messages = with_tool_prompt(messages, self.tool_format, tools)
+            tools = ()
+        return encode_chat(self.tokenizer, messages, tools)
 
     def response_stream(self) -> TextStream:
         return PassThrough()
 
 
-def encode_chat(tokenizer: Any, messages: Sequence[Message]) -> list[int]:
+_PROBE = "zz_probe_tool"
+
+
+def renders_tools(tokenizer: Any) -> bool:
+    """Whether the chat template writes the tools it is given into the prompt."""
+    if not getattr(tokenizer, "chat_template", None):
+        return False
+    probe = {"type": "function", "function": {"name": _PROBE, "description": "", "parameters": {"type": "object"}}}
+    try:
+        rendered = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "hi"}], tools=[probe], tokenize=False, add_generation_prompt=True
+        )
+    except Exception as exc:  # a template that chokes on tools does not render them
+        log.info("the chat template does not take tools: %s", exc)
+        return False
+    return _PROBE in str(rendered)
+
+
+def with_tool_prompt(messages: Sequence[Message], fmt: ToolFormat | None, tools: Sequence[Tool]) -> list[Message]:
+    """The conversation with a format's tool instructions at the front of its system message."""
+    prompt = getattr(fmt, "system_prompt", None)
+    if prompt is None:
+        raise ChatRejected("this model has no tool-call format for its tools")
+    text = str(prompt(tools))
+    if messages and messages[0].role == "system":
+        return [Message("system", f"{messages[0].content}\n\n{text}"), *messages[1:]]
+    return [Message("system", text), *messages]
+
+
+def template_message(m: Message) -> dict[str, Any]:
+    """A message as chat templates take it: calls with their arguments as objects, results with their call's id."""
+    out: dict[str, Any] = {"role": m.role, "content": m.content}
+    if m.tool_calls:
+        out["tool_calls"] = [
+            {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.argument_object()}}
+            for c in m.tool_calls
+        ]
+    if m.tool_call_id is not None:
+        out["tool_call_id"] = m.tool_call_id
+    if m.name is not None:
+        out["name"] = m.name
+    return out
+
+
+def encode_chat(tokenizer: Any, messages: Sequence[Message], tools: Sequence[Tool] = ()) -> list[int]:
     """Token ids for a chat, ending where the assistant's answer starts.
 
     Uses the tokenizer's chat template. Without one, the documented fallback is
     `{system}\\n\\n` then `User: {text}\\nAssistant: {text}\\n\\n` per round, ending `Assistant:`.
     """
     if getattr(tokenizer, "chat_template", None):
+        extra = {"tools": [{"type": "function", "function": t.function()} for t in tools]} if tools else {}
         try:
             rendered = tokenizer.apply_chat_template(
-                [{"role": m.role, "content": m.content} for m in messages], tokenize=False, add_generation_prompt=True
+                [template_message(m) for m in messages], tokenize=False, add_generation_prompt=True, **extra
             )
         except Exception as exc:  # templates reject what their model cannot take with raise_exception(...)
             raise ChatRejected(f"the model's chat template refused this conversation: {exc}") from exc
@@ -100,6 +178,9 @@ def fallback_prompt(messages: Sequence[Message]) -> str:
             parts.append(f"{m.content}\n\n")
         elif m.role == "user":
             parts.append(f"User: {m.content}\n")
+        elif m.role == "tool":
+            parts.append(f"Tool: {m.content}\n")
         else:
-            parts.append(f"Assistant: {m.content}\n\n")
+            calls = "".join(f"\n{json.dumps({'name': c.name, 'arguments': c.argument_object()})}" for c in m.tool_calls)
+            parts.append(f"Assistant: {m.content}{calls}\n\n")
     return "".join(parts) + "Assistant:"

@@ -25,6 +25,8 @@ from models.devices import (
     spread,
 )
 from models.gguf_files import gguf_bits, gguf_cache_entry, own_bits, save_converted
+from models.tools.base import ToolFormat
+from models.tools.formats import by_name
 
 if TYPE_CHECKING:
     from models import calibrate as calibrate_module
@@ -50,6 +52,7 @@ class ModelConfig:
     cache_dir: Path | None = None  # where converted GGUF models are kept; None: convert on every start
     dtype: str = "auto"  # auto, float32, bfloat16 or float16
     save_native: Path | None = None  # ChatGLM2/3 or GLM-4 original layout: also write it in the native layout here
+    tool_parser: str | None = None  # a tool-call format by name (models/tools/formats.py); None: the model's own
 
 
 @dataclass(frozen=True)
@@ -283,6 +286,8 @@ def finish(
             plan.step_us,
             "; ".join(f"{k} {v['bits']}-bit fed {v['act']}" for k, v in plan.describe()["layers"].items()),
         )
+    if config.tool_parser is not None:
+        chat.tool_format = tool_format(chat, config.tool_parser)  # type: ignore[misc]
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,
@@ -393,6 +398,15 @@ def load_hf(path: Path, devices: list[str], dtype: Any, config: ModelConfig) -> 
     bits = config.quantize or (own_bits(path, cached) if len(devices) == 1 else 16)
     eos = _eos_ids(model, tokenizer)
     return finish(path, model, tokenizer, TemplateFormat(tokenizer), eos, devices, dtype, bits, config)
+
+
+def tool_format(chat: ChatFormat, name: str) -> ToolFormat:
+    """The format `--tool-call-parser` names, for this model: ChatGLM3's and GLM-4's only for their own family."""
+    own = {f.name: f for f in getattr(chat, "own_tool_formats", ())}
+    fmt = by_name(name, own)
+    if fmt is None:
+        raise ModelLoadError(f"--tool-call-parser {name}: only for {name} checkpoints in their original layout")
+    return fmt
 
 
 def _name(dtype: Any) -> str:

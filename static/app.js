@@ -1,5 +1,6 @@
 // The chat page: conversations in a sidebar, streamed markdown answers, settings kept in the browser.
 import { applyI18n, t } from "./i18n.js";
+import { heldBack, splitToolCalls } from "./tool_calls.js";
 import { renderMarkdown, copyText } from "./markdown.js";
 import { ApiError, clearServerCache, serverInfo, streamChat } from "./api.js";
 import {
@@ -74,7 +75,7 @@ function messageView(conv, msg, index) {
   const view = el("div", `msg ${msg.role}`);
   const bubble = el("div", "bubble");
   if (msg.role === "user") bubble.textContent = msg.content; // never HTML
-  else renderMarkdown(bubble, msg.content);
+  else renderAnswer(bubble, msg.content);
   const meta = el("div", "meta");
   const copy = el("button", "copy", t("copy"));
   copy.addEventListener("click", () => copyText(msg.content, copy));
@@ -97,6 +98,33 @@ function messageView(conv, msg, index) {
   meta.append(stats);
   view.append(bubble, meta);
   return view;
+}
+
+// ---- tool calls in answers ---------------------------------------------------------------------
+// An assistant answer: text parts as markdown (sanitized there), each tool call as a card.
+export function renderAnswer(target, text, streaming = false) {
+  const parts = splitToolCalls(streaming ? text.slice(0, text.length - heldBack(text)) : text);
+  target.replaceChildren();
+  for (const part of parts) {
+    if (part.kind === "call") {
+      target.append(callView(part, streaming && part.pending));
+    } else {
+      const box = el("div", "answer-text");
+      renderMarkdown(box, part.text);
+      target.append(box);
+    }
+  }
+}
+
+// Built from text nodes only: a call's name and arguments are model text and never become HTML.
+function callView(call, pending) {
+  const card = el("div", pending ? "tool-call pending" : "tool-call");
+  const head = el("div", "tool-call-head");
+  head.append(el("span", "tool-call-label", t(pending ? "toolCallPending" : "toolCall")));
+  head.append(el("code", "tool-call-name", call.name || "…"));
+  const args = typeof call.args === "string" ? call.args : JSON.stringify(call.args, null, 2);
+  card.append(head, el("pre", "tool-call-args", args));
+  return card;
 }
 
 function showError(message) {
@@ -148,7 +176,7 @@ async function ask(query) {
           pending = true;
           requestAnimationFrame(() => {
             pending = false;
-            renderMarkdown(bubble, answer.content);
+            renderAnswer(bubble, answer.content, true);
             $("messages").scrollTop = $("messages").scrollHeight;
           });
         }

@@ -11,6 +11,7 @@ const STRINGS = {
     busy: "The server is busy; try again in {s} s.", unauthorized: "An API key is needed: enter it in Settings.",
     unavailable: "The server is not ready (loading or shutting down); try again shortly.",
     failed: "Request failed", streamError: "The answer broke off",
+    toolCall: "Tool call", toolCallPending: "Calling tool…",
   },
   zh: {
     newChat: "新对话", settings: "设置", theme: "主题", clear: "清空", send: "发送", stop: "停止",
@@ -23,6 +24,7 @@ const STRINGS = {
     busy: "服务器繁忙，请 {s} 秒后重试。", unauthorized: "需要 API 密钥：请在设置中填写。",
     unavailable: "服务器尚未就绪（加载中或正在关闭），请稍后重试。",
     failed: "请求失败", streamError: "回答中断",
+    toolCall: "工具调用", toolCallPending: "正在调用工具…",
   },
 };
 

@@ -8,6 +8,7 @@ import io
 import itertools
 import json
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,13 +36,25 @@ REMOTE_CODE = {
 }
 
 
-def train_sentencepiece(folder: Path) -> Path:
-    """A tiny SentencePiece model like ChatGLM2's tokenizer.model (byte fallback, dummy prefix)."""
+def train_sentencepiece(
+    folder: Path, keep_newlines: bool = False, extra_corpus: Sequence[str] = (), vocab_size: int = 400
+) -> Path:
+    """A tiny SentencePiece model like ChatGLM2's tokenizer.model (byte fallback, dummy prefix). `keep_newlines`:
+    text is kept as it is (no NFKC, no squeezed whitespace), as the real ChatGLM3 tokenizer keeps the newlines of
+    its tool calls. `extra_corpus`: more text to learn pieces from; `vocab_size`: how many pieces."""
     model = io.BytesIO()
+    extra: dict[str, Any] = {}
+    corpus = [*CORPUS, *extra_corpus]
+    if keep_newlines:
+        extra = {
+            "normalization_rule_name": "identity",
+            "remove_extra_whitespaces": False,
+            "allow_whitespace_only_pieces": True,
+        }
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(CORPUS * 20),
+        sentence_iterator=iter(corpus * 20),
         model_writer=model,
-        vocab_size=400,
+        vocab_size=vocab_size,
         byte_fallback=True,
         character_coverage=1.0,
         model_type="bpe",
@@ -49,15 +62,21 @@ def train_sentencepiece(folder: Path) -> Path:
         eos_id=2,
         unk_id=0,
         pad_id=-1,
+        **extra,
     )
     path = folder / "tokenizer.model"
     path.write_bytes(model.getvalue())
     return path
 
 
-def train_tiktoken(folder: Path, merges: int = 120) -> Path:
-    """A tiny byte BPE vocabulary in GLM-4's `tokenizer.model` format: every byte, then the most frequent merges."""
-    words = [list(bytes([b]) for b in piece.encode()) for text in CORPUS for piece in regex.findall(GLM4_SPLIT, text)]
+def train_tiktoken(folder: Path, merges: int = 120, extra_corpus: Sequence[str] = ()) -> Path:
+    """A tiny byte BPE vocabulary in GLM-4's `tokenizer.model` format: every byte, then the most frequent merges
+    (learnt from the corpus and `extra_corpus`)."""
+    words = [
+        list(bytes([b]) for b in piece.encode())
+        for text in [*CORPUS, *extra_corpus]
+        for piece in regex.findall(GLM4_SPLIT, text)
+    ]
     ranks: dict[bytes, int] = {bytes([b]): b for b in range(256)}
     for _ in range(merges):
         pairs = Counter((a, b) for word in words for a, b in itertools.pairwise(word))
@@ -133,15 +152,27 @@ def original_weights(vocab: int, seed: int = 0) -> dict[str, torch.Tensor]:
     return weights
 
 
-def write_checkpoint(folder: Path, kind: str) -> Path:
-    """chatglm2-6b / chatglm3-6b as `.bin` shards with their index, glm-4-9b-chat as safetensors shards."""
+def write_checkpoint(
+    folder: Path,
+    kind: str,
+    keep_newlines: bool = False,
+    extra_corpus: Sequence[str] = (),
+    vocab_size: int = 400,
+    merges: int = 120,
+) -> Path:
+    """chatglm2-6b / chatglm3-6b as `.bin` shards with their index, glm-4-9b-chat as safetensors shards.
+    `keep_newlines`: the SentencePiece tokenizer keeps newlines and spaces (see `train_sentencepiece`);
+    `extra_corpus`: more text the tokenizer learns from; `vocab_size`: the SentencePiece pieces; `merges`: GLM-4's
+    merges."""
     folder.mkdir(parents=True, exist_ok=True)
     if kind == "glm-4-9b-chat":
-        pieces = sum(1 for line in train_tiktoken(folder).read_text().splitlines() if line)
+        ranks = train_tiktoken(folder, merges, extra_corpus)
+        pieces = sum(1 for line in ranks.read_text().splitlines() if line)
         vocab = pieces + 32  # 14 special tokens after the ranks, padded to a multiple of 32 like 151552
         (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "ChatGLM4Tokenizer"}))
     else:
-        pieces = spm.SentencePieceProcessor(model_file=str(train_sentencepiece(folder))).vocab_size()
+        model_file = train_sentencepiece(folder, keep_newlines, extra_corpus, vocab_size)
+        pieces = spm.SentencePieceProcessor(model_file=str(model_file)).vocab_size()
         vocab = pieces + 16
         hint = {"chatglm3-6b": {"added": ["<|system|>", "<|user|>", "<|assistant|>", "<|observation|>"]}}
         (folder / "tokenizer_config.json").write_text(

@@ -6,8 +6,9 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from models.chat_format import ChatRejected, Message, SamplingDefaults
+from models.chat_format import ChatRejected, Message, SamplingDefaults, no_tools
 from models.chatglm.chatglm6b_tokenizer import CLEANUP, ChatGLMTokenizer, clean_up_tokenization
+from models.tools.base import Tool
 
 # `chat()`: sampling with top_p 0.7, temperature 0.95, transformers' silent top_k 50, 2048 tokens in all
 DEFAULTS = SamplingDefaults(temperature=0.95, top_p=0.7, top_k=50, max_length=2048)
@@ -116,12 +117,14 @@ class ChatGLM6BFormat:
     """ChatGLM-6B's chat format for the engine: prompt ids, defaults and the response stream."""
 
     defaults = DEFAULTS
+    tool_format = None
 
     def __init__(self, tokenizer: ChatGLMTokenizer) -> None:
         self.tokenizer = tokenizer
 
-    def encode(self, messages: Sequence[Message]) -> list[int]:
+    def encode(self, messages: Sequence[Message], tools: Sequence[Tool] = ()) -> list[int]:
         """The ids of `chat(query, history)`; a system message, which ChatGLM-6B has no slot for, leads the prompt."""
+        no_tools(messages, tools)
         system, rounds, query = to_rounds(messages)
         prompt = build_prompt(query, rounds)
         return self.tokenizer.encode(f"{system}\n{prompt}" if system else prompt)

@@ -55,6 +55,38 @@ class SentencePieceTokenizer:
     def encode(self, text: str) -> list[int]:
         return list(self.sp.encode(text))
 
+    def token_bytes(self) -> list[bytes]:
+        """Each id's bytes, as a grammar library reads the vocabulary: `▁` is a space, byte pieces their byte,
+        control and special tokens `\\xff` and their name (llguidance's mark for a special token)."""
+        out: list[bytes] = []
+        for i in range(self.pieces):
+            piece = self.sp.id_to_piece(i)
+            if self.sp.is_byte(i):
+                out.append(bytes([int(piece[3:5], 16)]))
+            elif self.sp.is_control(i) or self.sp.is_unknown(i):
+                out.append(b"\xff" + piece.encode())
+            else:
+                out.append(piece.replace("\u2581", " ").encode())
+        names = sorted(self.special, key=self.special.__getitem__)
+        return out + [b"\xff" + name.encode() for name in names]
+
+    def tokenize_bytes(self, text: bytes) -> list[int]:
+        """Ids of text in the middle of an answer: without the leading space SentencePiece adds to a text."""
+        decoded = text.decode("utf-8", errors="replace")
+        ids = list(self.sp.encode(decoded))
+        if ids and not decoded.startswith(" "):
+            first = self.sp.id_to_piece(ids[0])
+            if first.startswith("\u2581"):
+                rest = first[1:]
+                swap = self.sp.piece_to_id(rest) if rest else None
+                if swap is None:
+                    ids = ids[1:]
+                elif not self.sp.is_unknown(swap):
+                    ids[0] = swap
+                else:
+                    ids = [self.sp.piece_to_id(f"<0x{b:02X}>") for b in rest.encode()] + ids[1:]
+        return ids
+
     def decode(
         self, ids: Sequence[int], skip_special_tokens: bool = False, clean_up_tokenization_spaces: bool = False
     ) -> str:
@@ -79,11 +111,19 @@ class TiktokenTokenizer:
         self.special = {name: self.pieces + i for i, name in enumerate(GLM4_SPECIALS)}
         self.vocab_size = self.pieces + len(GLM4_SPECIALS)
         self.enc = tiktoken.Encoding("glm4", pat_str=GLM4_SPLIT, mergeable_ranks=ranks, special_tokens=self.special)
+        self._by_rank = sorted(ranks, key=ranks.__getitem__)
         self.eos_token_id = self.special["<|endoftext|>"]
 
     def encode(self, text: str) -> list[int]:
         """Ids of text; special-token text in it is ordinary text, never a control token."""
         return list(self.enc.encode(text, disallowed_special=()))
+
+    def token_bytes(self) -> list[bytes]:
+        """Each id's bytes, special tokens `\\xff` and their name (llguidance's mark for a special token)."""
+        return [*self._by_rank, *(b"\xff" + name.encode() for name in GLM4_SPECIALS)]
+
+    def tokenize_bytes(self, text: bytes) -> list[int]:
+        return self.encode(text.decode("utf-8", errors="replace"))
 
     def decode(
         self, ids: Sequence[int], skip_special_tokens: bool = False, clean_up_tokenization_spaces: bool = False

@@ -266,11 +266,51 @@ REFUSED: list[tuple[str, dict[str, Any], str, str]] = [
     ("unknown-field", {"frobnicate": 1}, "frobnicate", f"'frobnicate' {UNIMPLEMENTED}"),
     ("unknown-null", {"frobnicate": None}, "frobnicate", UNIMPLEMENTED),
     ("chatglm-field", {"query": "hi"}, "query", UNIMPLEMENTED),
-    ("tools", {"tools": []}, "tools", "'tools' is not supported yet: this server does not call tools"),
-    ("tool_choice", {"tool_choice": "none"}, "tool_choice", "is not supported yet"),
-    ("functions", {"functions": []}, "functions", "is not supported yet"),
-    ("function_call", {"function_call": "auto"}, "function_call", "is not supported yet"),
-    ("parallel_tool_calls", {"parallel_tool_calls": True}, "parallel_tool_calls", "is not supported yet"),
+    ("tool_choice-without-tools", {"tool_choice": "none"}, "tool_choice", "only allowed when 'tools' are sent"),
+    ("function_call-alone", {"function_call": "auto"}, "function_call", "only allowed when 'functions' are sent"),
+    ("tools-object", {"tools": {}}, "tools", "must be an array"),
+    ("tools-unknown-type", {"tools": [{"type": "code", "function": {"name": "f"}}]}, "tools[0].type", "must be"),
+    (
+        "tool-name-spaces",
+        {"tools": [{"type": "function", "function": {"name": "a b"}}]},
+        "tools[0].function.name",
+        "is not valid",
+    ),
+    (
+        "tool-unknown-field",
+        {"tools": [{"type": "function", "function": {"name": "f", "x": 1}}]},
+        "tools[0].function.x",
+        UNIMPLEMENTED,
+    ),
+    ("tools-and-functions", {"tools": [], "functions": []}, "functions", "cannot be sent with 'tools'"),
+    (
+        "tool_choice-unknown-name",
+        {
+            "tools": [{"type": "function", "function": {"name": "f"}}],
+            "tool_choice": {"type": "function", "function": {"name": "g"}},
+        },
+        "tool_choice",
+        "not among the 'tools'",
+    ),
+    (
+        "tool_choice-word",
+        {"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "always"},
+        "tool_choice",
+        'must be "none", "auto", "required"',
+    ),
+    ("parallel_tool_calls-string", {"parallel_tool_calls": "yes"}, "parallel_tool_calls", "must be a boolean"),
+    (
+        "tool-message-without-id",
+        {"messages": [{"role": "tool", "content": "22"}]},
+        "messages[0].tool_call_id",
+        "is required for tool messages",
+    ),
+    (
+        "user-with-tool_calls",
+        {"messages": [{"role": "user", "content": "x", "tool_calls": []}]},
+        "messages[0].tool_calls",
+        "only for assistant messages",
+    ),
     ("audio", {"audio": {"voice": "alloy", "format": "wav"}}, "audio", "not supported: this server answers in text"),
     ("prediction", {"prediction": {"type": "content", "content": "x"}}, "prediction", "is not supported"),
     ("reasoning_effort", {"reasoning_effort": "low"}, "reasoning_effort", "is not supported"),
@@ -294,7 +334,7 @@ async def test_every_refused_field_is_a_400_that_names_it(
 
 async def test_a_field_nobody_implements_carries_openais_code(make_client: MakeClient) -> None:
     client = await make_client()
-    for fields in ({"tools": [{"type": "function"}]}, {"frobnicate": 1}):
+    for fields in ({"prediction": {"type": "content", "content": "x"}}, {"frobnicate": 1}):
         error = (await (await client.post("/v1/chat/completions", json=with_messages(fields))).json())["error"]
         assert error["code"] == "unsupported_parameter", error
 
@@ -303,10 +343,10 @@ async def test_a_field_nobody_implements_carries_openais_code(make_client: MakeC
     ("message", "param"),
     [
         ({"role": "user", "content": "hi", "name": "ada"}, "messages[0].name"),
-        ({"role": "assistant", "content": "hi", "tool_calls": []}, "messages[0].tool_calls"),
+        ({"role": "assistant", "content": "hi", "audio": {"id": "a"}}, "messages[0].audio"),
         ({"role": "user", "content": [{"type": "text", "text": "hi", "cache_control": {}}]}, "messages[0].content"),
     ],
-    ids=["name", "tool_calls", "part-key"],
+    ids=["name", "audio", "part-key"],
 )
 async def test_an_unknown_key_in_a_message_is_a_400_naming_it(
     message: dict[str, Any], param: str, make_client: MakeClient
@@ -371,8 +411,11 @@ def test_the_published_schema_documents_every_field_and_allows_no_other() -> Non
     completion = schemas["CompletionRequest"]
     fields = {"response_format", "structured_outputs", "logprobs", "top_logprobs", "logit_bias", *NO_EFFECT}
     assert fields <= completion["properties"].keys()
-    assert not {"tools", "tool_choice", "audio", "functions"} & completion["properties"].keys()
-    assert "tools" in completion["description"]  # refused, and the document says so
+    assert {"tools", "tool_choice", "parallel_tool_calls", "functions", "function_call"} <= completion[
+        "properties"
+    ].keys()
+    assert not {"audio", "prediction"} & completion["properties"].keys()
+    assert "audio" in completion["description"]  # refused, and the document says so
     for name in ("CompletionRequest", "ChatRequest", "ChatMessage", "TextPart", "StreamOptions", "ResponseFormat"):
         assert schemas[name]["additionalProperties"] is False, name
     for name in ("JsonSchemaFormat", "StructuredOutputs"):
@@ -480,13 +523,13 @@ async def test_the_sdk_talks_to_the_server_and_sends_its_answer_back(make_client
         turn: list[Any] = [*MESSAGES, done.choices[0].message, {"role": "user", "content": "more"}]
         again = await sdk.chat.completions.create(model="tiny", messages=turn, max_tokens=4)
         assert again.choices[0].message.role == "assistant"
-        with pytest.raises(openai.BadRequestError) as info:
+        with pytest.raises(openai.BadRequestError) as info:  # this model's chat template does not render tools
             await sdk.chat.completions.create(
                 model="tiny",
                 messages=MESSAGES,
                 tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}],
             )
-        assert info.value.param == "tools" and info.value.code == "unsupported_parameter"
+        assert info.value.param == "tools" and "no tool-call format" in str(info.value.message)
 
 
 # ---- logprobs in OpenAI's shape -----------------------------------------------------------------------------------

@@ -216,7 +216,7 @@ MESSAGES = [{"role": "user", "content": "hi"}]
             parse_completion,
             {"messages": [{"role": "robot", "content": "hi"}]},
             "messages[0].role",
-            "'messages[0].role' must be 'system', 'developer', 'user' or 'assistant'",
+            "'messages[0].role' must be 'system', 'developer', 'user', 'assistant', 'tool' or 'function'",
         ),
         (
             parse_completion,

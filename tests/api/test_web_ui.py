@@ -73,6 +73,14 @@ def wait_answer_done(page: Any, count: int) -> None:
     )
 
 
+def answer_with(page: Any, response: str) -> None:
+    """The next answers are `response`, in one final frame of the ChatGLM stream."""
+    final = {"delta": "", "query": "q", "response": response, "finished": True, "history": []}
+    final.update(finish_reason="stop", usage={"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2})
+    frame = f"event: delta\ndata: {json.dumps(final)}\n\n"
+    page.route("**/stream", lambda route: route.fulfill(status=200, content_type="text/event-stream", body=frame))
+
+
 def only_local(page: Any, server: LiveServer) -> None:
     assert page.requests, "no requests recorded"
     outside = [u for u in page.requests if not (u.startswith(server.url) or u.startswith("data:"))]
@@ -124,11 +132,7 @@ def test_user_and_model_text_cannot_inject_html(page: Any, tiny_server: LiveServ
     assert page.query_selector(".messages script") is None
 
     # a model answer full of HTML: markdown is rendered, the HTML is sanitized away
-    final = {"delta": "", "query": "q", "response": XSS + "\n\n| a | b |\n|---|---|\n| 1 | 2 |", "finished": True}
-    usage = {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}
-    final.update(history=[], finish_reason="stop", usage=usage)
-    frame = f"event: delta\ndata: {json.dumps(final)}\n\n"
-    page.route("**/stream", lambda route: route.fulfill(status=200, content_type="text/event-stream", body=frame))
+    answer_with(page, XSS + "\n\n| a | b |\n|---|---|\n| 1 | 2 |")
     send(page, "next")
     wait_answer_done(page, 2)
     last = ".msg.assistant:last-child .bubble"
@@ -191,6 +195,141 @@ def test_conversations_regenerate_and_edit(page: Any, tiny_server: LiveServer) -
     page.click("#clear")
     assert page.locator(".msg").count() == 0
     page.wait_for_function("performance.getEntriesByType('resource').some(e => e.name.endsWith('/clear'))")
+
+
+# Answers that call tools, as each model family writes them: (answer, the calls it makes, the text around them)
+TOOL_ANSWERS: dict[str, tuple[str, list[tuple[str, dict[str, Any]]], str]] = {
+    "hermes": (
+        'Let me look that up.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "days": 3}}\n'
+        '</tool_call>\n<tool_call>\n{"name": "get_time", "arguments": {"zone": "CET"}}\n</tool_call>',
+        [("get_weather", {"city": "Paris", "days": 3}), ("get_time", {"zone": "CET"})],
+        "Let me look that up.",
+    ),
+    "chatglm3": (
+        "get_weather\n```python\ntool_call(city='Paris', days=3, metric=True, around=None)\n```",
+        [("get_weather", {"city": "Paris", "days": 3, "metric": True, "around": None})],
+        "",
+    ),
+    "mistral": (
+        '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris", "days": 3}}, '
+        '{"name": "get_time", "arguments": {"zone": "CET"}}]',
+        [("get_weather", {"city": "Paris", "days": 3}), ("get_time", {"zone": "CET"})],
+        "",
+    ),
+}
+RAW_MARKUP = ["<tool_call>", "</tool_call>", "tool_call(", "[TOOL_CALLS]", "```"]
+HOSTILE = '<img src=x onerror="window.__xss=1">'
+
+
+@pytest.mark.parametrize("shape", TOOL_ANSWERS)
+def test_tool_calls_show_as_cards(page: Any, tiny_server: LiveServer, shape: str) -> None:
+    answer, calls, text = TOOL_ANSWERS[shape]
+    open_page(page, tiny_server)
+    answer_with(page, answer)
+    send(page, "What is the weather in Paris?")
+    wait_answer_done(page, 1)
+    bubble = ".msg.assistant .bubble"
+    cards = page.locator(f"{bubble} .tool-call")
+    assert cards.count() == len(calls)
+    for i, (name, arguments) in enumerate(calls):
+        card = cards.nth(i)
+        assert card.is_visible()
+        assert card.locator(".tool-call-label").text_content() == "Tool call"
+        assert card.locator(".tool-call-name").text_content() == name
+        shown = card.locator("pre.tool-call-args").text_content()
+        assert json.loads(shown) == arguments
+        assert shown == json.dumps(arguments, indent=2)  # pretty-printed
+    seen = page.text_content(bubble)
+    assert [m for m in RAW_MARKUP if m in seen] == []
+    if text:
+        assert page.text_content(f"{bubble} .answer-text").strip() == text
+    else:
+        assert page.query_selector(f"{bubble} .answer-text") is None
+    page.reload()  # a stored answer renders the same way
+    page.wait_for_selector(f"{bubble} .tool-call")
+    assert page.locator(f"{bubble} .tool-call").count() == len(calls)
+    assert page.text_content(bubble) == seen
+
+
+def test_tool_call_names_and_arguments_stay_text(page: Any, tiny_server: LiveServer) -> None:
+    hermes = json.dumps({"name": HOSTILE, "arguments": {"q": HOSTILE}})
+    mistral = json.dumps([{"name": HOSTILE, "arguments": {"q": HOSTILE}}])
+    glm = f"search\n```python\ntool_call(q={HOSTILE!r})\n```"
+    open_page(page, tiny_server)
+    answer_with(page, f"<tool_call>\n{hermes}\n</tool_call>\n{glm}\n[TOOL_CALLS]{mistral}")
+    send(page, "hello")
+    wait_answer_done(page, 1)
+    bubble = ".msg.assistant .bubble"
+    names = page.locator(f"{bubble} .tool-call-name").all_text_contents()
+    assert names == [HOSTILE, "search", HOSTILE]
+    for shown in page.locator(f"{bubble} .tool-call-args").all_text_contents():
+        assert json.loads(shown) == {"q": HOSTILE}
+    assert page.query_selector(".messages img") is None
+    assert page.evaluate("window.__xss") is None
+
+
+def test_unfinished_tool_call_streams_as_a_pending_card(page: Any, tiny_server: LiveServer) -> None:
+    """The answer as it grows, rendered the way the streaming loop renders it (the page's own module)."""
+    open_page(page, tiny_server)
+    growing = {
+        "hermes_tag": ("Checking.\n<tool_c", None, ""),
+        "hermes_name": ('Checking.\n<tool_call>\n{"name": "get_wea', "get_wea", ""),
+        "hermes_args": (
+            'Checking.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Pa',
+            "get_weather",
+            '{"city": "Pa',
+        ),
+        "hermes_close": (
+            '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_',
+            "get_weather",
+            None,
+        ),
+        "chatglm3_fence": ("get_weather\n```pyth", None, ""),
+        "chatglm3_args": ("get_weather\n```python\ntool_call(city='Pa", "get_weather", "city='Pa"),
+        "mistral": (
+            '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris"}}, {"name": "get_ti',
+            "get_ti",
+            "",
+        ),
+    }
+    shown = page.evaluate(
+        """async (growing) => {
+             const app = await import(document.querySelector('script[type=module]').src);
+             const view = document.createElement('div');
+             view.className = 'msg assistant streaming';
+             const bubble = document.createElement('div');
+             bubble.className = 'bubble';
+             view.append(bubble);
+             document.getElementById('messages').append(view);
+             const out = {};
+             for (const [key, [text]] of Object.entries(growing)) {
+               app.renderAnswer(bubble, text, true);
+               const pending = bubble.querySelector('.tool-call.pending');
+               out[key] = {
+                 text: bubble.textContent,
+                 pending: bubble.querySelectorAll('.tool-call.pending').length,
+                 visible: pending ? pending.getBoundingClientRect().height > 0 : false,
+                 name: pending?.querySelector('.tool-call-name').textContent ?? null,
+                 args: pending?.querySelector('.tool-call-args').textContent ?? null,
+               };
+             }
+             return out;
+           }""",
+        growing,
+    )
+    for key, (_, name, args) in growing.items():
+        got = shown[key]
+        assert [m for m in [*RAW_MARKUP, "<tool_c", "</tool_", "```pyth"] if m in got["text"]] == [], key
+        if name is None:  # only the start of a marker so far: held back, not shown
+            assert got["pending"] == 0, key
+            continue
+        assert got["pending"] == 1 and got["visible"], key
+        assert got["name"] == name, key
+        assert "Calling tool" in got["text"], key
+        if args is not None:
+            assert got["args"] == args, key
+    assert shown["hermes_name"]["text"].startswith("Checking.")
+    assert "get_weather" in shown["mistral"]["text"]  # the list's finished call is a card already
 
 
 @pytest.mark.parametrize(

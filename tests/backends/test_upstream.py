@@ -686,3 +686,279 @@ async def test_logprobs_not_asked_for_are_not_shown(aiohttp_client: Any) -> None
     assert all(json.loads(d)["choices"][0]["logprobs"] is None for _, d in parse_frames(streamed)[:-1])
     frames = delta_frames(await (await proxy.post("/stream", json={"query": "hi"})).read())
     assert [f["delta"] for f in frames] == ["Hi", " é", ""]  # the ChatGLM door has no logprobs
+
+
+# ---- tools pass through, the upstream's calls come back -------------------------------------------------------
+
+WEATHER = {
+    "name": "get_weather",
+    "description": "The weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+}
+CLOCK = {"name": "get_time", "parameters": {"type": "object", "properties": {}}}
+TOOLS = [{"type": "function", "function": WEATHER}, {"type": "function", "function": CLOCK}]
+CALLED = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+CONVERSATION = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Weather in Paris?"},
+    {"role": "assistant", "content": None, "tool_calls": [CALLED]},
+    {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+    {"role": "assistant", "content": "Sunny. Anything else?"},
+    {"role": "user", "content": "And the time?"},
+]
+# the same conversation as the upstream is asked it
+ASKED = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Weather in Paris?"},
+    {"role": "assistant", "content": None, "tool_calls": [CALLED]},
+    {"role": "tool", "content": "sunny", "tool_call_id": "call_1"},
+    {"role": "assistant", "content": "Sunny. Anything else?"},
+    {"role": "user", "content": "And the time?"},
+]
+
+
+@pytest.mark.parametrize(
+    ("sent", "asked"),
+    [
+        ({}, {"tool_choice": "auto"}),
+        ({"tool_choice": "none"}, {"tool_choice": "none"}),
+        ({"tool_choice": "auto"}, {"tool_choice": "auto"}),
+        ({"tool_choice": "required"}, {"tool_choice": "required"}),
+        (
+            {"tool_choice": {"type": "function", "function": {"name": "get_time"}}},
+            {"tool_choice": {"type": "function", "function": {"name": "get_time"}}},
+        ),
+        ({"parallel_tool_calls": False}, {"tool_choice": "auto", "parallel_tool_calls": False}),
+        ({"parallel_tool_calls": True}, {"tool_choice": "auto"}),  # the upstream's default: not said
+    ],
+    ids=["default", "none", "auto", "required", "named", "one-call", "parallel"],
+)
+async def test_tools_and_the_calls_of_a_conversation_reach_the_upstream(
+    sent: dict[str, Any], asked: dict[str, Any], aiohttp_client: Any
+) -> None:
+    fake = FakeUpstream([chunk("Noon.", "stop")])
+    proxy = await fake_proxy(aiohttp_client, fake)
+    resp = await proxy.post("/v1/chat/completions", json={"messages": CONVERSATION, "tools": TOOLS, **sent})
+    assert resp.status == 200, await resp.text()
+    (body,) = fake.bodies
+    assert body["tools"] == TOOLS
+    # each function object as the client wrote it, its keys in their order
+    assert [list(t["function"]) for t in body["tools"]] == [list(WEATHER), list(CLOCK)]
+    assert {k: v for k, v in body.items() if k in ("tool_choice", "parallel_tool_calls")} == asked
+    assert body["messages"] == ASKED
+
+
+async def test_legacy_functions_and_function_messages_reach_the_upstream_as_tools(aiohttp_client: Any) -> None:
+    fake = FakeUpstream([chunk("Noon.", "stop")])
+    proxy = await fake_proxy(aiohttp_client, fake)
+    messages = [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": "Let me look.", "function_call": CALLED["function"]},
+        {"role": "function", "name": "get_weather", "content": "sunny"},
+    ]
+    body = {"messages": messages, "functions": [WEATHER], "function_call": {"name": "get_weather"}}
+    resp = await proxy.post("/v1/chat/completions", json=body)
+    assert resp.status == 200, await resp.text()
+    (asked,) = fake.bodies
+    assert asked["tools"] == [{"type": "function", "function": WEATHER}]
+    assert asked["tool_choice"] == {"type": "function", "function": {"name": "get_weather"}}
+    # the legacy call has no id: the door names it after its message, and its result answers it
+    assert asked["messages"] == [
+        messages[0],
+        {"role": "assistant", "content": "Let me look.", "tool_calls": [{**CALLED, "id": "call_1"}]},
+        {"role": "tool", "content": "sunny", "tool_call_id": "call_1", "name": "get_weather"},
+    ]
+
+
+async def test_a_request_without_tools_asks_for_none(aiohttp_client: Any) -> None:
+    fake = FakeUpstream([chunk("Hi", "stop")])
+    proxy = await fake_proxy(aiohttp_client, fake)
+    body = {"messages": [{"role": "user", "content": "hi"}], "parallel_tool_calls": False}
+    assert (await proxy.post("/v1/chat/completions", json=body)).status == 200
+    assert fake.bodies[0].keys().isdisjoint({"tools", "tool_choice", "parallel_tool_calls", "functions"})
+
+
+def delta_chunk(delta: dict[str, Any], reason: str | None = None, index: int = 0) -> bytes:
+    choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": reason}
+    return b"data: " + json.dumps({"object": "chat.completion.chunk", "choices": [choice]}).encode()
+
+
+def piece(index: int, arguments: str | None = None, **fields: Any) -> dict[str, Any]:
+    """One `tool_calls` entry: `id` and `name` when given (the name into its function), the arguments fragment."""
+    function = {"name": fields.pop("name")} if "name" in fields else {}
+    if arguments is not None:
+        function["arguments"] = arguments
+    return {"index": index, **({"type": "function"} if "id" in fields else {}), **fields, "function": function}
+
+
+USAGE = b'data: {"choices": [], "usage": {"prompt_tokens": 20, "completion_tokens": 9}}'
+# as vLLM streams two calls: the first piece of each with its id, name and empty arguments, then fragments
+VLLM_CALLS = [
+    delta_chunk({"role": "assistant", "content": ""}),
+    delta_chunk({"tool_calls": [piece(0, "", id="call_a", name="get_weather")]}),
+    delta_chunk({"tool_calls": [piece(0, '{"city": ')]}),
+    delta_chunk({"tool_calls": [piece(0, '"Paris"}')]}),
+    delta_chunk({"tool_calls": [piece(1, "", id="call_b", name="get_time")]}),
+    delta_chunk({"tool_calls": [piece(1, "{}")]}),
+    delta_chunk({}, "tool_calls"),
+    USAGE,
+    b"data: [DONE]",
+]
+WHOLE_CALLS = [
+    {"id": "call_a", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
+    {"id": "call_b", "type": "function", "function": {"name": "get_time", "arguments": "{}"}},
+]
+
+
+async def test_the_upstreams_calls_reach_an_openai_client(aiohttp_client: Any) -> None:
+    proxy = await fake_proxy(aiohttp_client, FakeUpstream(VLLM_CALLS))
+    body = {"messages": [{"role": "user", "content": "Weather and time?"}], "tools": TOOLS}
+    done = await (await proxy.post("/v1/chat/completions", json=body)).json()
+    (choice,) = done["choices"]
+    assert choice["message"] == {"role": "assistant", "content": None, "tool_calls": WHOLE_CALLS}
+    assert choice["finish_reason"] == "tool_calls"
+    assert done["usage"] == {"prompt_tokens": 20, "completion_tokens": 9, "total_tokens": 29}
+    streamed = await (await proxy.post("/v1/chat/completions", json={**body, "stream": True})).read()
+    frames = parse_frames(streamed)
+    assert frames[-1] == (None, "[DONE]")
+    chunks = [json.loads(data)["choices"][0] for _, data in frames[:-1]]
+    assert [(c["delta"], c["finish_reason"]) for c in chunks] == [
+        ({"role": "assistant", "content": ""}, None),
+        ({"tool_calls": [piece(0, "", id="call_a", name="get_weather")]}, None),
+        ({"tool_calls": [piece(0, '{"city": ')]}, None),
+        ({"tool_calls": [piece(0, '"Paris"}')]}, None),
+        ({"tool_calls": [piece(1, "", id="call_b", name="get_time")]}, None),
+        ({"tool_calls": [piece(1, "{}")]}, None),
+        ({}, "tool_calls"),
+    ]
+
+
+def made_id(call_id: Any) -> bool:
+    return isinstance(call_id, str) and call_id.startswith("call_") and len(call_id) == 29
+
+
+@pytest.mark.parametrize(
+    "lines",
+    [
+        [  # text before the calls; both calls in one chunk, whole; numbered from 3 by the upstream
+            delta_chunk({"content": "Let me look."}),
+            delta_chunk(
+                {"tool_calls": [piece(3, '{"city": "Paris"}', name="get_weather"), piece(4, "{}", name="get_time")]}
+            ),
+            delta_chunk({}, "tool_calls"),
+        ],
+        [  # every call numbered 0, each with its own id (Ollama's way); pieces without a function or arguments
+            delta_chunk({"content": "Let me"}),
+            delta_chunk({"content": " look.", "tool_calls": [piece(0, None, id="x1", name="get_weather")]}),
+            delta_chunk({"tool_calls": [{"index": 0, "function": None}, piece(0, '{"city": "Paris"}', id="x1")]}),
+            delta_chunk({"tool_calls": [piece(0, "{}", id="x2", name="get_time")]}),
+            delta_chunk({"tool_calls": None}, "tool_calls"),
+        ],
+    ],
+    ids=["whole-calls", "all-numbered-0"],
+)
+async def test_calls_however_the_upstream_numbers_them_reach_the_client_numbered_in_order(
+    lines: list[bytes], aiohttp_client: Any
+) -> None:
+    proxy = await fake_proxy(aiohttp_client, FakeUpstream(lines))
+    body = {"messages": [{"role": "user", "content": "Weather and time?"}], "tools": TOOLS}
+    done = await (await proxy.post("/v1/chat/completions", json=body)).json()
+    message = done["choices"][0]["message"]
+    assert message["content"] == "Let me look." and done["choices"][0]["finish_reason"] == "tool_calls"
+    calls = message["tool_calls"]
+    assert [c["function"] for c in calls] == [c["function"] for c in WHOLE_CALLS]
+    given = [c["id"] for c in calls]
+    assert given == ["x1", "x2"] or (all(map(made_id, given)) and given[0] != given[1]), given
+    streamed = await (await proxy.post("/v1/chat/completions", json={**body, "stream": True})).read()
+    chunks = [json.loads(data)["choices"][0] for _, data in parse_frames(streamed)[:-1]]
+    pieces = [p for c in chunks for p in c["delta"].get("tool_calls", [])]
+    assert [p["index"] for p in pieces if "id" in p] == [0, 1]
+    assert [p["index"] for p in pieces] == sorted(p["index"] for p in pieces)
+
+
+async def test_an_upstreams_legacy_function_call_is_call_0(aiohttp_client: Any) -> None:
+    lines = [
+        delta_chunk({"function_call": {"name": "get_weather", "arguments": ""}}),
+        delta_chunk({"function_call": {"arguments": '{"city": '}}),
+        delta_chunk({"function_call": {"arguments": '"Paris"}'}}),
+        delta_chunk({}, "function_call"),
+    ]
+    proxy = await fake_proxy(aiohttp_client, FakeUpstream(lines))
+    body = {"messages": [{"role": "user", "content": "Weather?"}], "tools": TOOLS}
+    done = await (await proxy.post("/v1/chat/completions", json=body)).json()
+    (call,) = done["choices"][0]["message"]["tool_calls"]
+    assert call["function"] == CALLED["function"] and made_id(call["id"])
+    assert done["choices"][0]["finish_reason"] == "tool_calls"
+    # a client that asked in the legacy words hears of it in them
+    legacy = {"messages": body["messages"], "functions": [WEATHER]}
+    done = await (await proxy.post("/v1/chat/completions", json=legacy)).json()
+    assert done["choices"][0]["message"]["function_call"] == CALLED["function"]
+    assert done["choices"][0]["finish_reason"] == "function_call"
+
+
+async def test_each_choice_has_its_own_calls(aiohttp_client: Any) -> None:
+    lines = [
+        delta_chunk({"tool_calls": [piece(0, "{}", id="a", name="get_time")]}, index=1),
+        delta_chunk({"tool_calls": [piece(0, '{"city": "Paris"}', id="b", name="get_weather")]}, index=0),
+        delta_chunk({}, "tool_calls", index=0),
+        delta_chunk({}, "tool_calls", index=1),
+    ]
+    proxy = await fake_proxy(aiohttp_client, FakeUpstream(lines))
+    body = {"messages": [{"role": "user", "content": "Weather?"}], "tools": TOOLS, "n": 2}
+    done = await (await proxy.post("/v1/chat/completions", json=body)).json()
+    calls = [c["message"]["tool_calls"] for c in done["choices"]]
+    assert [[(c["id"], c["function"]["name"]) for c in cs] for cs in calls] == [
+        [("b", "get_weather")],
+        [("a", "get_time")],
+    ]
+
+
+TOOL_CALLS = b'data: {"choices": [{"index": 0, "delta": {"tool_calls": %s}}]}'
+BAD_CALLS = [
+    (TOOL_CALLS % b'{"index": 0}', "tool_calls is an object"),
+    (TOOL_CALLS % b'["call"]', "a tool_calls entry is a string"),
+    (TOOL_CALLS % b'[{"id": "c", "function": {"name": "get_time"}}]', "index is null"),
+    (TOOL_CALLS % b'[{"index": "0", "function": {"name": "get_time"}}]', "index is a string"),
+    (TOOL_CALLS % b'[{"index": -1, "function": {"name": "get_time"}}]', "index is a number"),
+    (TOOL_CALLS % b'[{"index": true, "function": {"name": "get_time"}}]', "index is a boolean"),
+    (TOOL_CALLS % b'[{"index": 0, "id": 7, "function": {"name": "get_time"}}]', "id is a number"),
+    (TOOL_CALLS % b'[{"index": 0, "type": "code", "function": {"name": "get_time"}}]', "type is not function"),
+    (TOOL_CALLS % b'[{"index": 0, "function": "get_time()"}]', "function is a string"),
+    (TOOL_CALLS % b'[{"index": 0, "function": {"name": ["get_time"]}}]', "name is an array"),
+    (TOOL_CALLS % b'[{"index": 0, "function": {"name": "get_time", "arguments": {}}}]', "arguments are an object"),
+    (TOOL_CALLS % b'[{"index": 1, "function": {"arguments": "{}"}}]', "first piece names no function"),
+    (
+        TOOL_CALLS % b'[{"index": 1, "function": {"name": "get_time"}}, {"index": 1, "function": {"name": "x"}}]',
+        "changed its name",
+    ),
+    (b'data: {"choices": [{"index": 0, "delta": {"function_call": "get_time"}}]}', "function_call is a string"),
+]
+
+
+@pytest.mark.parametrize(("bad", "says"), BAD_CALLS, ids=[says for _, says in BAD_CALLS])
+async def test_a_malformed_call_ends_an_openai_answer_with_the_upstreams_error(
+    bad: bytes, says: str, aiohttp_client: Any
+) -> None:
+    # a good call first: the client has seen part of the answer when the bad piece comes
+    lines = [delta_chunk({"tool_calls": [piece(0, '{"city": ', id="call_a", name="get_weather")]}), bad, chunk("x")]
+    fake = FakeUpstream(lines, hold=True)
+    proxy = await fake_proxy(aiohttp_client, fake)
+    body = {"messages": [{"role": "user", "content": "Weather?"}], "tools": TOOLS}
+    async with asyncio.timeout(1.0):
+        resp = await proxy.post("/v1/chat/completions", json={**body, "stream": True})
+        frames = parse_frames(await resp.read())
+        await fake.let_go.wait()
+    assert resp.status == 200 and frames[-1] == (None, "[DONE]")
+    chunks = [json.loads(data) for _, data in frames[:-1]]
+    assert [c["choices"][0]["delta"] for c in chunks[:-1]] == [
+        {"role": "assistant", "content": ""},
+        {"tool_calls": [piece(0, '{"city": ', id="call_a", name="get_weather")]},
+    ]
+    error = chunks[-1]["error"]
+    assert error["type"] == "upstream_error" and "malformed chunk" in error["message"] and says in error["message"]
+    assert one_line(error["message"])
+    fake.let_go.clear()
+    async with asyncio.timeout(1.0):  # the same without a stream: a 502, never a 500
+        resp = await proxy.post("/v1/chat/completions", json=body)
+        error = (await resp.json())["error"]
+    assert resp.status == 502 and error["type"] == "upstream_error" and says in error["message"]

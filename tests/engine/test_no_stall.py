@@ -22,6 +22,7 @@ from generation.prompts import PromptTooLong, fit_chat
 from generation.scheduler import chunk_size
 from models.chat_format import ChatFormat, Message, SamplingDefaults, TextStream
 from models.loader import LoadedModel, ModelConfig
+from models.tools.base import Tool, ToolFormat
 from tests.conftest import MakeClient, Wrapped, build_tiny_model
 from tests.helpers import wait_until
 from tests.server.test_cli import run_cli
@@ -58,10 +59,14 @@ class Counting:
     def defaults(self) -> SamplingDefaults | None:
         return self.chat.defaults
 
-    def encode(self, messages: Sequence[Message]) -> list[int]:
+    @property
+    def tool_format(self) -> ToolFormat | None:
+        return self.chat.tool_format
+
+    def encode(self, messages: Sequence[Message], tools: Sequence[Tool] = ()) -> list[int]:
         self.calls += 1
         self.messages += len(messages)
-        return self.chat.encode(messages)
+        return self.chat.encode(messages, tools)
 
     def response_stream(self) -> TextStream:
         return self.chat.response_stream()

@@ -1,0 +1,275 @@
+"""What every tool-call format shares: the tool and call types, the pieces an answer stream yields, and the
+answer streams of the two shapes a format takes (role-token segments, text markers)."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import string
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+_ALNUM = string.ascii_letters + string.digits
+
+
+@dataclass(frozen=True)
+class Tool:
+    """A function the model may call: OpenAI's `tools[].function`. `spec`: that object as the client sent it, as
+    JSON text (its key order kept: the prompts of ChatGLM3 and GLM-4 show it); `parameters`: its JSON Schema as JSON
+    text (None: any arguments); `strict`: the arguments are held to it when a call is forced."""
+
+    name: str
+    spec: str
+    parameters: str | None = None
+    strict: bool = False
+
+    def function(self) -> dict[str, Any]:
+        """The function object as the client sent it."""
+        return dict(json.loads(self.spec))
+
+    def schema(self) -> dict[str, Any]:
+        """What a forced call's arguments are held to: the tool's schema when strict, else any object."""
+        if self.strict and self.parameters is not None:
+            return dict(json.loads(self.parameters))
+        return {"type": "object"}
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """A call in a conversation's history or an answer: `arguments` is JSON text, as OpenAI carries it."""
+
+    id: str
+    name: str
+    arguments: str
+
+    def argument_object(self) -> Any:
+        """The arguments as JSON values; their text as it is when it is not JSON."""
+        try:
+            return json.loads(self.arguments)
+        except ValueError:
+            return self.arguments
+
+
+@dataclass(frozen=True)
+class CallDelta:
+    """One streamed piece of a call: the first of a call carries its id and name, the rest `arguments` text."""
+
+    index: int
+    arguments: str
+    id: str | None = None
+    name: str | None = None
+
+
+@dataclass
+class Pieces:
+    """What an answer stream gives back for some text: text for the client, then pieces of calls."""
+
+    text: str = ""
+    calls: list[CallDelta] = field(default_factory=list)
+
+    def add(self, other: Pieces) -> Pieces:
+        """Joined: the texts, then the calls (a client sees a step's text before its calls)."""
+        self.text += other.text
+        self.calls += other.calls
+        return self
+
+
+def call_id() -> str:
+    """OpenAI's shape: `call_` and 24 letters or digits."""
+    return "call_" + "".join(secrets.choice(_ALNUM) for _ in range(24))
+
+
+def json_arguments(value: Any) -> str | None:
+    """A call's arguments as OpenAI's JSON text: an object only."""
+    if not isinstance(value, dict):
+        return None
+    try:
+        return json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError):  # a value JSON cannot hold (a Python set, bytes)
+        return None
+
+
+class CallStream(Protocol):
+    """One answer's text as it arrives, split into text for the client and the calls in it. Text that could still
+    turn out to be call markup is held back; a call goes out only once it is whole and parsed, so what reaches a
+    client never holds markup and a malformed call is text. `boundary`: the token that starts a new segment of the
+    answer (a family's role token), or None."""
+
+    boundary: int | None
+
+    def push(self, text: str) -> Pieces: ...
+
+    def segment(self) -> Pieces:
+        """The boundary token came: the segment so far is whole."""
+
+    def flush(self) -> Pieces:
+        """The answer ended."""
+
+    @property
+    def called(self) -> bool: ...
+
+
+class Calls:
+    """Numbers the calls of one answer."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def emit(self, name: str, arguments: str) -> list[CallDelta]:
+        index, self.count = self.count, self.count + 1
+        return [CallDelta(index, "", call_id(), name), CallDelta(index, arguments)]
+
+
+# Reads a call's body: (name, body) -> the arguments as JSON text, or None when it is not a call.
+BodyParser = Callable[[str, str], "str | None"]
+
+
+class SegmentCalls:
+    """ChatGLM3 and GLM-4: the answer is segments, each after an `<|assistant|>` token; a segment's first line is
+    its metadata: empty for text, a tool's name for a call whose body follows. Text streams at once; a line that
+    could still be a tool's name waits for its newline; a call waits for its segment's end."""
+
+    def __init__(self, names: Sequence[str], parse: BodyParser, boundary: int) -> None:
+        self.names = frozenset(names)
+        self.parse = parse
+        self.boundary: int | None = boundary
+        self._calls = Calls()
+        self._head = ""  # the segment's first line so far
+        self._mode = "head"  # head | text | call
+        self._name = ""
+        self._body = ""
+        self._texts = 0  # text segments begun: a later one is set apart from the one before by a newline
+
+    @property
+    def called(self) -> bool:
+        return self._calls.count > 0
+
+    def push(self, text: str) -> Pieces:
+        if self._mode == "text":
+            return Pieces(text)
+        if self._mode == "call":
+            self._body += text
+            return Pieces()
+        self._head += text
+        line, newline, rest = self._head.partition("\n")
+        name = line.strip()
+        if newline and name in self.names:
+            self._mode, self._name, self._body = "call", name, rest
+            return Pieces()
+        if newline or not any(n.startswith(name) for n in self.names):
+            return self._text(self._head)
+        return Pieces()
+
+    def _text(self, text: str) -> Pieces:
+        self._mode = "text"
+        self._texts += 1
+        return Pieces(("\n" if self._texts > 1 else "") + text)
+
+    def segment(self) -> Pieces:
+        out = self._end()
+        self._head, self._mode, self._name, self._body = "", "head", "", ""
+        return out
+
+    def flush(self) -> Pieces:
+        return self._end()
+
+    def _end(self) -> Pieces:
+        if self._mode == "head":
+            return self._text(self._head) if self._head.strip() else Pieces()
+        if self._mode != "call":
+            return Pieces()
+        arguments = self.parse(self._name, self._body)
+        if arguments is None:  # not a call after all: the segment is text, as the official parsers have it
+            return self._text(f"{self._name}\n{self._body}")
+        return Pieces(calls=self._calls.emit(self._name, arguments))
+
+
+# Reads the markup of one call (what stands between the markers) -> [(name, arguments JSON text)], or None.
+MarkupParser = Callable[[str], "list[tuple[str, str]] | None"]
+
+
+class MarkerCalls:
+    """Formats whose calls stand in the text between markers (`<tool_call>` ... `</tool_call>`, or from
+    `[TOOL_CALLS]` to the end): text streams, except an end of it that could still become the opening marker."""
+
+    boundary: int | None = None
+
+    def __init__(self, opening: str, closing: str | None, parse: MarkupParser, names: Sequence[str]) -> None:
+        self.opening, self.closing = opening, closing
+        self.parse = parse
+        self.names = frozenset(names)
+        self._calls = Calls()
+        self._pending = ""
+        self._inside = False
+        self._texts: list[str] = []
+
+    @property
+    def called(self) -> bool:
+        return self._calls.count > 0
+
+    def push(self, text: str) -> Pieces:
+        self._pending += text
+        out = Pieces()
+        while True:
+            if not self._inside:
+                at = self._pending.find(self.opening)
+                if at < 0:
+                    keep = _partial(self._pending, self.opening)
+                    cut = len(self._pending) - keep
+                    out.add(self._say(self._pending[:cut]))
+                    self._pending = self._pending[cut:]
+                    return out
+                out.add(self._say(self._pending[:at]))
+                self._pending = self._pending[at + len(self.opening) :]
+                self._inside = True
+            if self.closing is None or (end := self._pending.find(self.closing)) < 0:
+                return out
+            markup, self._pending = self._pending[:end], self._pending[end + len(self.closing) :]
+            self._inside = False
+            out.add(self._markup(markup, self.opening + markup + self.closing))
+
+    def _say(self, text: str) -> Pieces:
+        if self.called and not text.strip():  # the whitespace between calls
+            return Pieces()
+        return Pieces(text)
+
+    def _markup(self, markup: str, raw: str) -> Pieces:
+        calls = self.parse(markup)
+        if not calls or any(name not in self.names for name, _ in calls):
+            return Pieces(raw)  # malformed or an unknown tool: the model's text, as it wrote it
+        out = Pieces()
+        for name, arguments in calls:
+            out.calls += self._calls.emit(name, arguments)
+        return out
+
+    def segment(self) -> Pieces:
+        return Pieces()
+
+    def flush(self) -> Pieces:
+        pending, self._pending = self._pending, ""
+        if not self._inside:
+            return self._say(pending)
+        self._inside = False
+        # a call cut off before its closing marker (the model stopped on its end token) is read as it stands
+        return self._markup(pending, self.opening + pending)
+
+
+def _partial(text: str, marker: str) -> int:
+    """Length of the longest end of `text` that begins `marker`."""
+    for n in range(min(len(marker) - 1, len(text)), 0, -1):
+        if text.endswith(marker[:n]):
+            return n
+    return 0
+
+
+class ToolFormat(Protocol):
+    """A tool-call format: its name, how it reads an answer, and the grammar that forces a call."""
+
+    name: str
+
+    def calls(self, tools: Sequence[Tool]) -> CallStream: ...
+
+    def forced(self, tools: Sequence[Tool]) -> str:
+        """A Lark grammar (llguidance's) for an answer that is one call of one of `tools`, its arguments held to
+        the tool's schema when the tool is strict."""

@@ -1,0 +1,22 @@
+"""Pieces of the Lark grammars (llguidance's dialect) that force a call."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+
+def json_rule(schema: dict[str, Any]) -> str:
+    """A JSON value held to `schema`, spaced as Python's `json.dumps` spaces it (`", "`, `": "`): the way these models
+    saw calls in training and see them in their history. Fixed, not free: a small model free to choose whitespace
+    can fill its answer with it."""
+    spacing = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+    held = {**schema, "x-guidance": spacing}
+    return f"%json {json.dumps(held, ensure_ascii=False)}"
+
+
+def one_of(alternatives: Sequence[str]) -> str:
+    """A grammar whose answer is one of the alternatives (each a sequence of Lark items)."""
+    rules = [f"call{i}: {alt}" for i, alt in enumerate(alternatives)]
+    return "\n".join([f"start: {' | '.join(f'call{i}' for i in range(len(alternatives)))}", *rules])

@@ -1,0 +1,61 @@
+"""Hermes and Qwen2.5 templates: each call is `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` in the
+answer's text; the chat template renders the tools."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+
+from models.tools.base import CallStream, MarkerCalls, Tool, json_arguments
+from models.tools.grammar import json_rule, one_of
+
+NAME = "hermes"
+OPEN, CLOSE = "<tool_call>", "</tool_call>"
+
+
+def parse_markup(markup: str) -> list[tuple[str, str]] | None:
+    try:
+        call = json.loads(markup.strip())
+    except ValueError:
+        return None
+    if not isinstance(call, dict) or not isinstance(name := call.get("name"), str):
+        return None
+    arguments = json_arguments(call.get("arguments", call.get("parameters", {})))
+    return None if arguments is None else [(name, arguments)]
+
+
+def system_prompt(tools: Sequence[Tool]) -> str:
+    """For a template that does not render tools itself (`--tool-call-parser hermes`): Hermes' own instructions."""
+    listed = "\n".join(json.dumps({"type": "function", "function": t.function()}, ensure_ascii=False) for t in tools)
+    return (
+        "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+        "You are provided with function signatures within <tools></tools> XML tags:\n"
+        f"<tools>\n{listed}\n</tools>\n\n"
+        "For each function call, return a json object with function name and arguments within "
+        f"{OPEN}{CLOSE} XML tags:\n{OPEN}\n"
+        '{"name": <function-name>, "arguments": <args-json-object>}\n'
+        f"{CLOSE}"
+    )
+
+
+class HermesFormat:
+    name = NAME
+
+    def calls(self, tools: Sequence[Tool]) -> CallStream:
+        return MarkerCalls(OPEN, CLOSE, parse_markup, [t.name for t in tools])
+
+    def forced(self, tools: Sequence[Tool]) -> str:
+        return one_of([f'"{OPEN}\\n" {json_rule(call_schema(t, "arguments"))} "\\n{CLOSE}"' for t in tools])
+
+    def system_prompt(self, tools: Sequence[Tool]) -> str:
+        return system_prompt(tools)
+
+
+def call_schema(tool: Tool, arguments: str) -> dict[str, object]:
+    """A call as one JSON object: the tool's name, then its arguments under `arguments`."""
+    return {
+        "type": "object",
+        "properties": {"name": {"const": tool.name}, arguments: tool.schema()},
+        "required": ["name", arguments],
+        "additionalProperties": False,
+    }

@@ -1,0 +1,92 @@
+"""Llama 3.1 and later: a call is the whole answer, one JSON object `{"name": ..., "parameters": {...}}`
+(after `<|python_tag|>` when the model writes one); the chat template renders the tools."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+
+from models.tools.base import Calls, CallStream, Pieces, Tool, json_arguments
+from models.tools.grammar import json_rule, one_of
+from models.tools.hermes import call_schema
+
+NAME = "llama3_json"
+TAG = "<|python_tag|>"
+
+
+def parse_markup(markup: str) -> list[tuple[str, str]] | None:
+    text = markup.strip().removeprefix(TAG).strip()
+    try:
+        call = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(call, dict) or not isinstance(name := call.get("name"), str):
+        return None
+    arguments = json_arguments(call.get("parameters", call.get("arguments", {})))
+    return None if arguments is None else [(name, arguments)]
+
+
+class JsonAnswerCalls:
+    """The call is the whole answer: an answer that starts with `{` (or the python tag) is held to its end and
+    read then; any other streams as text."""
+
+    boundary: int | None = None
+
+    def __init__(self, names: Sequence[str]) -> None:
+        self.names = frozenset(names)
+        self._calls = Calls()
+        self._pending = ""
+        self._mode = "head"  # head | text | call
+
+    @property
+    def called(self) -> bool:
+        return self._calls.count > 0
+
+    def push(self, text: str) -> Pieces:
+        if self._mode == "text":
+            return Pieces(text)
+        self._pending += text
+        if self._mode == "call":
+            return Pieces()
+        head = self._pending.lstrip()
+        if not head or (TAG.startswith(head) and head != TAG):
+            return Pieces()  # nothing yet, or what could still be the python tag
+        if head.startswith(("{", TAG)):
+            self._mode = "call"
+            return Pieces()
+        self._mode = "text"
+        pending, self._pending = self._pending, ""
+        return Pieces(pending)
+
+    def segment(self) -> Pieces:
+        return Pieces()
+
+    def flush(self) -> Pieces:
+        pending, self._pending = self._pending, ""
+        if self._mode != "call":
+            return Pieces(pending)
+        calls = parse_markup(pending)
+        if not calls or any(name not in self.names for name, _ in calls):
+            return Pieces(pending)
+        out = Pieces()
+        for name, arguments in calls:
+            out.calls += self._calls.emit(name, arguments)
+        return out
+
+
+class Llama3Format:
+    name = NAME
+
+    def calls(self, tools: Sequence[Tool]) -> CallStream:
+        return JsonAnswerCalls([t.name for t in tools])
+
+    def forced(self, tools: Sequence[Tool]) -> str:
+        return one_of([json_rule(call_schema(t, "parameters")) for t in tools])
+
+    def system_prompt(self, tools: Sequence[Tool]) -> str:
+        listed = "\n\n".join(json.dumps({"type": "function", "function": t.function()}) for t in tools)
+        return (
+            "Given the following functions, please respond with a JSON for a function call with its proper "
+            'arguments that best answers the given prompt.\n\nRespond in the format {"name": function name, '
+            '"parameters": dictionary of argument name and its value}. Do not use variables.\n\n' + listed
+        )

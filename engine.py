@@ -164,7 +164,8 @@ class Engine:
         tools = params.tools
         calls = None if tools is None else tools.stream()
         parallel = tools is None or tools.parallel
-        output = Output(lm.tokenizer, prompt, lm.chat.response_stream(), params.stop, calls, parallel)
+        markers = dict(tools.markers) if tools is not None else None
+        output = Output(lm.tokenizer, prompt, lm.chat.response_stream(), params.stop, calls, parallel, markers)
         seq = _Sequence(handle, prompt, params, generator, output)
         if params.constraint is not None:
             seq.matcher = params.constraint.matcher()

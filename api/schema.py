@@ -597,7 +597,8 @@ def _tools(wire: _ToolFields, body: dict[str, Any]) -> tuple[tuple[Tool, ...], T
         tools.append(Tool(fn.name, json.dumps(spec, ensure_ascii=False), parameters, bool(fn.strict)))
     choice_field = "function_call" if legacy else "tool_choice"
     choice = wire.function_call if legacy else wire.tool_choice
-    parallel = wire.parallel_tool_calls is not False
+    # a legacy answer holds one function_call
+    parallel = wire.parallel_tool_calls is not False and not legacy
     if choice is None:
         return tuple(tools), ToolChoice("auto" if tools else "none", parallel=parallel)
     if not tools:

@@ -103,7 +103,14 @@ def tool_calling(lm: LoadedModel, job: ChatJob) -> ToolCalling | None:
             f"'tools' cannot be used: the model {lm.name} has no tool-call format (its chat template does not render "
             "tools); start the server with --tool-call-parser NAME if the model was trained on one",
         )
-    return ToolCalling(fmt, tools, job.tool_choice.parallel)
+    return ToolCalling(fmt, tools, job.tool_choice.parallel, special_markers(lm.tokenizer, fmt.markers))
+
+
+def special_markers(tokenizer: Any, markers: tuple[str, ...]) -> tuple[tuple[int, str], ...]:
+    """The format's words that this tokenizer holds as special tokens (Mistral's `[TOOL_CALLS]`, some Hermes
+    tokenizers' `<tool_call>`): their text is put back into the answer the call format reads."""
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    return tuple(sorted((i, t.content) for i, t in added.items() if t.special and t.content in markers))
 
 
 def check_bias(lm: LoadedModel, bias: tuple[tuple[int, float], ...]) -> None:

@@ -21,6 +21,7 @@ class ToolCalling:
     format: ToolFormat
     tools: tuple[Tool, ...]
     parallel: bool = True  # False: the answer's first call only (parallel_tool_calls: false)
+    markers: tuple[tuple[int, str], ...] = ()  # (id, text) of the format's words the tokenizer holds as special tokens
 
     def stream(self) -> CallStream:
         return self.format.calls(self.tools)
@@ -46,12 +47,14 @@ class Output:
         stops: Sequence[str],
         calls: CallStream | None = None,
         parallel: bool = True,
+        markers: dict[int, str] | None = None,
     ) -> None:
         self._decoder = IncrementalDecoder(tokenizer, prompt)
         self._answer = answer
         self._stops = StopMatcher(stops)
         self._calls = calls
         self._parallel = parallel
+        self._markers = markers or {}
 
     @property
     def called(self) -> bool:
@@ -62,6 +65,8 @@ class Output:
         """Add a token (None: an end-of-sequence token, which has no text); `last`: generation ends here (EOS or a
         length limit), so whatever is held back goes out."""
         text = "" if token is None else self._decoder.push(token)
+        if token in self._markers:  # a special token the decode skips, which the call format reads
+            text += self._markers[token]
         if last:
             text += self._decoder.flush()
         calls: list[CallDelta] = []

@@ -202,7 +202,7 @@ class MarkerCalls:
         self._calls = Calls()
         self._pending = ""
         self._inside = False
-        self._texts: list[str] = []
+        self._space = ""  # whitespace after a call: it goes out only if text follows
 
     @property
     def called(self) -> bool:
@@ -230,14 +230,17 @@ class MarkerCalls:
             out.add(self._markup(markup, self.opening + markup + self.closing))
 
     def _say(self, text: str) -> Pieces:
-        if self.called and not text.strip():  # the whitespace between calls
+        if self.called and not text.strip():  # the whitespace between calls, or after the last
+            self._space += text
             return Pieces()
+        text, self._space = self._space + text, ""
         return Pieces(text)
 
     def _markup(self, markup: str, raw: str) -> Pieces:
         calls = self.parse(markup)
         if not calls or any(name not in self.names for name, _ in calls):
-            return Pieces(raw)  # malformed or an unknown tool: the model's text, as it wrote it
+            return self._say(raw)  # malformed or an unknown tool: the model's text, as it wrote it
+        self._space = ""
         out = Pieces()
         for name, arguments in calls:
             out.calls += self._calls.emit(name, arguments)
@@ -249,7 +252,9 @@ class MarkerCalls:
     def flush(self) -> Pieces:
         pending, self._pending = self._pending, ""
         if not self._inside:
-            return self._say(pending)
+            out = self._say(pending)
+            self._space = ""  # the answer's trailing whitespace after its last call
+            return out
         self._inside = False
         # a call cut off before its closing marker (the model stopped on its end token) is read as it stands
         return self._markup(pending, self.opening + pending)
@@ -264,9 +269,12 @@ def _partial(text: str, marker: str) -> int:
 
 
 class ToolFormat(Protocol):
-    """A tool-call format: its name, how it reads an answer, and the grammar that forces a call."""
+    """A tool-call format: its name, how it reads an answer, and the grammar that forces a call. `markers`: its
+    markup's words that a tokenizer may hold as special tokens (which a decode skips: the output pipeline puts
+    them back for the format to read)."""
 
     name: str
+    markers: tuple[str, ...]
 
     def calls(self, tools: Sequence[Tool]) -> CallStream: ...
 

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from models.tools.base import CallStream, SegmentCalls, Tool, json_arguments
-from models.tools.grammar import json_rule, one_of
+from models.tools.grammar import json_rule, one_of, split_defs
 
 NAME = "chatglm3"
 SENTENCE = "Answer the following questions as best as you can. You have access to the following tools:"
@@ -85,7 +85,8 @@ def _keywords(tool: Tool) -> str:
         return f'({item} (", " {item})*)?'
     required = [k for k in schema.get("required", []) if k in properties]
     optional = [k for k in properties if k not in required]
-    items = [f"{json.dumps(f'{k}=')} {json_rule(properties[k])}" for k in (*required, *optional)]
+    defs = split_defs(schema)[1]  # each value's schema stands alone: it carries the definitions it refers to
+    items = [f"{json.dumps(f'{k}=')} {json_rule({**properties[k], **defs})}" for k in (*required, *optional)]
     if not items:
         return '""'
     parts = [items[0] if required else f"({items[0]})?"]
@@ -96,6 +97,7 @@ def _keywords(tool: Tool) -> str:
 
 class ChatGLM3Format:
     name = NAME
+    markers: tuple[str, ...] = ()  # its calls are plain text between role tokens
 
     def __init__(self, assistant: int) -> None:
         self.assistant = assistant

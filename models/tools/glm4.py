@@ -38,6 +38,7 @@ def parse_body(name: str, body: str) -> str | None:
 
 class Glm4Format:
     name = NAME
+    markers: tuple[str, ...] = ()  # its calls are plain text between role tokens
 
     def __init__(self, assistant: int) -> None:
         self.assistant = assistant  # the role token that starts each segment

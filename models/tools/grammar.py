@@ -16,6 +16,13 @@ def json_rule(schema: dict[str, Any]) -> str:
     return f"%json {json.dumps(held, ensure_ascii=False)}"
 
 
+def split_defs(schema: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A schema without its `$defs`/`definitions`, and those: a schema placed inside another keeps its references
+    resolvable only when they stand at the top of the outer one."""
+    defs: dict[str, Any] = {k: schema[k] for k in ("$defs", "definitions") if k in schema}
+    return {k: v for k, v in schema.items() if k not in defs}, defs
+
+
 def one_of(alternatives: Sequence[str]) -> str:
     """A grammar whose answer is one of the alternatives (each a sequence of Lark items)."""
     rules = [f"call{i}: {alt}" for i, alt in enumerate(alternatives)]

@@ -7,7 +7,7 @@ import json
 from collections.abc import Sequence
 
 from models.tools.base import CallStream, MarkerCalls, Tool, json_arguments
-from models.tools.grammar import json_rule, one_of
+from models.tools.grammar import json_rule, one_of, split_defs
 
 NAME = "hermes"
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
@@ -40,6 +40,7 @@ def system_prompt(tools: Sequence[Tool]) -> str:
 
 class HermesFormat:
     name = NAME
+    markers: tuple[str, ...] = (OPEN, CLOSE)
 
     def calls(self, tools: Sequence[Tool]) -> CallStream:
         return MarkerCalls(OPEN, CLOSE, parse_markup, [t.name for t in tools])
@@ -52,10 +53,13 @@ class HermesFormat:
 
 
 def call_schema(tool: Tool, arguments: str) -> dict[str, object]:
-    """A call as one JSON object: the tool's name, then its arguments under `arguments`."""
+    """A call as one JSON object: the tool's name, then its arguments under `arguments`. The schema's definitions
+    move to the top, where its `#/$defs/...` references point."""
+    schema, defs = split_defs(tool.schema())
     return {
         "type": "object",
-        "properties": {"name": {"const": tool.name}, arguments: tool.schema()},
+        "properties": {"name": {"const": tool.name}, arguments: schema},
         "required": ["name", arguments],
         "additionalProperties": False,
+        **defs,
     }

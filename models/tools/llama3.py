@@ -76,6 +76,7 @@ class JsonAnswerCalls:
 
 class Llama3Format:
     name = NAME
+    markers: tuple[str, ...] = (TAG,)
 
     def calls(self, tools: Sequence[Tool]) -> CallStream:
         return JsonAnswerCalls([t.name for t in tools])

@@ -32,6 +32,7 @@ def parse_markup(markup: str) -> list[tuple[str, str]] | None:
 
 class MistralFormat:
     name = NAME
+    markers: tuple[str, ...] = (MARKER,)
 
     def calls(self, tools: Sequence[Tool]) -> CallStream:
         return MarkerCalls(MARKER, None, parse_markup, [t.name for t in tools])

@@ -488,7 +488,7 @@ class Engine:
             seq.pending.clear()
         if reason is None:
             return True
-        if reason == "stop" and seq.output.called:
+        if seq.output.called:  # whole calls went out: the client has tools to run, even when the length cut it after
             reason = "tool_calls"
         self._end(seq.handle, Finished(reason, len(seq.prompt), len(seq.tokens), seq.queue_s))
         return False

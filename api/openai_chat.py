@@ -241,6 +241,8 @@ async def _stream(
                     await out.send_json(_chunk(base, i, {"content": event.text}, logprobs=logprobs))
                     logprobs = None
                 for piece in event.calls:
+                    if req.legacy_functions and piece.index > 0:  # function_call holds one call
+                        continue
                     await out.send_json(_chunk(base, i, call_delta(req, piece), logprobs=logprobs))
                     logprobs = None
             elif isinstance(event, Finished):

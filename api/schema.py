@@ -222,9 +222,13 @@ class ChatMessage(TypedDict):
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: NotRequired[_Content | None]
     name: NotRequired[str]
-    tool_calls: NotRequired[list[MessageToolCall]]
+    tool_calls: NotRequired[list[MessageToolCall] | None]
     tool_call_id: NotRequired[str]
-    function_call: NotRequired[CalledFunction]
+    function_call: NotRequired[CalledFunction | None]
+    # an SDK's answer message sent back whole (`message.model_dump()`) holds these as null: nothing to ignore
+    refusal: NotRequired[None]
+    annotations: NotRequired[Annotated[list[Any], Field(max_length=0)] | None]
+    audio: NotRequired[None]
 
 
 class FunctionDefinition(_Wire):
@@ -559,7 +563,7 @@ def _message(i: int, m: ChatMessage) -> Message:
     if (legacy := m.get("function_call")) is not None:
         calls += (ToolCall(f"call_{i}", legacy["name"], legacy["arguments"]),)
     for key in ("tool_calls", "function_call"):
-        if key in m and role != "assistant":
+        if m.get(key) is not None and role != "assistant":
             raise InvalidField(f"{where}.{key}", f"'{where}.{key}' is only for assistant messages")
     if "name" in m and role not in ("tool", "function"):  # a participant's name would change nothing here
         raise InvalidField(f"{where}.name", f"'{where}.name' is only for tool and function messages")
@@ -595,6 +599,8 @@ def _tools(wire: _ToolFields, body: dict[str, Any]) -> tuple[tuple[Tool, ...], T
             raise InvalidField(f"{name_of}[{i}]", f"'{name_of}[{i}]' repeats the name {fn.name!r}")
         parameters = None if fn.parameters is None else _compact(fn.parameters)
         tools.append(Tool(fn.name, json.dumps(spec, ensure_ascii=False), parameters, bool(fn.strict)))
+    if wire.parallel_tool_calls is not None and not tools:
+        raise InvalidField("parallel_tool_calls", "'parallel_tool_calls' is only allowed when 'tools' are sent")
     choice_field = "function_call" if legacy else "tool_choice"
     choice = wire.function_call if legacy else wire.tool_choice
     # a legacy answer holds one function_call

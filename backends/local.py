@@ -76,7 +76,13 @@ def _plan(lm: LoadedModel, job: ChatJob) -> tuple[list[int], SamplingParams]:
             why = f"'tool_choice' that forces a call cannot be sent with '{constraint.param}'"
             raise InvalidField("tool_choice", why)
         # the answer is held to the model's call format: a forced call is made, not hoped for
-        constraint = Grammar("grammar", calling.format.forced(calling.tools), "tool_choice")
+        try:
+            grammar = calling.format.forced(calling.tools)
+        except (TypeError, ValueError, KeyError, AttributeError, RecursionError) as exc:  # a schema it cannot use
+            raise InvalidField(
+                "tools", f"'tools' cannot be forced: a function's parameters do not work ({exc})"
+            ) from exc
+        constraint = Grammar("grammar", grammar, "tool_choice")
     params = sampling_params(job.sampling, max_new, defaults, compiled(lm, constraint))
     return ids, replace(params, tools=calling)
 

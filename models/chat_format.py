@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from models.tools.base import Tool, ToolCall, ToolFormat
 from models.tools.formats import from_template
+from models.tools.glm4 import Glm4Format
 
 log = logging.getLogger(__name__)
 
@@ -91,20 +92,31 @@ class TemplateFormat:
         self.tokenizer = tokenizer
         self.renders_tools = renders_tools(tokenizer)
         template = getattr(tokenizer, "chat_template", None)
-        self.tool_format: ToolFormat | None = (
-            from_template(template) if self.renders_tools and isinstance(template, str) else None
-        )
+        # GLM-4-9B-chat-hf and GLM-4-0414: the GLM format, on the role tokens of a Hugging Face tokenizer
+        assistant = _token_id(tokenizer, "<|assistant|>")
+        glm = isinstance(template, str) and "<|observation|>" in template and assistant is not None
+        self.own_tool_formats: tuple[ToolFormat, ...] = (Glm4Format(assistant),) if glm and assistant else ()
+        self.tool_format: ToolFormat | None = None
+        if self.renders_tools and isinstance(template, str):
+            self.tool_format = self.own_tool_formats[0] if self.own_tool_formats else from_template(template)
 
     def encode(self, messages: Sequence[Message], tools: Sequence[Tool] = ()) -> list[int]:
-        if tools and not self.renders_tools:
-            # a format named on the command line for a template that ignores tools: its own instructions, as a system
-            # message
+        if not self.renders_tools and self.tool_format is not None and (tools or any(m.tool_calls for m in messages)):
+            # a format named on the command line for a template that ignores tools: its own instructions in the
+            # system message, the history's calls in its own markup
             messages = with_tool_prompt(messages, self.tool_format, tools)
             tools = ()
-        return encode_chat(self.tokenizer, messages, tools)
+        glm = isinstance(self.tool_format, Glm4Format)
+        return encode_chat(self.tokenizer, messages, tools, glm_turns if glm else template_messages)
 
     def response_stream(self) -> TextStream:
         return PassThrough()
+
+
+def _token_id(tokenizer: Any, token: str) -> int | None:
+    """The id of a token the tokenizer holds whole, or None."""
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    return next((i for i, t in added.items() if t.content == token), None)
 
 
 _PROBE = "zz_probe_tool"
@@ -126,32 +138,61 @@ def renders_tools(tokenizer: Any) -> bool:
 
 
 def with_tool_prompt(messages: Sequence[Message], fmt: ToolFormat | None, tools: Sequence[Tool]) -> list[Message]:
-    """The conversation with a format's tool instructions at the front of its system message."""
-    prompt = getattr(fmt, "system_prompt", None)
-    if prompt is None:
+    """For a template that ignores tools: the format's tool instructions at the front of the system message, and the
+    history's calls written into their messages in the format's own markup (the template would drop them)."""
+    prompt, render = getattr(fmt, "system_prompt", None), getattr(fmt, "render_calls", None)
+    if prompt is None or render is None:
         raise ChatRejected("this model has no tool-call format for its tools")
+    out = [
+        Message(m.role, "\n".join(p for p in (m.content, str(render(m.tool_calls))) if p)) if m.tool_calls else m
+        for m in messages
+    ]
+    if not tools:  # calls in the history, none offered now
+        return out
     text = str(prompt(tools))
-    if messages and messages[0].role == "system":
-        return [Message("system", f"{messages[0].content}\n\n{text}"), *messages[1:]]
-    return [Message("system", text), *messages]
+    if out and out[0].role == "system":
+        return [Message("system", f"{out[0].content}\n\n{text}"), *out[1:]]
+    return [Message("system", text), *out]
 
 
-def template_message(m: Message) -> dict[str, Any]:
-    """A message as chat templates take it: calls with their arguments as objects, results with their call's id."""
-    out: dict[str, Any] = {"role": m.role, "content": m.content}
-    if m.tool_calls:
-        out["tool_calls"] = [
-            {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.argument_object()}}
-            for c in m.tool_calls
-        ]
-    if m.tool_call_id is not None:
-        out["tool_call_id"] = m.tool_call_id
-    if m.name is not None:
-        out["name"] = m.name
+def template_messages(messages: Sequence[Message]) -> list[dict[str, Any]]:
+    """Messages as chat templates take them: calls with their arguments as objects, results with their call's id."""
+    out: list[dict[str, Any]] = []
+    for m in messages:
+        item: dict[str, Any] = {"role": m.role, "content": m.content}
+        if m.tool_calls:
+            item["tool_calls"] = [
+                {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.argument_object()}}
+                for c in m.tool_calls
+            ]
+        if m.tool_call_id is not None:
+            item["tool_call_id"] = m.tool_call_id
+        if m.name is not None:
+            item["name"] = m.name
+        out.append(item)
     return out
 
 
-def encode_chat(tokenizer: Any, messages: Sequence[Message], tools: Sequence[Tool] = ()) -> list[int]:
+def glm_turns(messages: Sequence[Message]) -> list[dict[str, Any]]:
+    """Messages as GLM-4's templates take them: each call its own assistant turn with the tool's name as metadata
+    and the arguments as content, each result an observation (spec glm-tools.md 3.3)."""
+    out: list[dict[str, Any]] = []
+    for m in messages:
+        if m.role == "tool":
+            out.append({"role": "observation", "content": m.content})
+            continue
+        if m.content or not m.tool_calls:
+            out.append({"role": m.role, "content": m.content})
+        out += [{"role": "assistant", "metadata": c.name, "content": c.arguments} for c in m.tool_calls]
+    return out
+
+
+def encode_chat(
+    tokenizer: Any,
+    messages: Sequence[Message],
+    tools: Sequence[Tool] = (),
+    shape: Callable[[Sequence[Message]], list[dict[str, Any]]] | None = None,
+) -> list[int]:
     """Token ids for a chat, ending where the assistant's answer starts.
 
     Uses the tokenizer's chat template. Without one, the documented fallback is
@@ -161,7 +202,7 @@ def encode_chat(tokenizer: Any, messages: Sequence[Message], tools: Sequence[Too
         extra = {"tools": [{"type": "function", "function": t.function()} for t in tools]} if tools else {}
         try:
             rendered = tokenizer.apply_chat_template(
-                [template_message(m) for m in messages], tokenize=False, add_generation_prompt=True, **extra
+                (shape or template_messages)(messages), tokenize=False, add_generation_prompt=True, **extra
             )
         except Exception as exc:  # templates reject what their model cannot take with raise_exception(...)
             raise ChatRejected(f"the model's chat template refused this conversation: {exc}") from exc

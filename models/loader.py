@@ -403,9 +403,14 @@ def load_hf(path: Path, devices: list[str], dtype: Any, config: ModelConfig) -> 
 def tool_format(chat: ChatFormat, name: str) -> ToolFormat:
     """The format `--tool-call-parser` names, for this model: ChatGLM3's and GLM-4's only for their own family."""
     own = {f.name: f for f in getattr(chat, "own_tool_formats", ())}
-    fmt = by_name(name, own)
+    if not own and not isinstance(chat, TemplateFormat):
+        raise ModelLoadError(f"--tool-call-parser {name}: this model's family (ChatGLM-6B, ChatGLM2) has no tool calls")
+    fmt = own.get(name) if not isinstance(chat, TemplateFormat) else by_name(name, own)
     if fmt is None:
-        raise ModelLoadError(f"--tool-call-parser {name}: only for {name} checkpoints in their original layout")
+        raise ModelLoadError(
+            f"--tool-call-parser {name}: not a format of this model (its own: {', '.join(own) or 'none'}; "
+            "Hugging Face models also take hermes, llama3_json, mistral)"
+        )
     return fmt
 
 

@@ -106,8 +106,17 @@ class RolesFormat:
     def turns(self, messages: Sequence[Message], tools: Sequence[Tool]) -> list[tuple[str, str, str]]:
         """(role, metadata, content) of each turn."""
         turns: list[tuple[str, str, str]] = []
-        if tools:
-            turns.append(("system", "", glm4.system_turn(tools) if self.glm4 else chatglm3.system_turn(tools)))
+        glm4_calls = isinstance(self.tool_format, Glm4Format)
+        if tools and glm4_calls:
+            turns.append(("system", "", glm4.system_turn(tools)))
+        elif tools:
+            # ChatGLM3 has one system turn, at the start: the caller's leading system messages join the tools'
+            lead = 0
+            while lead < len(messages) and messages[lead].role == "system":
+                lead += 1
+            own = [m.content for m in messages[:lead] if m.content]
+            turns.append(("system", "", "\n".join([chatglm3.system_turn(tools), *own])))
+            messages = messages[lead:]
         for m in messages:
             if m.role == "tool":
                 turns.append(("observation", "", m.content))
@@ -120,11 +129,11 @@ class RolesFormat:
         return turns
 
     def _call_body(self, arguments: str) -> str:
-        if self.glm4:
+        if isinstance(self.tool_format, Glm4Format):
             return arguments  # as the client holds it, as the official template inserts it
         try:
             return chatglm3.call_body(json.loads(arguments))
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             raise ChatRejected(f"a tool call's arguments must be a JSON object for this model: {exc}") from exc
 
     def response_stream(self) -> StripStream:

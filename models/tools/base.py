@@ -29,9 +29,13 @@ class Tool:
         return dict(json.loads(self.spec))
 
     def schema(self) -> dict[str, Any]:
-        """What a forced call's arguments are held to: the tool's schema when strict, else any object."""
+        """What a forced call's arguments are held to: the tool's schema when strict, else any object. Raises
+        ValueError for a strict schema of something else than an object (arguments are an object)."""
         if self.strict and self.parameters is not None:
-            return dict(json.loads(self.parameters))
+            schema = dict(json.loads(self.parameters))
+            if schema.get("type", "object") != "object":
+                raise ValueError(f"the parameters of {self.name} must be an object schema")
+            return schema
         return {"type": "object"}
 
 
@@ -46,8 +50,8 @@ class ToolCall:
     def argument_object(self) -> Any:
         """The arguments as JSON values; their text as it is when it is not JSON."""
         try:
-            return json.loads(self.arguments)
-        except ValueError:
+            return loads(self.arguments)
+        except (ValueError, RecursionError):
             return self.arguments
 
 
@@ -80,13 +84,22 @@ def call_id() -> str:
     return "call_" + "".join(secrets.choice(_ALNUM) for _ in range(24))
 
 
+def _not_json(word: str) -> Any:
+    raise ValueError(f"{word} is not JSON")
+
+
+def loads(text: str) -> Any:
+    """JSON text as values; Python's own words NaN and Infinity, which JSON has not, are refused."""
+    return json.loads(text, parse_constant=_not_json)
+
+
 def json_arguments(value: Any) -> str | None:
-    """A call's arguments as OpenAI's JSON text: an object only."""
+    """A call's arguments as OpenAI's JSON text: an object only, and JSON only (no NaN or Infinity)."""
     if not isinstance(value, dict):
         return None
     try:
-        return json.dumps(value, ensure_ascii=False)
-    except (TypeError, ValueError):  # a value JSON cannot hold (a Python set, bytes)
+        return json.dumps(value, ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError, RecursionError):  # a value JSON cannot hold (a Python set, bytes, 1e999)
         return None
 
 
@@ -111,14 +124,15 @@ class CallStream(Protocol):
 
 
 class Calls:
-    """Numbers the calls of one answer."""
+    """Numbers the calls of one answer and names each with a new id (`ids`: the format's shape of one)."""
 
-    def __init__(self) -> None:
+    def __init__(self, ids: Callable[[], str] = call_id) -> None:
         self.count = 0
+        self.ids = ids
 
     def emit(self, name: str, arguments: str) -> list[CallDelta]:
         index, self.count = self.count, self.count + 1
-        return [CallDelta(index, "", call_id(), name), CallDelta(index, arguments)]
+        return [CallDelta(index, "", self.ids(), name), CallDelta(index, arguments)]
 
 
 # Reads a call's body: (name, body) -> the arguments as JSON text, or None when it is not a call.
@@ -195,11 +209,18 @@ class MarkerCalls:
 
     boundary: int | None = None
 
-    def __init__(self, opening: str, closing: str | None, parse: MarkupParser, names: Sequence[str]) -> None:
+    def __init__(
+        self,
+        opening: str,
+        closing: str | None,
+        parse: MarkupParser,
+        names: Sequence[str],
+        ids: Callable[[], str] = call_id,
+    ) -> None:
         self.opening, self.closing = opening, closing
         self.parse = parse
         self.names = frozenset(names)
-        self._calls = Calls()
+        self._calls = Calls(ids)
         self._pending = ""
         self._inside = False
         self._space = ""  # whitespace after a call: it goes out only if text follows

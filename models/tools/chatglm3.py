@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import json
+import keyword
 from collections.abc import Sequence
 from typing import Any
 
@@ -51,9 +52,9 @@ def parse_body(name: str, body: str) -> str | None:
     if call.args or any(k.arg is None for k in call.keywords):  # positional or **kwargs: not the format
         return None
     arguments: dict[str, Any] = {}
-    for keyword in call.keywords:
+    for given in call.keywords:
         try:
-            arguments[str(keyword.arg)] = ast.literal_eval(_json_words(keyword.value))
+            arguments[str(given.arg)] = ast.literal_eval(_json_words(given.value))
         except (ValueError, TypeError, SyntaxError, RecursionError):
             return None
     return json_arguments(arguments)
@@ -83,6 +84,8 @@ def _keywords(tool: Tool) -> str:
         # takes): a greedy `[^\n]*` would swallow the closing parenthesis
         item = f'/[A-Za-z_][A-Za-z0-9_]*/ "=" {json_rule({})}'
         return f'({item} (", " {item})*)?'
+    if bad := [k for k in properties if not k.isidentifier() or keyword.iskeyword(k)]:
+        raise ValueError(f"{tool.name}'s parameter {bad[0]!r} cannot be a Python keyword argument")
     required = [k for k in schema.get("required", []) if k in properties]
     optional = [k for k in properties if k not in required]
     defs = split_defs(schema)[1]  # each value's schema stands alone: it carries the definitions it refers to

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 
-from models.tools.base import CallStream, SegmentCalls, Tool, json_arguments
+from models.tools.base import CallStream, SegmentCalls, Tool, json_arguments, loads
 from models.tools.grammar import json_rule, one_of
 
 NAME = "glm4"
@@ -30,7 +30,7 @@ def system_turn(tools: Sequence[Tool]) -> str:
 def parse_body(name: str, body: str) -> str | None:
     """A call's arguments: the body is one JSON object (compact or over several lines)."""
     try:
-        value = json.loads(body.strip())
+        value = loads(body.strip())
     except ValueError:
         return None
     return json_arguments(value)

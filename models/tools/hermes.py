@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 
-from models.tools.base import CallStream, MarkerCalls, Tool, json_arguments
+from models.tools.base import CallStream, MarkerCalls, Tool, ToolCall, json_arguments, loads
 from models.tools.grammar import json_rule, one_of, split_defs
 
 NAME = "hermes"
@@ -15,7 +15,7 @@ OPEN, CLOSE = "<tool_call>", "</tool_call>"
 
 def parse_markup(markup: str) -> list[tuple[str, str]] | None:
     try:
-        call = json.loads(markup.strip())
+        call = loads(markup.strip())
     except ValueError:
         return None
     if not isinstance(call, dict) or not isinstance(name := call.get("name"), str):
@@ -50,6 +50,13 @@ class HermesFormat:
 
     def system_prompt(self, tools: Sequence[Tool]) -> str:
         return system_prompt(tools)
+
+    def render_calls(self, calls: Sequence[ToolCall]) -> str:
+        """Calls in the history, as the model writes them (for a template that does not render calls)."""
+        return "\n".join(
+            f"{OPEN}\n{json.dumps({'name': c.name, 'arguments': c.argument_object()}, ensure_ascii=False)}\n{CLOSE}"
+            for c in calls
+        )
 
 
 def call_schema(tool: Tool, arguments: str) -> dict[str, object]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 
-from models.tools.base import Calls, CallStream, Pieces, Tool, json_arguments
+from models.tools.base import Calls, CallStream, Pieces, Tool, ToolCall, json_arguments, loads
 from models.tools.grammar import json_rule, one_of
 from models.tools.hermes import call_schema
 
@@ -17,7 +17,7 @@ TAG = "<|python_tag|>"
 def parse_markup(markup: str) -> list[tuple[str, str]] | None:
     text = markup.strip().removeprefix(TAG).strip()
     try:
-        call = json.loads(text)
+        call = loads(text)
     except ValueError:
         return None
     if not isinstance(call, dict) or not isinstance(name := call.get("name"), str):
@@ -91,3 +91,6 @@ class Llama3Format:
             'arguments that best answers the given prompt.\n\nRespond in the format {"name": function name, '
             '"parameters": dictionary of argument name and its value}. Do not use variables.\n\n' + listed
         )
+
+    def render_calls(self, calls: Sequence[ToolCall]) -> str:
+        return "\n".join(json.dumps({"name": c.name, "parameters": c.argument_object()}) for c in calls)

@@ -376,17 +376,22 @@ async def test_tool_choice_none_keeps_the_tools_out_of_the_prompt(family: Family
     assert content(chunks) == choice.message.content
 
 
-async def test_a_malformed_call_is_text(family: Family, make_client: MakeClient) -> None:
+async def answered_in_text(family: Family, make_client: MakeClient, ask: Any) -> str:
+    """The answer to `ask`, which must be text (finish "stop", no call), the same streamed and not."""
     async with serving(make_client, family) as (client, sdk):
-        response = await client.post("/v1/chat/completions", json=body(BROKEN))
+        response = await client.post("/v1/chat/completions", json=body(ask))
         assert response.status == 200
         raw = await response.json()
-        chunks = await streamed(sdk, family, BROKEN)
+        chunks = await streamed(sdk, family, ask)
     (choice,) = raw["choices"]
     assert choice["finish_reason"] == "stop" and "tool_calls" not in choice["message"]
-    text = choice["message"]["content"]
-    assert text == MALFORMED_TEXT[family.kind]
+    text = str(choice["message"]["content"])
     assert content(chunks) == text and streamed_calls(chunks)[1] == [] and finish_reasons(chunks) == ["stop"]
+    return text
+
+
+async def test_a_malformed_call_is_text(family: Family, make_client: MakeClient) -> None:
+    assert await answered_in_text(family, make_client, BROKEN) == MALFORMED_TEXT[family.kind]
 
 
 def exists(*paths: Path) -> bool:
@@ -398,15 +403,8 @@ async def test_a_hostile_chatglm3_call_is_text_and_never_runs(
 ) -> None:
     family = trained(CHATGLM3)
     monkeypatch.chdir(tmp_path)  # where `touch HOSTILE_FILE` would leave its file
-    async with serving(make_client, family) as (client, sdk):
-        response = await client.post("/v1/chat/completions", json=body(HOSTILE))
-        assert response.status == 200
-        raw = await response.json()
-        chunks = await streamed(sdk, family, HOSTILE)
-    (choice,) = raw["choices"]
-    assert choice["finish_reason"] == "stop" and "tool_calls" not in choice["message"]
-    assert "__import__('os').system('touch HOSTILE_FILE')" in choice["message"]["content"]
-    assert content(chunks) == choice["message"]["content"] and streamed_calls(chunks)[1] == []
+    text = await answered_in_text(family, make_client, HOSTILE)
+    assert "__import__('os').system('touch HOSTILE_FILE')" in text
     assert not exists(tmp_path / "HOSTILE_FILE", ROOT / "HOSTILE_FILE")
 
 

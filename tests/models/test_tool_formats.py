@@ -28,7 +28,8 @@ from models.tools.mistral import MistralFormat
 from tests.conftest import CHAT_TEMPLATE
 
 BOUNDARY = 99_001  # a made-up `<|assistant|>` id: the segment streams are told of it by `segment()`
-CALL_ID = re.compile(r"call_[A-Za-z0-9]{24}")
+# OpenAI's id shape; Mistral's templates take only nine letters or digits, which the next turn hands back
+CALL_ID = re.compile(r"call_[A-Za-z0-9]{24}|[A-Za-z0-9]{9}")
 WEATHER_PARAMETERS = {
     "type": "object",
     "properties": {"city": {"type": "string", "description": "City name, e.g. 北京"}},

@@ -536,7 +536,7 @@ def parse_completion(body: dict[str, Any]) -> CompletionRequest:
     tools, choice = _tools(wire, body)
     return CompletionRequest(
         model=wire.model,
-        messages=tuple(_message(i, m) for i, m in enumerate(wire.messages)),
+        messages=_answered(tuple(_message(i, m) for i, m in enumerate(wire.messages))),
         tools=tools,
         tool_choice=choice,
         legacy_functions=wire.functions is not None or wire.function_call is not None,
@@ -579,6 +579,17 @@ def _message(i: int, m: ChatMessage) -> Message:
     if role in ("tool", "function"):
         return Message("tool", text, tool_call_id=m.get("tool_call_id"), name=m.get("name"))
     return Message("system" if role == "developer" else role, text, tool_calls=calls)
+
+
+def _answered(messages: tuple[Message, ...]) -> tuple[Message, ...]:
+    """The messages, once each tool result is found to answer a call made before it (as OpenAI checks)."""
+    made: set[str] = set()
+    for i, m in enumerate(messages):
+        made.update(call.id for call in m.tool_calls)
+        if m.role == "tool" and m.tool_call_id is not None and m.tool_call_id not in made:
+            param = f"messages[{i}].tool_call_id"
+            raise InvalidField(param, f"'{param}' {m.tool_call_id!r} answers no tool call of an earlier message")
+    return messages
 
 
 def _tools(wire: _ToolFields, body: dict[str, Any]) -> tuple[tuple[Tool, ...], ToolChoice]:

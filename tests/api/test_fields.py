@@ -19,7 +19,7 @@ from pydantic import BaseModel
 from api.openai_chat import logprobs_part
 from api.openapi import build_spec
 from api.schema import parse_completion
-from backends.base import Constraint, TokenLogprob, TopLogprob
+from backends.base import Constraint, InvalidField, TokenLogprob, TopLogprob
 from tests.conftest import MakeClient
 from tests.helpers import parse_frames
 
@@ -588,3 +588,20 @@ async def test_the_local_models_logprobs_reach_the_client_in_openais_shape(make_
     texts = [c for c in chunks if "content" in c["delta"] and c["delta"].get("role") is None]
     assert all(c["logprobs"] is None for c in chunks if c not in texts)  # the role and the finish reason
     assert [e for c in texts for e in c["logprobs"]["content"]] == entries  # greedy: the same tokens, chunk by chunk
+
+
+def test_a_tool_result_must_answer_a_call_made_before_it() -> None:
+    user = {"role": "user", "content": "hi"}
+    call = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    asked = {"role": "assistant", "content": None, "tool_calls": [call]}
+    ok = parse_completion({"messages": [user, asked, {"role": "tool", "tool_call_id": "call_1", "content": "x"}]})
+    assert ok.messages[2].tool_call_id == "call_1"
+    for messages in (
+        [user, asked, {"role": "tool", "tool_call_id": "call_2", "content": "x"}],  # no such call
+        [user, {"role": "tool", "tool_call_id": "call_1", "content": "x"}, asked],  # answered before it was made
+    ):
+        with pytest.raises(InvalidField) as info:
+            parse_completion({"messages": messages})
+        at = next(i for i, m in enumerate(messages) if m["role"] == "tool")
+        assert info.value.param == f"messages[{at}].tool_call_id"
+        assert "answers no tool call of an earlier message" in info.value.message

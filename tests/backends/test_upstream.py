@@ -773,7 +773,7 @@ async def test_legacy_functions_and_function_messages_reach_the_upstream_as_tool
 async def test_a_request_without_tools_asks_for_none(aiohttp_client: Any) -> None:
     fake = FakeUpstream([chunk("Hi", "stop")])
     proxy = await fake_proxy(aiohttp_client, fake)
-    body = {"messages": [{"role": "user", "content": "hi"}], "parallel_tool_calls": False}
+    body = {"messages": [{"role": "user", "content": "hi"}]}
     assert (await proxy.post("/v1/chat/completions", json=body)).status == 200
     assert fake.bodies[0].keys().isdisjoint({"tools", "tool_choice", "parallel_tool_calls", "functions"})
 

@@ -214,3 +214,22 @@ async def test_a_constrained_prompt_prefilled_in_chunks(make_client: Any) -> Non
     assert done["usage"]["prompt_tokens"] > 3 * 8  # it took several chunks
     assert re.fullmatch("[0-9]{4}", done["choices"][0]["message"]["content"])
     assert done["choices"][0]["finish_reason"] == "stop"
+
+
+@pytest.mark.parametrize("kind", ["chatglm3-6b", "glm-4-9b-chat"])
+def test_chatglm_models_answer_valid_json_through_their_own_tokenizers(kind: str, tmp_path: Any) -> None:
+    """ChatGLM3's SentencePiece and GLM-4's tiktoken vocabularies are read by the grammar library through their
+    tokens' bytes: a random model of each answers JSON that fits the schema, Chinese and emoji included."""
+    from generation.prepare import load_model
+    from models.loader import ModelConfig
+    from tests.glm2 import write_checkpoint
+
+    lm = load_model(ModelConfig(path=write_checkpoint(tmp_path / kind, kind), device="cpu", dtype="float32"))
+    schemas = SCHEMAS[:2]
+    jobs = [
+        SamplingParams(200, 0.7, seed=i, constraint=compiled(lm, "json_schema", json.dumps(schema)))
+        for i, schema in enumerate(schemas)
+    ]
+    for schema, result in zip(schemas, run(lm, jobs), strict=True):
+        assert isinstance(result["end"], Finished) and result["end"].reason == "stop", result
+        jsonschema.validate(json.loads(result["text"]), schema)

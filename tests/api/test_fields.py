@@ -591,15 +591,16 @@ async def test_the_local_models_logprobs_reach_the_client_in_openais_shape(make_
 
 
 def test_a_tool_result_must_answer_a_call_made_before_it() -> None:
-    user = {"role": "user", "content": "hi"}
+    user: dict[str, Any] = {"role": "user", "content": "hi"}
     call = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
-    asked = {"role": "assistant", "content": None, "tool_calls": [call]}
+    asked: dict[str, Any] = {"role": "assistant", "content": None, "tool_calls": [call]}
     ok = parse_completion({"messages": [user, asked, {"role": "tool", "tool_call_id": "call_1", "content": "x"}]})
     assert ok.messages[2].tool_call_id == "call_1"
-    for messages in (
+    cases: list[list[dict[str, Any]]] = [
         [user, asked, {"role": "tool", "tool_call_id": "call_2", "content": "x"}],  # no such call
         [user, {"role": "tool", "tool_call_id": "call_1", "content": "x"}, asked],  # answered before it was made
-    ):
+    ]
+    for messages in cases:
         with pytest.raises(InvalidField) as info:
             parse_completion({"messages": messages})
         at = next(i for i, m in enumerate(messages) if m["role"] == "tool")

@@ -474,7 +474,7 @@ class Engine:
             reason = "length"
         if seq.params.logprobs is not None and not is_eos:
             seq.pending.append(self._token_texts().entry(sampled))
-        emitted = seq.output.push(None if is_eos else token, last=reason is not None)
+        emitted = seq.output.push(None if is_eos else token, last=reason is not None, cut=reason == "length")
         out = emitted.text
         if emitted.stopped:
             reason = "stop"

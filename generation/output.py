@@ -61,9 +61,9 @@ class Output:
         """The answer made a call."""
         return self._calls is not None and self._calls.called
 
-    def push(self, token: int | None, last: bool) -> Emitted:
+    def push(self, token: int | None, last: bool, cut: bool = False) -> Emitted:
         """Add a token (None: an end-of-sequence token, which has no text); `last`: generation ends here (EOS or a
-        length limit), so whatever is held back goes out."""
+        length limit), so whatever is held back goes out; `cut`: the length limit ended it."""
         text = "" if token is None else self._decoder.push(token)
         if token in self._markers:  # a special token the decode skips, which the call format reads
             text += self._markers[token]
@@ -75,7 +75,7 @@ class Output:
             if token is not None and token == self._calls.boundary:
                 pieces.add(self._calls.segment())
             if last:
-                pieces.add(self._calls.flush())
+                pieces.add(self._calls.flush(cut))
             text, calls = pieces.text, [c for c in pieces.calls if self._parallel or c.index == 0]
         text = self._answer.push(text) + (self._answer.flush() if last else "")
         out, hit = self._stops.push(text)

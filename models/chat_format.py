@@ -95,7 +95,9 @@ class TemplateFormat:
         # GLM-4-9B-chat-hf and GLM-4-0414: the GLM format, on the role tokens of a Hugging Face tokenizer
         assistant = _token_id(tokenizer, "<|assistant|>")
         glm = isinstance(template, str) and "<|observation|>" in template and assistant is not None
-        self.own_tool_formats: tuple[ToolFormat, ...] = (Glm4Format(assistant),) if glm and assistant else ()
+        self.own_tool_formats: tuple[ToolFormat, ...] = (
+            (Glm4Format(assistant),) if glm and assistant is not None else ()
+        )
         self.tool_format: ToolFormat | None = None
         if self.renders_tools and isinstance(template, str):
             self.tool_format = self.own_tool_formats[0] if self.own_tool_formats else from_template(template)

@@ -116,8 +116,9 @@ class CallStream(Protocol):
     def segment(self) -> Pieces:
         """The boundary token came: the segment so far is whole."""
 
-    def flush(self) -> Pieces:
-        """The answer ended."""
+    def flush(self, cut: bool = False) -> Pieces:
+        """The answer ended; `cut`: by the length limit, inside whatever it was writing (an unfinished call's
+        markup is then dropped, not shown)."""
 
     @property
     def called(self) -> bool: ...
@@ -185,15 +186,17 @@ class SegmentCalls:
         self._head, self._mode, self._name, self._body = "", "head", "", ""
         return out
 
-    def flush(self) -> Pieces:
-        return self._end()
+    def flush(self, cut: bool = False) -> Pieces:
+        return self._end(cut)
 
-    def _end(self) -> Pieces:
+    def _end(self, cut: bool = False) -> Pieces:
         if self._mode == "head":
             return self._text(self._head) if self._head.strip() else Pieces()
         if self._mode != "call":
             return Pieces()
         arguments = self.parse(self._name, self._body)
+        if arguments is None and cut:  # a call the length limit cut short: markup, and no call
+            return Pieces()
         if arguments is None:  # not a call after all: the segment is text, as the official parsers have it
             return self._text(f"{self._name}\n{self._body}")
         return Pieces(calls=self._calls.emit(self._name, arguments))
@@ -270,15 +273,18 @@ class MarkerCalls:
     def segment(self) -> Pieces:
         return Pieces()
 
-    def flush(self) -> Pieces:
+    def flush(self, cut: bool = False) -> Pieces:
         pending, self._pending = self._pending, ""
         if not self._inside:
             out = self._say(pending)
             self._space = ""  # the answer's trailing whitespace after its last call
             return out
         self._inside = False
-        # a call cut off before its closing marker (the model stopped on its end token) is read as it stands
-        return self._markup(pending, self.opening + pending)
+        # a call without its closing marker (the model stopped on its end token) is read as it stands; one the
+        # length limit cut short that does not parse is markup, and no call
+        out = self._markup(pending, "" if cut else self.opening + pending)
+        self._space = ""
+        return out
 
 
 def _partial(text: str, marker: str) -> int:

@@ -61,7 +61,7 @@ class JsonAnswerCalls:
     def segment(self) -> Pieces:
         return Pieces()
 
-    def flush(self) -> Pieces:
+    def flush(self, cut: bool = False) -> Pieces:  # an answer of JSON that is no call is text, cut or not
         pending, self._pending = self._pending, ""
         if self._mode != "call":
             return Pieces(pending)

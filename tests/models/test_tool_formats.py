@@ -601,3 +601,20 @@ def test_a_marker_that_is_a_special_token_still_makes_a_call(fmt: Any, answer: s
         emitted = output.push(token, last=i == len(ids) - 1)
         text, calls = text + emitted.text, calls + emitted.calls
     assert (text, whole_calls(calls)) == ("", [PARIS])
+
+
+def test_a_call_the_length_limit_cuts_is_neither_a_call_nor_text() -> None:
+    """Markup never reaches the text: a call cut short by max_tokens is dropped; the same call ended by the model
+    (its stop token) is read as text, as any malformed call."""
+    cut_short = {
+        "glm4": (lambda: Glm4Format(BOUNDARY).calls(TOOLS), 'get_weather\n{"city": "Par'),
+        "hermes": (lambda: HermesFormat().calls(TOOLS), 'Sure.\n<tool_call>\n{"name": "get_weather", "argu'),
+    }
+    for make, answer in cut_short.values():
+        for cut in (True, False):
+            stream = make()
+            pieces = stream.push(answer)
+            pieces.add(stream.flush(cut))
+            assert not pieces.calls
+            markup = "get_weather" in pieces.text
+            assert markup is not cut, (answer, cut, pieces.text)

@@ -26,6 +26,20 @@ def parse_frames(body: bytes) -> list[tuple[str | None, str]]:
     return frames
 
 
+def completion_chunks(body: bytes) -> list[dict[str, Any]]:
+    """The chunks of an OpenAI stream, which must end with `[DONE]` and hold no error."""
+    frames = parse_frames(body)
+    assert frames[-1] == (None, "[DONE]")
+    chunks = [json.loads(data) for _, data in frames[:-1]]
+    assert all("error" not in c for c in chunks), chunks
+    return chunks
+
+
+def chunk_deltas(chunks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The delta of each chunk that has a choice (the usage chunk has none)."""
+    return [c["choices"][0]["delta"] for c in chunks if c["choices"]]
+
+
 def delta_frames(body: bytes) -> list[dict[str, Any]]:
     """The JSON of every `event: delta` frame of a ChatGLM stream."""
     frames = parse_frames(body)

@@ -21,7 +21,7 @@ from generation.prepare import load_model
 from models.loader import LoadedModel, ModelConfig
 from models.tools.hermes import HermesFormat
 from tests.conftest import MakeClient, build_tiny_model
-from tests.helpers import parse_frames
+from tests.helpers import chunk_deltas, completion_chunks
 from tests.training import learned, teach
 
 Client = TestClient[web.Request, web.Application]
@@ -154,15 +154,10 @@ async def stream(client: Client, body: dict[str, Any], **extra: Any) -> list[dic
     """The chunks of a streamed answer, read from the raw event stream."""
     resp = await client.post(URL, json={**body, "temperature": 0, "max_tokens": 200, "stream": True, **extra})
     assert resp.status == 200, await resp.text()
-    frames = parse_frames(await resp.read())
-    assert frames[-1] == (None, "[DONE]")
-    chunks = [json.loads(data) for _, data in frames[:-1]]
-    assert all("error" not in c for c in chunks), chunks
-    return chunks
+    return completion_chunks(await resp.read())
 
 
-def deltas(chunks: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [c["choices"][0]["delta"] for c in chunks if c["choices"]]
+deltas = chunk_deltas
 
 
 def streamed_text(chunks: list[dict[str, Any]]) -> str:

@@ -37,7 +37,7 @@ from tests.backends.test_upstream import CLOCK, VLLM_CALLS, FakeUpstream, fake_p
 from tests.backends.test_upstream import WEATHER as UPSTREAM_WEATHER
 from tests.conftest import MakeClient, build_tiny_model
 from tests.glm2 import write_checkpoint
-from tests.helpers import parse_frames
+from tests.helpers import chunk_deltas, completion_chunks
 from tests.training import learned, teach
 
 Client = TestClient[web.Request, web.Application]
@@ -132,15 +132,10 @@ async def refused(client: Client, body: dict[str, Any], param: str) -> str:
 async def stream_chunks(client: Client, body: dict[str, Any]) -> list[dict[str, Any]]:
     resp = await client.post(URL, json={**body, "stream": True})
     assert resp.status == 200, await resp.text()
-    frames = parse_frames(await resp.read())
-    assert frames[-1] == (None, "[DONE]")
-    chunks = [json.loads(data) for _, data in frames[:-1]]
-    assert all("error" not in c for c in chunks), chunks
-    return chunks
+    return completion_chunks(await resp.read())
 
 
-def deltas(chunks: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [c["choices"][0]["delta"] for c in chunks if c["choices"]]
+deltas = chunk_deltas
 
 
 def finishes(chunks: list[dict[str, Any]]) -> list[str]:

@@ -59,7 +59,7 @@ def _plan(lm: LoadedModel, job: ChatJob) -> tuple[list[int], SamplingParams]:
         if dropped:
             log.info("dropped %d oldest history messages to fit the context", dropped)
     else:
-        ids = lm.chat.encode(job.messages, offered(job))
+        ids = lm.chat.encode(job.messages, calling.tools if calling is not None else ())
         if len(ids) >= limit:
             message = (
                 f"This model's maximum context length is {limit} tokens. "

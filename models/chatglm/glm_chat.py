@@ -89,9 +89,8 @@ class RolesFormat:
         self.sop = sop
         assistant = tokenizer.special["<|assistant|>"]
         # ChatGLM3's prefix token is `sop`, GLM-4's `<sop>`
-        self.glm4 = sop == "<sop>"
         self.own_tool_formats = (Glm4Format(assistant), ChatGLM3Format(assistant))
-        self.tool_format: ToolFormat | None = self.own_tool_formats[0 if self.glm4 else 1]
+        self.tool_format: ToolFormat | None = self.own_tool_formats[0 if sop == "<sop>" else 1]
 
     def encode(self, messages: Sequence[Message], tools: Sequence[Tool] = ()) -> list[int]:
         if not messages or messages[-1].role not in ("user", "tool"):

@@ -51,7 +51,7 @@ class ToolCall:
         """The arguments as JSON values; their text as it is when it is not JSON."""
         try:
             return loads(self.arguments)
-        except (ValueError, RecursionError):
+        except ValueError:
             return self.arguments
 
 
@@ -89,8 +89,12 @@ def _not_json(word: str) -> Any:
 
 
 def loads(text: str) -> Any:
-    """JSON text as values; Python's own words NaN and Infinity, which JSON has not, are refused."""
-    return json.loads(text, parse_constant=_not_json)
+    """JSON text as values; Python's own words NaN and Infinity, which JSON has not, are refused, and so is text
+    nested deeper than the parser goes (a ValueError either way)."""
+    try:
+        return json.loads(text, parse_constant=_not_json)
+    except RecursionError as exc:
+        raise ValueError("JSON nested too deeply") from exc
 
 
 def json_arguments(value: Any) -> str | None:
@@ -101,6 +105,15 @@ def json_arguments(value: Any) -> str | None:
         return json.dumps(value, ensure_ascii=False, allow_nan=False)
     except (TypeError, ValueError, RecursionError):  # a value JSON cannot hold (a Python set, bytes, 1e999)
         return None
+
+
+def call_of(value: Any, keys: tuple[str, ...]) -> tuple[str, str] | None:
+    """A call written as one JSON object: its `name` and its arguments under the first of `keys` it has (none:
+    no arguments); None when it is not one."""
+    if not isinstance(value, dict) or not isinstance(name := value.get("name"), str):
+        return None
+    arguments = json_arguments(next((value[k] for k in keys if k in value), {}))
+    return None if arguments is None else (name, arguments)
 
 
 class CallStream(Protocol):
@@ -134,6 +147,13 @@ class Calls:
     def emit(self, name: str, arguments: str) -> list[CallDelta]:
         index, self.count = self.count, self.count + 1
         return [CallDelta(index, "", self.ids(), name), CallDelta(index, arguments)]
+
+    def emit_all(self, calls: list[tuple[str, str]] | None, names: frozenset[str]) -> list[CallDelta] | None:
+        """The pieces of the calls a markup parsed to; None when it parsed to none or names a tool not offered
+        (the markup is then the model's text)."""
+        if not calls or any(name not in names for name, _ in calls):
+            return None
+        return [piece for name, arguments in calls for piece in self.emit(name, arguments)]
 
 
 # Reads a call's body: (name, body) -> the arguments as JSON text, or None when it is not a call.
@@ -261,14 +281,11 @@ class MarkerCalls:
         return Pieces(text)
 
     def _markup(self, markup: str, raw: str) -> Pieces:
-        calls = self.parse(markup)
-        if not calls or any(name not in self.names for name, _ in calls):
+        calls = self._calls.emit_all(self.parse(markup), self.names)
+        if calls is None:
             return self._say(raw)  # malformed or an unknown tool: the model's text, as it wrote it
         self._space = ""
-        out = Pieces()
-        for name, arguments in calls:
-            out.calls += self._calls.emit(name, arguments)
-        return out
+        return Pieces(calls=calls)
 
     def segment(self) -> Pieces:
         return Pieces()

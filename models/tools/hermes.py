@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 
-from models.tools.base import CallStream, MarkerCalls, Tool, ToolCall, json_arguments, loads
+from models.tools.base import CallStream, MarkerCalls, Tool, ToolCall, call_of, loads
 from models.tools.grammar import json_rule, one_of, split_defs
 
 NAME = "hermes"
@@ -15,13 +15,10 @@ OPEN, CLOSE = "<tool_call>", "</tool_call>"
 
 def parse_markup(markup: str) -> list[tuple[str, str]] | None:
     try:
-        call = loads(markup.strip())
+        found = call_of(loads(markup.strip()), ("arguments", "parameters"))
     except ValueError:
         return None
-    if not isinstance(call, dict) or not isinstance(name := call.get("name"), str):
-        return None
-    arguments = json_arguments(call.get("arguments", call.get("parameters", {})))
-    return None if arguments is None else [(name, arguments)]
+    return None if found is None else [found]
 
 
 def system_prompt(tools: Sequence[Tool]) -> str:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 
-from models.tools.base import Calls, CallStream, Pieces, Tool, ToolCall, json_arguments, loads
+from models.tools.base import Calls, CallStream, Pieces, Tool, ToolCall, call_of, loads
 from models.tools.grammar import json_rule, one_of
 from models.tools.hermes import call_schema
 
@@ -15,15 +15,11 @@ TAG = "<|python_tag|>"
 
 
 def parse_markup(markup: str) -> list[tuple[str, str]] | None:
-    text = markup.strip().removeprefix(TAG).strip()
     try:
-        call = loads(text)
+        found = call_of(loads(markup.strip().removeprefix(TAG).strip()), ("parameters", "arguments"))
     except ValueError:
         return None
-    if not isinstance(call, dict) or not isinstance(name := call.get("name"), str):
-        return None
-    arguments = json_arguments(call.get("parameters", call.get("arguments", {})))
-    return None if arguments is None else [(name, arguments)]
+    return None if found is None else [found]
 
 
 class JsonAnswerCalls:
@@ -63,15 +59,8 @@ class JsonAnswerCalls:
 
     def flush(self, cut: bool = False) -> Pieces:  # an answer of JSON that is no call is text, cut or not
         pending, self._pending = self._pending, ""
-        if self._mode != "call":
-            return Pieces(pending)
-        calls = parse_markup(pending)
-        if not calls or any(name not in self.names for name, _ in calls):
-            return Pieces(pending)
-        out = Pieces()
-        for name, arguments in calls:
-            out.calls += self._calls.emit(name, arguments)
-        return out
+        calls = self._calls.emit_all(parse_markup(pending), self.names) if self._mode == "call" else None
+        return Pieces(pending) if calls is None else Pieces(calls=calls)
 
 
 class Llama3Format:

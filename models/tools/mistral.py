@@ -8,7 +8,7 @@ import secrets
 import string
 from collections.abc import Sequence
 
-from models.tools.base import CallStream, MarkerCalls, Tool, ToolCall, json_arguments, loads
+from models.tools.base import CallStream, MarkerCalls, Tool, ToolCall, call_of, loads
 from models.tools.grammar import json_rule, one_of
 from models.tools.hermes import call_schema
 
@@ -29,11 +29,9 @@ def parse_markup(markup: str) -> list[tuple[str, str]] | None:
     calls = calls if isinstance(calls, list) else [calls]
     out: list[tuple[str, str]] = []
     for call in calls:
-        if not isinstance(call, dict) or not isinstance(name := call.get("name"), str):
+        if (found := call_of(call, ("arguments",))) is None:
             return None
-        if (arguments := json_arguments(call.get("arguments", {}))) is None:
-            return None
-        out.append((name, arguments))
+        out.append(found)
     return out or None
 
 

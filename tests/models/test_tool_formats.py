@@ -618,3 +618,13 @@ def test_a_call_the_length_limit_cuts_is_neither_a_call_nor_text() -> None:
             assert not pieces.calls
             markup = "get_weather" in pieces.text
             assert markup is not cut, (answer, cut, pieces.text)
+
+
+def test_a_call_nested_deeper_than_json_goes_is_text() -> None:
+    """A model's call nested past the JSON parser's depth is no call and no failure: its text, as any malformed one."""
+    deep = '{"name": "get_weather", "arguments": {"city": ' + "[" * 5000 + "]" * 5000 + "}}"
+    for stream in (HermesFormat().calls(TOOLS), Glm4Format(BOUNDARY).calls(TOOLS)):
+        answer = f"<tool_call>\n{deep}\n</tool_call>" if stream.boundary is None else f"get_weather\n{deep[36:-1]}"
+        pieces = stream.push(answer)
+        pieces.add(stream.flush())
+        assert not pieces.calls and not stream.called and pieces.text.strip()

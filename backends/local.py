@@ -82,7 +82,8 @@ def _plan(lm: LoadedModel, job: ChatJob) -> tuple[list[int], SamplingParams]:
             raise InvalidField(
                 "tools", f"'tools' cannot be forced: a function's parameters do not work ({exc})"
             ) from exc
-        constraint = Grammar("grammar", grammar, "tool_choice")
+        # a schema the grammar library refuses is the tools' fault: the error names them
+        constraint = Grammar("grammar", grammar, "tools")
     params = sampling_params(job.sampling, max_new, defaults, compiled(lm, constraint))
     return ids, replace(params, tools=calling)
 

@@ -259,6 +259,15 @@ async def test_a_strict_schema_whose_root_is_not_an_object_is_a_400(
     await refused(client, body, "tools")
 
 
+async def test_a_strict_schema_the_grammar_library_refuses_is_a_400_naming_tools(
+    make_client: MakeClient, hermes_two: LoadedModel
+) -> None:
+    client = await make_client(hermes_two)
+    misspelt = {"type": "object", "properties": {"a": {"type": "strnig"}}}
+    body = {"messages": [ASK], "tools": [strict_tool(misspelt)], "tool_choice": "required"}
+    assert "strnig" in await refused(client, body, "tools")
+
+
 def test_a_strict_schema_whose_root_is_not_an_object_has_no_schema() -> None:
     with pytest.raises(ValueError, match="object"):
         tool("f", {"type": "string"}, strict=True).schema()

@@ -27,6 +27,7 @@ from generation.output import Output
 from generation.sampling import History, Sampled, SamplingParams, sample
 from generation.scheduler import PrefillClock, Scheduler
 from generation.threads import ThreadTuner
+from models.chat_format import PassThrough
 from models.loader import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -165,7 +166,8 @@ class Engine:
         calls = None if tools is None else tools.stream()
         parallel = tools is None or tools.parallel
         markers = dict(tools.markers) if tools is not None else None
-        output = Output(lm.tokenizer, prompt, lm.chat.response_stream(), params.stop, calls, parallel, markers)
+        text = PassThrough() if params.raw_text else lm.chat.response_stream()
+        output = Output(lm.tokenizer, prompt, text, params.stop, calls, parallel, markers)
         seq = _Sequence(handle, prompt, params, generator, output)
         if params.constraint is not None:
             seq.matcher = params.constraint.matcher()

@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from api import chatglm_web, openai_chat, operations
+from api import anthropic_messages, chatglm_web, ollama, openai_chat, openai_completions, operations, tokens
 from api.browsers import BrowserPolicy, browser_guard, cors_headers
-from api.config import BACKEND, CONFIG, LIFECYCLE, METRICS, PROMPTS, Lifecycle, ServerConfig
+from api.config import BACKEND, CONFIG, ERROR_SHAPES, LIFECYCLE, METRICS, PROMPTS, Lifecycle, ServerConfig
 from api.errors import json_errors
 from api.metrics import Metrics
 from api.middleware import echo_request_id, request_context, require_key
@@ -66,6 +66,7 @@ def create_app(config: ServerConfig, backend: Backend | Engine) -> web.Applicati
     app[BACKEND] = chosen
     app[METRICS] = Metrics(chosen)
     app[LIFECYCLE] = Lifecycle()
+    app[ERROR_SHAPES] = {}  # each door's add_routes names the shape of its errors
 
     async def backend_lifetime(app: web.Application) -> AsyncIterator[None]:
         await chosen.start()
@@ -85,6 +86,10 @@ def create_app(config: ServerConfig, backend: Backend | Engine) -> web.Applicati
     operations.add_routes(app)
     chatglm_web.add_routes(app)
     openai_chat.add_routes(app)
+    openai_completions.add_routes(app)
+    anthropic_messages.add_routes(app)
+    ollama.add_routes(app)
+    tokens.add_routes(app)
     return app
 
 

@@ -142,7 +142,7 @@ def browser_guard(policy: BrowserPolicy) -> Any:
     @web.middleware
     async def guard(request: web.Request, handler: Any) -> web.StreamResponse:
         if (why := policy.refusal(request)) is not None:
-            return error_response(403, why, code="forbidden_origin")
+            return error_response(request, 403, why, code="forbidden_origin")
         origin = request.headers.get("Origin")
         if origin is None:
             response: web.StreamResponse = await handler(request)

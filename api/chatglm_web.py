@@ -69,7 +69,7 @@ async def chat(request: web.Request) -> web.Response:
             if isinstance(event, Delta):
                 text.append(event.text)
             elif isinstance(event, Failed):
-                return failure_response(event)
+                return failure_response(request, event)
             elif isinstance(event, Finished):
                 return web.json_response({**final_frame(req, "".join(text), event), "success": True}, dumps=dumps)
     finally:
@@ -85,7 +85,7 @@ async def stream(request: web.Request) -> web.StreamResponse:
     response = ""
     try:
         first, events = await peeked(events_of(request, handle))
-        if (refused := not_started(first)) is not None:
+        if (refused := not_started(request, first)) is not None:
             return refused
         await out.prepare(request)
         event: Event

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 from aiohttp import web
 
@@ -38,10 +40,15 @@ class Lifecycle:
         self.shutting_down = False
 
 
+# A door's JSON error body for (status, message, param, code): each door answers errors in its own API's shape
+ErrorShape = Callable[[int, str, str | None, str | None], dict[str, Any]]
+
 CONFIG = web.AppKey("config", ServerConfig)
 BACKEND = web.AppKey("backend", Backend)
 METRICS = web.AppKey("metrics", Metrics)
 LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
+# the error shape of each door's paths, by path prefix ("/api": Ollama's); the rest answer in OpenAI's shape
+ERROR_SHAPES = web.AppKey("error_shapes", dict[str, ErrorShape])
 PROMPTS = web.AppKey("prompts", ThreadPoolExecutor)  # parses request bodies off the event loop
 STATS = web.RequestKey("stats", RequestStats)
 REQUEST_ID = web.RequestKey("request_id", str)

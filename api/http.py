@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+import logging
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any, TypeVar
 
 from aiohttp import web
@@ -11,8 +12,9 @@ from aiohttp import web
 from api.config import BACKEND, CONFIG, METRICS, PROMPTS, STATS
 from api.errors import Refusal
 from api.schema import parse_json
-from backends.base import Event, Finished, Stream
+from backends.base import Event, Failed, Finished, Stream
 
+log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
@@ -89,3 +91,34 @@ def client_gone(request: web.Request) -> bool:
 
 def served_names(app: web.Application) -> tuple[str, ...]:
     return app[CONFIG].served_model_names or app[BACKEND].names()
+
+
+async def merge(streams: list[AsyncIterator[Event]]) -> AsyncGenerator[tuple[int, Event]]:
+    """Events of several choices as they come, tagged with the choice index. Every choice ends with Finished or
+    Failed, also one whose events raise (a bug): it ends Failed. Close it (`aclosing`) to stop the readers early."""
+    if len(streams) == 1:
+        async for event in streams[0]:
+            yield 0, event
+        return
+    merged: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
+
+    async def pump(i: int, events: AsyncIterator[Event]) -> None:
+        try:
+            async for event in events:
+                merged.put_nowait((i, event))
+        except Exception:
+            log.exception("choice %d failed", i)
+            merged.put_nowait((i, Failed("generation failed: internal error")))
+
+    tasks = [asyncio.create_task(pump(i, events)) for i, events in enumerate(streams)]
+    left = len(streams)
+    try:
+        while left:
+            i, event = await merged.get()
+            if isinstance(event, (Finished, Failed)):
+                left -= 1
+            yield i, event
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -39,9 +39,11 @@ async def request_context(request: web.Request, handler: Any) -> web.StreamRespo
     counted = request.path not in UNCOUNTED
     response: web.StreamResponse
     if life.shutting_down and counted:
-        response = error_response(503, "the server is shutting down")
+        response = error_response(request, 503, "the server is shutting down")
     elif counted and life.in_flight >= app[CONFIG].max_connections:
-        response = error_response(429, "too many requests in flight; retry later", headers={"Retry-After": "1"})
+        response = error_response(
+            request, 429, "too many requests in flight; retry later", headers={"Retry-After": "1"}
+        )
     else:
         life.in_flight += counted
         guard = guard_of(request.transport)
@@ -88,9 +90,20 @@ async def echo_request_id(request: web.Request, response: web.StreamResponse) ->
         response.headers["X-Request-ID"] = request[REQUEST_ID]
 
 
+def key_matches(request: web.Request, api_key: str) -> bool:
+    """Whether the request carries the key, as a bearer token or in x-api-key; compared in constant time."""
+    scheme, _, bearer = request.headers.get("Authorization", "").partition(" ")
+    sent = [bearer.strip()] if scheme.lower() == "bearer" else []
+    if "x-api-key" in request.headers:
+        sent.append(request.headers["x-api-key"].strip())
+    # every sent key is compared, so the time taken does not tell which header held a wrong one
+    return any([hmac.compare_digest(key.encode(), api_key.encode()) for key in sent])
+
+
 @web.middleware
 async def require_key(request: web.Request, handler: Any) -> web.StreamResponse:
-    """`Authorization: Bearer KEY` on API routes when --api-key is set; compared in constant time."""
+    """The API key on API routes when --api-key is set: `Authorization: Bearer KEY` or (as Anthropic's clients
+    send it) `x-api-key: KEY`."""
     config = request.app[CONFIG]
     path = request.path
     is_open = (
@@ -101,10 +114,8 @@ async def require_key(request: web.Request, handler: Any) -> web.StreamResponse:
         or (path == "/metrics" and not config.metrics_need_key)
     )
     if not is_open:
-        sent = request.headers.get("Authorization", "")
-        scheme, _, key = sent.partition(" ")
         assert config.api_key is not None
-        if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(), config.api_key.encode()):
-            return error_response(401, "missing or wrong API key", headers={"WWW-Authenticate": "Bearer"})
+        if not key_matches(request, config.api_key):
+            return error_response(request, 401, "missing or wrong API key", headers={"WWW-Authenticate": "Bearer"})
     response: web.StreamResponse = await handler(request)
     return response

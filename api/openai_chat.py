@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import Sequence
 from contextlib import aclosing
 from dataclasses import replace
 from typing import Any
@@ -15,13 +14,12 @@ from aiohttp import web
 
 from api.config import BACKEND, CONFIG
 from api.errors import error_response, failure_response, not_started
-from api.http import events_of, peeked, read_body, served_names, usage
+from api.http import events_of, merge, peeked, read_body, served_names, usage
 from api.schema import CompletionRequest, parse_completion
 from backends.base import (
     CallDelta,
     ChatJob,
     Delta,
-    Event,
     Failed,
     Finished,
     KeepAlive,
@@ -52,6 +50,7 @@ async def start(request: web.Request, req: CompletionRequest) -> tuple[list[Stre
     names = served_names(request.app)
     if req.model is not None and req.model not in names:
         return error_response(
+            request,
             404,
             f"The model '{req.model}' does not exist; this server serves {', '.join(names)}",
             "model",
@@ -67,37 +66,6 @@ async def start(request: web.Request, req: CompletionRequest) -> tuple[list[Stre
         tool_choice=req.tool_choice,
     )
     return await request.app[BACKEND].open(job), req.model or names[0]
-
-
-async def merge(streams: list[AsyncIterator[Event]]) -> AsyncGenerator[tuple[int, Event]]:
-    """Events of several choices as they come, tagged with the choice index. Every choice ends with Finished or
-    Failed, also one whose events raise (a bug): it ends Failed. Close it (`aclosing`) to stop the readers early."""
-    if len(streams) == 1:
-        async for event in streams[0]:
-            yield 0, event
-        return
-    merged: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
-
-    async def pump(i: int, events: AsyncIterator[Event]) -> None:
-        try:
-            async for event in events:
-                merged.put_nowait((i, event))
-        except Exception:
-            log.exception("choice %d failed", i)
-            merged.put_nowait((i, Failed("generation failed: internal error")))
-
-    tasks = [asyncio.create_task(pump(i, events)) for i, events in enumerate(streams)]
-    left = len(streams)
-    try:
-        while left:
-            i, event = await merged.get()
-            if isinstance(event, (Finished, Failed)):
-                left -= 1
-            yield i, event
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
@@ -182,7 +150,7 @@ async def _complete(
                 for piece in event.calls:
                     add_call(calls[i], piece)
             elif isinstance(event, Failed):
-                return failure_response(event)
+                return failure_response(request, event)
             elif isinstance(event, Finished):
                 reasons[i] = event.reason
                 done.append(event)
@@ -227,7 +195,7 @@ async def _stream(
     merged = merge([events_of(request, h) for h in handles])
     try:
         (_, first), events = await peeked(merged)
-        if (refused := not_started(first)) is not None:
+        if (refused := not_started(request, first)) is not None:
             return refused
         await out.prepare(request)
         for i in range(len(handles)):

@@ -7,22 +7,13 @@ import copy
 import functools
 from typing import Any
 
+from api import anthropic_schema, completions_schema, ollama_schema, tokens_schema
+from api.openapi_parts import REF, errors, json_content, op, ref
 from api.schema import REQUEST_BODIES
 
-REF = "#/components/schemas/{model}"
-
-
-def _ref(name: str) -> dict[str, str]:
-    return {"$ref": f"#/components/schemas/{name}"}
-
-
-def _json(schema: dict[str, Any]) -> dict[str, Any]:
-    return {"content": {"application/json": {"schema": schema}}}
-
-
-def _errors(*statuses: int) -> dict[str, Any]:
-    return {str(s): {"description": "error", **_json(_ref("Error"))} for s in statuses}
-
+# the doors beside the two first ones: each brings its bodies, its answers' schemas and its paths
+DOORS = (completions_schema, anthropic_schema, ollama_schema, tokens_schema)
+BODIES = {**REQUEST_BODIES, **{name: body for door in DOORS for name, body in door.BODIES.items()}}
 
 SCHEMAS: dict[str, Any] = {  # the answers' schemas; the request bodies' come from their pydantic models
     "Error": {
@@ -51,35 +42,36 @@ SCHEMAS: dict[str, Any] = {  # the answers' schemas; the request bodies' come fr
             "response": {"type": "string"},
             "history": {"type": "array", "items": {"type": "array", "items": {"type": "string"}}},
             "finish_reason": {"enum": ["stop", "length"]},
-            "usage": _ref("Usage"),
+            "usage": ref("Usage"),
             "success": {"type": "boolean"},
         },
     },
 }
 
 
+def _answer_schemas() -> dict[str, Any]:
+    out = dict(SCHEMAS)
+    for door in DOORS:
+        if clash := out.keys() & door.SCHEMAS.keys():
+            raise ValueError(f"two answer schemas are named {sorted(clash)}")
+        out.update(door.SCHEMAS)
+    return out
+
+
 @functools.cache
 def _request_schemas() -> dict[str, Any]:
     """Each request body's JSON Schema under its name, and the models it nests (its `$defs`) beside it."""
     schemas: dict[str, Any] = {}
-    for name, model in REQUEST_BODIES.items():
+    for name, model in BODIES.items():
         schema = model.model_json_schema(ref_template=REF)
         for nested, sub in schema.pop("$defs", {}).items():
             if schemas.setdefault(nested, sub) != sub:
                 raise ValueError(f"two different request schemas are named {nested}")
         schemas[name] = schema
-    if clash := schemas.keys() & SCHEMAS.keys():
+    answers = _answer_schemas()
+    if clash := schemas.keys() & answers.keys():
         raise ValueError(f"request and answer schemas share names: {sorted(clash)}")
     return schemas
-
-
-def _op(summary: str, responses: dict[str, Any], body: str | None = None, *, open_: bool = False) -> dict[str, Any]:
-    op: dict[str, Any] = {"summary": summary, "responses": responses}
-    if body:
-        op["requestBody"] = {"required": True, **_json(_ref(body))}
-    if open_:
-        op["security"] = []  # no API key, even when the server has one
-    return op
 
 
 def build_spec(model_names: tuple[str, ...]) -> dict[str, Any]:
@@ -87,41 +79,42 @@ def build_spec(model_names: tuple[str, ...]) -> dict[str, Any]:
     description."""
     stream = {"200": {"description": "event: delta frames", "content": {"text/event-stream": {}}}}
     sse_or_json = {"text/event-stream": {}, "application/json": {"schema": {"type": "object"}}}
-    answer = {"200": {"description": "answer", **_json(_ref("ChatResponse"))}}
+    answer = {"200": {"description": "answer", **json_content(ref("ChatResponse"))}}
     completion = {"200": {"description": "completion or chunk stream", "content": sse_or_json}}
     done = {"200": {"description": "done"}}
     ready = {"200": {"description": "ready"}}
-    chatglm_errors = _errors(400, 401, 413, 429, 503)
+    chatglm_errors = errors(400, 401, 413, 429, 503)
     return {
         "openapi": "3.1.0",
         "info": {"title": "chatglm-stream", "version": "0.1.0", "description": f"Serving {', '.join(model_names)}"},
         "components": {
-            "schemas": {**SCHEMAS, **copy.deepcopy(_request_schemas())},
+            "schemas": {**copy.deepcopy(_answer_schemas()), **copy.deepcopy(_request_schemas())},
             "securitySchemes": {
                 "bearer": {"type": "http", "scheme": "bearer", "description": "Only when the server has --api-key"}
             },
         },
         "security": [{"bearer": []}],
         "paths": {
-            "/": {"get": _op("Web chat page", {"200": {"description": "HTML"}}, open_=True)},
-            "/chat": {"post": _op("ChatGLM chat", {**answer, **chatglm_errors}, "ChatRequest")},
-            "/stream": {"post": _op("ChatGLM stream", {**stream, **chatglm_errors}, "ChatRequest")},
+            "/": {"get": op("Web chat page", {"200": {"description": "HTML"}}, open_=True)},
+            "/chat": {"post": op("ChatGLM chat", {**answer, **chatglm_errors}, "ChatRequest")},
+            "/stream": {"post": op("ChatGLM stream", {**stream, **chatglm_errors}, "ChatRequest")},
             "/clear": {
-                "get": _op("Release cached accelerator memory", {**done, **_errors(401)}),
-                "post": _op("Release cached accelerator memory", {**done, **_errors(401)}),
+                "get": op("Release cached accelerator memory", {**done, **errors(401)}),
+                "post": op("Release cached accelerator memory", {**done, **errors(401)}),
             },
-            "/v1/models": {"get": _op("Served models", {"200": {"description": "list"}, **_errors(401)})},
+            "/v1/models": {"get": op("Served models", {"200": {"description": "list"}, **errors(401)})},
             "/v1/chat/completions": {
-                "post": _op(
+                "post": op(
                     "OpenAI chat completions",
-                    {**completion, **_errors(400, 401, 404, 413, 429, 503)},
+                    {**completion, **errors(400, 401, 404, 413, 429, 503)},
                     "CompletionRequest",
                 )
             },
             "/health": {
-                "get": _op("Readiness", {**ready, "503": {"description": "loading or shutting down"}}, open_=True)
+                "get": op("Readiness", {**ready, "503": {"description": "loading or shutting down"}}, open_=True)
             },
-            "/metrics": {"get": _op("Prometheus metrics", {"200": {"description": "text format"}, **_errors(401)})},
-            "/openapi.json": {"get": _op("This description", {"200": {"description": "OpenAPI 3.1"}}, open_=True)},
+            "/metrics": {"get": op("Prometheus metrics", {"200": {"description": "text format"}, **errors(401)})},
+            "/openapi.json": {"get": op("This description", {"200": {"description": "OpenAPI 3.1"}}, open_=True)},
+            **{path: copy.deepcopy(item) for door in DOORS for path, item in door.PATHS.items()},
         },
     }

@@ -31,6 +31,7 @@ __all__ = [
     "SamplingDefaults",
     "Stream",
     "TokenLogprob",
+    "Tokens",
     "Tool",
     "ToolCall",
     "ToolChoice",
@@ -101,7 +102,8 @@ class ToolChoice:
 
 @dataclass(frozen=True)
 class ChatJob:
-    """One chat request, in either API's words."""
+    """One generation request, in any door's words: a conversation, or a raw prompt (`prompt`: its text as it is,
+    no chat template, and the answer the model's text as it is; `messages` is empty then)."""
 
     messages: tuple[Message, ...]
     sampling: Sampling  # as sent; unset fields take `defaults` (or the model family's own)
@@ -114,6 +116,16 @@ class ChatJob:
     limits: Limits = Limits()
     tools: tuple[Tool, ...] = ()
     tool_choice: ToolChoice = field(default_factory=ToolChoice)
+    prompt: str | None = None
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """A prompt's token ids as the model reads them, and the model's context length (None: an upstream that did not
+    say)."""
+
+    ids: tuple[int, ...]
+    context_length: int | None
 
 
 class Stream(Protocol):
@@ -156,3 +168,10 @@ class Backend(Protocol):
 
     async def open(self, job: ChatJob) -> list[Stream]:
         """Start a job's choices. Raises InvalidField or BackendError."""
+
+    async def tokenize(self, job: ChatJob) -> Tokens:
+        """The prompt ids `open` would generate the job's answer from (its raw prompt; or its messages, with its
+        tools, through the chat template), without generating. Raises InvalidField or BackendError."""
+
+    async def detokenize(self, ids: tuple[int, ...]) -> str:
+        """The text of token ids. Raises InvalidField (an id the model does not have) or BackendError."""

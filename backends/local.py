@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any
 
-from backends.base import BackendError, ChatJob, Constraint, InvalidField, Stream, Tool
+from backends.base import BackendError, ChatJob, Constraint, InvalidField, Stream, Tokens, Tool
 from backends.limits import check_limits
 from backends.sampling import sampling_params
 from engine import Engine, EngineStopped, QueueFull
@@ -59,7 +59,9 @@ def _plan(lm: LoadedModel, job: ChatJob) -> tuple[list[int], SamplingParams]:
         if dropped:
             log.info("dropped %d oldest history messages to fit the context", dropped)
     else:
-        ids = lm.chat.encode(job.messages, calling.tools if calling is not None else ())
+        ids = prompt_ids(lm, job, calling)
+        if not ids:
+            raise InvalidField(job.prompt_param, f"'{job.prompt_param}' holds no tokens: there is nothing to continue")
         if len(ids) >= limit:
             message = (
                 f"This model's maximum context length is {limit} tokens. "
@@ -85,7 +87,30 @@ def _plan(lm: LoadedModel, job: ChatJob) -> tuple[list[int], SamplingParams]:
         # a schema the grammar library refuses is the tools' fault: the error names them
         constraint = Grammar("grammar", grammar, "tools")
     params = sampling_params(job.sampling, max_new, defaults, compiled(lm, constraint))
-    return ids, replace(params, tools=calling)
+    return ids, replace(params, tools=calling, raw_text=job.prompt is not None)
+
+
+def prompt_ids(lm: LoadedModel, job: ChatJob, calling: ToolCalling | None) -> list[int]:
+    """A job's prompt ids: its raw prompt's, or its messages' through the chat format with the tools it offers."""
+    if job.prompt is not None:
+        return lm.chat.encode_text(job.prompt)
+    return lm.chat.encode(job.messages, calling.tools if calling is not None else ())
+
+
+def tokens_of(lm: LoadedModel, job: ChatJob) -> list[int]:
+    """The ids `plan` would give a job, without its checks of length and sampling (/tokenize, count_tokens)."""
+    try:
+        return prompt_ids(lm, job, tool_calling(lm, job))
+    except ChatRejected as exc:
+        raise InvalidField(job.template_param, str(exc)) from exc
+
+
+def text_of(lm: LoadedModel, ids: tuple[int, ...]) -> str:
+    """The text of token ids; an id past the model's tokens is the client's error."""
+    vocab = token_count(lm)
+    if bad := [i for i in ids if not 0 <= i < vocab]:
+        raise InvalidField("tokens", f"'tokens' holds {bad[0]}; this model's tokens are 0 to {vocab - 1}")
+    return str(lm.tokenizer.decode(list(ids)))
 
 
 def offered(job: ChatJob) -> tuple[Tool, ...]:
@@ -222,11 +247,23 @@ class LocalBackend:
         clear_caches(list(self.engine.model.devices))
         return {}
 
-    async def open(self, job: ChatJob) -> list[Stream]:
+    def _model(self) -> LoadedModel:
         try:
-            lm = self.engine.model
+            return self.engine.model
         except EngineStopped as exc:
             raise BackendError(503, str(exc)) from exc
+
+    async def tokenize(self, job: ChatJob) -> Tokens:
+        lm = self._model()
+        ids = await asyncio.get_running_loop().run_in_executor(self._prompts, lambda: tokens_of(lm, job))
+        return Tokens(tuple(ids), lm.context_length)
+
+    async def detokenize(self, ids: tuple[int, ...]) -> str:
+        lm = self._model()
+        return await asyncio.get_running_loop().run_in_executor(self._prompts, lambda: text_of(lm, ids))
+
+    async def open(self, job: ChatJob) -> list[Stream]:
+        lm = self._model()
         # a client that leaves meanwhile cancels the wait; the result is dropped
         ids, params = await asyncio.get_running_loop().run_in_executor(self._prompts, lambda: plan(lm, job))
         streams: list[Stream] = []

@@ -20,7 +20,7 @@ import aiohttp
 from aiohttp.http_exceptions import LineTooLong
 from yarl import URL
 
-from backends.base import BackendError, CallDelta, ChatJob, Constraint, Message, Stream, ToolChoice
+from backends.base import BackendError, CallDelta, ChatJob, Constraint, Message, Stream, Tokens, ToolChoice
 from backends.limits import check_limits
 from backends.upstream_checks import (
     CallChunk,
@@ -475,6 +475,12 @@ class UpstreamBackend:
         self._calls.add(call)
         call.task.add_done_callback(lambda _: self._forget(call))
         return list(call.handles)
+
+    async def tokenize(self, job: ChatJob) -> Tokens:
+        raise BackendError(501, "not yet")
+
+    async def detokenize(self, ids: tuple[int, ...]) -> str:
+        raise BackendError(501, "not yet")
 
     def _forget(self, call: _Call) -> None:
         self._calls.discard(call)

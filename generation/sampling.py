@@ -27,6 +27,7 @@ class SamplingParams:
     logprobs: int | None = None  # None: none; k: each token's logprob and the k likeliest (0-20)
     constraint: Any = None  # a CompiledConstraint (generation/constraints.py): each sequence gets its own matcher
     tools: Any = None  # a ToolCalling (generation/output.py): the answer's calls are read out of its text
+    raw_text: bool = False  # a raw prompt's answer: the model's text as it is, without the family's post-processing
 
 
 @dataclass

@@ -63,6 +63,10 @@ class ChatFormat(Protocol):
     def encode(self, messages: Sequence[Message], tools: Sequence[Tool] = ()) -> list[int]:
         """Prompt ids; `tools` are the ones the model is told it may call."""
 
+    def encode_text(self, text: str) -> list[int]:
+        """A raw prompt's ids (OpenAI completions, Ollama's raw generate): the text as it is, with no chat template,
+        and the special tokens the family's model starts a text with (a BOS, ChatGLM's `[gMASK] sop`)."""
+
     def response_stream(self) -> TextStream: ...
 
 
@@ -110,6 +114,9 @@ class TemplateFormat:
             tools = ()
         glm = isinstance(self.tool_format, Glm4Format)
         return encode_chat(self.tokenizer, messages, tools, glm_turns if glm else template_messages)
+
+    def encode_text(self, text: str) -> list[int]:
+        return list(self.tokenizer(text)["input_ids"])  # the tokenizer's own special tokens: a BOS where it adds one
 
     def response_stream(self) -> TextStream:
         return PassThrough()

@@ -129,5 +129,8 @@ class ChatGLM6BFormat:
         prompt = build_prompt(query, rounds)
         return self.tokenizer.encode(f"{system}\n{prompt}" if system else prompt)
 
+    def encode_text(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text)  # ends `[gMASK] <sop>`, where ChatGLM-6B's answer starts
+
     def response_stream(self) -> ResponseStream:
         return ResponseStream()

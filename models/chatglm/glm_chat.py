@@ -72,6 +72,10 @@ class RoundsFormat:
             *self.tokenizer.encode(f"{system}\n\n{prompt}" if system else prompt),
         ]
 
+    def encode_text(self, text: str) -> list[int]:
+        special = self.tokenizer.special
+        return [special["[gMASK]"], special["sop"], *self.tokenizer.encode(text)]
+
     def response_stream(self) -> StripStream:
         return StripStream(placeholder=True)
 
@@ -134,6 +138,10 @@ class RolesFormat:
             return chatglm3.call_body(json.loads(arguments))
         except (ValueError, RecursionError) as exc:
             raise ChatRejected(f"a tool call's arguments must be a JSON object for this model: {exc}") from exc
+
+    def encode_text(self, text: str) -> list[int]:
+        special = self.tokenizer.special
+        return [special["[gMASK]"], special[self.sop], *self.tokenizer.encode(text)]
 
     def response_stream(self) -> StripStream:
         return StripStream(placeholder=False)

@@ -224,7 +224,7 @@ async def test_what_the_sdk_cannot_send_is_still_a_400(make_client: MakeClient, 
 
 async def test_a_choice_whose_events_raise_ends_failed_and_the_merge_ends() -> None:
     """`n` choices are read by one task each; one that raises (a bug) must still end, or the answer waits forever."""
-    from api.openai_chat import merge
+    from api.http import merge
     from backends.base import Delta, Event, Failed, Finished
 
     async def good() -> AsyncIterator[Event]:
@@ -244,7 +244,7 @@ async def test_a_choice_whose_events_raise_ends_failed_and_the_merge_ends() -> N
 async def test_leaving_a_merge_early_stops_its_readers() -> None:
     from contextlib import aclosing
 
-    from api.openai_chat import merge
+    from api.http import merge
     from backends.base import Delta, Event
 
     stopped: list[int] = []

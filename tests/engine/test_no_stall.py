@@ -68,6 +68,9 @@ class Counting:
         self.messages += len(messages)
         return self.chat.encode(messages, tools)
 
+    def encode_text(self, text: str) -> list[int]:
+        return self.chat.encode_text(text)
+
     def response_stream(self) -> TextStream:
         return self.chat.response_stream()
 

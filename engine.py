@@ -478,7 +478,7 @@ class Engine:
             seq.pending.append(self._token_texts().entry(sampled))
         emitted = seq.output.push(None if is_eos else token, last=reason is not None, cut=reason == "length")
         out = emitted.text
-        if emitted.stopped:
+        if emitted.stop is not None:
             reason = "stop"
             seq.pending.clear()  # their text was cut at the stop string
         if reason is not None and not out:
@@ -492,5 +492,6 @@ class Engine:
             return True
         if seq.output.called:  # whole calls went out: the client has tools to run, even when the length cut it after
             reason = "tool_calls"
-        self._end(seq.handle, Finished(reason, len(seq.prompt), len(seq.tokens), seq.queue_s))
+        done = Finished(reason, len(seq.prompt), len(seq.tokens), seq.queue_s, stop_sequence=emitted.stop)
+        self._end(seq.handle, done)
         return False

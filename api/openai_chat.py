@@ -141,6 +141,7 @@ async def _complete(
     calls: list[list[dict[str, Any]]] = [[] for _ in handles]
     tokens: list[list[TokenLogprob]] = [[] for _ in handles]
     reasons = [""] * len(handles)
+    stops: list[str | None] = [None] * len(handles)
     done: list[Finished] = []
     async with aclosing(merge([events_of(request, h) for h in handles])) as events:
         async for i, event in events:
@@ -152,7 +153,7 @@ async def _complete(
             elif isinstance(event, Failed):
                 return failure_response(request, event)
             elif isinstance(event, Finished):
-                reasons[i] = event.reason
+                reasons[i], stops[i] = event.reason, event.stop_sequence
                 done.append(event)
     choices = [
         {
@@ -160,6 +161,7 @@ async def _complete(
             "message": message(req, texts[i], calls[i]),
             "logprobs": logprobs_part(tokens[i]) if req.logprobs else None,
             "finish_reason": finish_reason(req, reasons[i]),
+            "stop_reason": stops[i],  # vLLM's: the stop string that ended the answer
         }
         for i in range(len(handles))
     ]
@@ -182,8 +184,11 @@ def _chunk(
     delta: dict[str, Any],
     reason: str | None = None,
     logprobs: dict[str, Any] | None = None,
+    stop: str | None = None,
 ) -> dict[str, Any]:
     choice = {"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
+    if reason is not None:
+        choice["stop_reason"] = stop  # vLLM's: the stop string that ended the answer
     return {**base, "object": "chat.completion.chunk", "choices": [choice]}
 
 
@@ -215,7 +220,7 @@ async def _stream(
                     logprobs = None
             elif isinstance(event, Finished):
                 done.append(event)
-                await out.send_json(_chunk(base, i, {}, finish_reason(req, event.reason)))
+                await out.send_json(_chunk(base, i, {}, finish_reason(req, event.reason), stop=event.stop_sequence))
             elif isinstance(event, Failed):
                 error = {"message": event.message, "type": event.type, "param": None, "code": None}
                 await out.send_json({"error": error})

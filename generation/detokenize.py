@@ -55,19 +55,21 @@ class StopMatcher:
         self._stops = [s for s in stops if s]
         self._pending = ""
 
-    def push(self, text: str) -> tuple[str, bool]:
-        """Add text; return (text safe to emit, whether a stop string was found)."""
+    def push(self, text: str) -> tuple[str, str | None]:
+        """Add text; return (text safe to emit, the stop string found or None). Of stop strings found in the same
+        text, the one that starts first ends it (of two starting there, the one listed first)."""
         if not self._stops:
-            return text, False
+            return text, None
         self._pending += text
-        hits = [i for i in (self._pending.find(s) for s in self._stops) if i >= 0]
+        hits = [(at, i) for i, at in enumerate(self._pending.find(s) for s in self._stops) if at >= 0]
         if hits:
-            out, self._pending = self._pending[: min(hits)], ""
-            return out, True
+            at, first = min(hits)
+            out, self._pending = self._pending[:at], ""
+            return out, self._stops[first]
         hold = self._partial_suffix()
         cut = len(self._pending) - hold
         out, self._pending = self._pending[:cut], self._pending[cut:]
-        return out, False
+        return out, None
 
     def _partial_suffix(self) -> int:
         """Length of the longest end of pending text that is a proper prefix of a stop string."""

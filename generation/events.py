@@ -50,6 +50,7 @@ class Finished:
     completion_tokens: int
     queue_s: float = 0.0  # time spent waiting for a batch slot
     usage_known: bool = True  # False: an upstream that reports no usage (the counts are 0, not invented)
+    stop_sequence: str | None = None  # the request's stop string that ended the answer (reason "stop")
 
 
 @dataclass(frozen=True)

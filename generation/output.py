@@ -29,11 +29,11 @@ class ToolCalling:
 
 @dataclass
 class Emitted:
-    """What one token adds: text, then pieces of calls; `stopped`: a stop string ended the answer."""
+    """What one token adds: text, then pieces of calls; `stop`: the stop string that ended the answer."""
 
     text: str = ""
     calls: list[CallDelta] = field(default_factory=list)
-    stopped: bool = False
+    stop: str | None = None
 
 
 class Output:
@@ -79,6 +79,6 @@ class Output:
             text, calls = pieces.text, [c for c in pieces.calls if self._parallel or c.index == 0]
         text = self._answer.push(text) + (self._answer.flush() if last else "")
         out, hit = self._stops.push(text)
-        if last and not hit:
+        if last and hit is None:
             out += self._stops.flush()
         return Emitted(out, calls, hit)

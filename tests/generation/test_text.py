@@ -54,7 +54,7 @@ def test_stop_matcher_random_chunking(seed: int) -> None:
         pieces.append(text[i : i + n])
         i += n
     matcher = StopMatcher(["STOP", "zzz"])
-    out, hit = "", False
+    out, hit = "", None
     for piece in pieces:
         emitted, hit = matcher.push(piece)
         out += emitted
@@ -62,21 +62,27 @@ def test_stop_matcher_random_chunking(seed: int) -> None:
         assert "STOP" not in out and not out.endswith(("S", "ST", "STO"))
         if hit:
             break
-    assert hit
+    assert hit == "STOP"
     assert out == "alpha beta "
+
+
+def test_stop_matcher_names_the_stop_string_that_starts_first() -> None:
+    matcher = StopMatcher(["end", "b", "and"])
+    assert matcher.push("x and b") == ("x ", "and")  # "and" starts before "b" and "end" is not there
+    assert StopMatcher(["ab", "a"]).push("xab") == ("x", "ab")  # both start at 1: the one listed first
 
 
 def test_stop_matcher_releases_a_false_start() -> None:
     matcher = StopMatcher(["</end>"])
-    assert matcher.push("a </e") == ("a ", False)  # held: could still become the stop string
-    assert matcher.push("nd") == ("", False)
-    assert matcher.push("x") == ("</endx", False)  # released once it cannot
+    assert matcher.push("a </e") == ("a ", None)  # held: could still become the stop string
+    assert matcher.push("nd") == ("", None)
+    assert matcher.push("x") == ("</endx", None)  # released once it cannot
     assert matcher.flush() == ""
 
 
 def test_stop_matcher_flush_returns_held_text() -> None:
     matcher = StopMatcher(["###"])
-    assert matcher.push("answer #") == ("answer ", False)
+    assert matcher.push("answer #") == ("answer ", None)
     assert matcher.flush() == "#"
 
 

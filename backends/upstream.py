@@ -29,9 +29,11 @@ from backends.upstream_checks import (
     MalformedChunk,
     Secrets,
     clean,
+    clean_text,
     exception_text,
     model_names,
     parse_chunk,
+    read_head,
     refusal_message,
 )
 from generation.events import Delta, Failed, Finished, RequestHandle, TokenLogprob
@@ -40,6 +42,7 @@ from models.tools.base import call_id
 log = logging.getLogger(__name__)
 
 PROBE_EVERY = 2.0  # seconds between checks that the upstream answers
+ANSWER_BYTES = 16 << 20  # the most of a /tokenize or /detokenize answer read: a whole context's ids fit
 REFUSED_CREDENTIALS = "the upstream refused this server's credentials (check --upstream-api-key)"
 # the upstream's 4xx that are about the client's request, passed on as they are; any other is about how this server
 # asks it (a wrong --upstream path or --upstream-model: 404; a proxy that wants credentials: 407), a 502
@@ -86,6 +89,7 @@ class _Call:
         self.ended = False  # every choice has had its last event
         self._held: dict[int, tuple[TokenLogprob, ...]] = {}  # by choice: logprobs of tokens whose text is to come
         self._calls: dict[int, _Calls] = {}  # by choice: the tool calls its answer has begun
+        self._stops: dict[int, str] = {}  # by choice: the stop string that ended it, where the upstream said
 
     def stop(self) -> None:
         if self.task is not None and not self.task.done():
@@ -108,9 +112,10 @@ class _Call:
             if i not in reasons:
                 h.deliver(Failed("the upstream ended the stream before the answer", "upstream_error"))
             elif usage is None:
-                h.deliver(Finished(reasons[i], 0, 0, usage_known=False))
+                h.deliver(Finished(reasons[i], 0, 0, usage_known=False, stop_sequence=self._stops.get(i)))
             else:  # the upstream counts all choices together: the first carries them
-                h.deliver(Finished(reasons[i], usage[0], usage[1] if i == 0 else 0))
+                counts = (usage[0], usage[1] if i == 0 else 0)
+                h.deliver(Finished(reasons[i], *counts, stop_sequence=self._stops.get(i)))
 
     async def pump(self) -> None:
         """Read the upstream's chunks into each choice's queue; end every choice exactly once, whatever happens."""
@@ -168,6 +173,8 @@ class _Call:
             self._held[choice.index] = logprobs  # entry comes with the text it makes
         if choice.finish_reason:
             reasons[choice.index] = choice.finish_reason
+            if choice.stop is not None:
+                self._stops[choice.index] = choice.stop
 
     def close(self) -> None:
         """Once the pump is done: end choices it never reached (cancelled before it ran) and free the connection."""
@@ -424,14 +431,15 @@ class UpstreamBackend:
         return {"note": "no local model: the upstream manages its own memory"}
 
     def _body(self, job: ChatJob) -> dict[str, Any]:
-        """The OpenAI request for a job: every sampling field the client set passes through, its constraint and its
-        tools."""
+        """The OpenAI request for a job (chat completions; legacy completions for a raw prompt): every sampling field
+        the client set passes through, its constraint and its tools."""
         s = job.sampling
         max_tokens = s.max_tokens or job.limits.default_max_tokens
         check_limits(job.limits, s.max_tokens, 0, job.prompt_param)
+        prompt = {"messages": _messages(job.messages)} if job.prompt is None else {"prompt": job.prompt}
         body: dict[str, Any] = {
             "model": self.names()[0],
-            "messages": _messages(job.messages),
+            **prompt,
             "stream": True,
             "stream_options": {"include_usage": True},
             "max_tokens": max_tokens,
@@ -449,8 +457,9 @@ class UpstreamBackend:
             "min_tokens": s.min_tokens or None,
             "ignore_eos": s.ignore_eos or None,
             "logit_bias": {str(token): bias for token, bias in s.logit_bias} or None,
-            "logprobs": None if s.logprobs is None else True,
-            "top_logprobs": s.logprobs,
+            # the legacy API's logprobs is the number of alternatives
+            "logprobs": None if s.logprobs is None else (True if job.prompt is None else s.logprobs),
+            "top_logprobs": s.logprobs if job.prompt is None else None,
         }
         fields = {**_constraint(s.constraint), **_tools(job)}
         return {**body, **fields, **{k: v for k, v in optional.items() if v is not None}}
@@ -461,8 +470,9 @@ class UpstreamBackend:
         body = self._body(job)
         if self._problem is not None:
             raise BackendError(502, f"the upstream {self.url} cannot be used: {self._problem}")
+        path = "/chat/completions" if job.prompt is None else "/completions"
         try:
-            response = await self._session.post(f"{self.url}/chat/completions", json=body)
+            response = await self._session.post(f"{self.url}{path}", json=body)
         except (aiohttp.ClientError, TimeoutError) as exc:
             text = exception_text(exc, self._secrets)
             raise BackendError(502, f"the upstream {self.url} cannot be reached: {text}") from exc
@@ -477,10 +487,48 @@ class UpstreamBackend:
         return list(call.handles)
 
     async def tokenize(self, job: ChatJob) -> Tokens:
-        raise BackendError(501, "not yet")
+        """The upstream's own count, from its /tokenize (vLLM's, and this server's): the prompt, or the messages with
+        the tools, as it would prompt its model with them."""
+        if job.prompt is not None:
+            body: dict[str, Any] = {"prompt": job.prompt}
+        else:
+            body = {"messages": _messages(job.messages), **_tools(job)}
+            body.pop("parallel_tool_calls", None)
+        answer = await self._ask("/tokenize", {"model": self.names()[0], **body})
+        ids, length = answer.get("tokens"), answer.get("max_model_len")
+        if not (isinstance(ids, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in ids)):
+            raise BackendError(502, f"the upstream {self.url} answered /tokenize without a list of token ids")
+        known = isinstance(length, int) and not isinstance(length, bool) and length > 0
+        return Tokens(tuple(ids), length if known else None)
 
     async def detokenize(self, ids: tuple[int, ...]) -> str:
-        raise BackendError(501, "not yet")
+        answer = await self._ask("/detokenize", {"model": self.names()[0], "tokens": list(ids)})
+        text = answer.get("prompt", answer.get("content"))  # vLLM's word, llama.cpp's
+        if not isinstance(text, str):
+            raise BackendError(502, f"the upstream {self.url} answered /detokenize without a text")
+        return clean_text(text)
+
+    async def _ask(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        """POST to one of the upstream's routes beside its OpenAI ones (at the root, not under /v1) and read its JSON
+        object; its refusals as `open`'s are."""
+        if self._session is None or self._session.closed:
+            raise BackendError(503, "the server is shutting down")
+        if self._problem is not None:
+            raise BackendError(502, f"the upstream {self.url} cannot be used: {self._problem}")
+        root = self.url.removesuffix("/v1")
+        try:
+            async with self._session.post(f"{root}{path}", json=body) as response:
+                if response.status != 200:
+                    raise await self._refusal(response)
+                answer = json.loads(await read_head(response.content, ANSWER_BYTES))
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            text = exception_text(exc, self._secrets)
+            raise BackendError(502, f"the upstream {self.url} cannot be reached: {text}") from exc
+        except (ValueError, RecursionError) as exc:
+            raise BackendError(502, f"the upstream {self.url} answered {path} with no JSON") from exc
+        if not isinstance(answer, dict):
+            raise BackendError(502, f"the upstream {self.url} answered {path} with no JSON object")
+        return answer
 
     def _forget(self, call: _Call) -> None:
         self._calls.discard(call)

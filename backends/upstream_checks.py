@@ -82,6 +82,11 @@ def _unicode(text: str) -> str:
     return _SURROGATE.sub("\ufffd", text)
 
 
+def clean_text(text: str) -> str:
+    """Text the upstream generated, as a client may get it: a lone surrogate JSON escaped becomes U+FFFD."""
+    return _unicode(text)
+
+
 class MalformedChunk(ValueError):
     """A `data:` line of the upstream's stream that is not a chat.completion.chunk; the message says why."""
 
@@ -103,6 +108,7 @@ class ChoiceChunk:
     finish_reason: str | None
     logprobs: tuple[TokenLogprob, ...] = ()  # of the tokens that made `text`, when they were asked for
     calls: tuple[CallChunk, ...] = ()  # pieces of tool calls, after the text
+    stop: str | None = None  # vLLM's stop_reason: the stop string that ended the answer
 
 
 @dataclass(frozen=True)
@@ -202,16 +208,19 @@ def _choice(choice: Any) -> ChoiceChunk:
         delta = {}
     if not isinstance(delta, dict):
         raise MalformedChunk(f"a choice's delta is {_kind(delta)}, not an object")
-    text = delta.get("content")
+    # a chat chunk's text is its delta's content, a text_completion chunk's its `text`
+    text = delta.get("content") if "text" not in choice else choice["text"]
     if text is not None and not isinstance(text, str):
-        raise MalformedChunk(f"a choice's content is {_kind(text)}, not a string")
+        raise MalformedChunk(f"a choice's text is {_kind(text)}, not a string")
     reason = choice.get("finish_reason")
     if reason is not None and not isinstance(reason, str):
         raise MalformedChunk(f"a choice's finish_reason is {_kind(reason)}, not a string")
     if reason == "function_call":  # the legacy name of the same end: the answer made a call
         reason = "tool_calls"
     text, reason = _unicode(text or ""), _unicode(reason) if reason else None
-    return ChoiceChunk(index, text, reason, _logprobs(choice), _calls(delta))
+    stop = choice.get("stop_reason")  # a token id there (vLLM: a stop token) is no stop string
+    stop = _unicode(stop) if isinstance(stop, str) and reason == "stop" else None
+    return ChoiceChunk(index, text, reason, _logprobs(choice), _calls(delta), stop)
 
 
 def _calls(delta: dict[str, Any]) -> tuple[CallChunk, ...]:
@@ -267,12 +276,37 @@ def _logprobs(choice: dict[str, Any]) -> tuple[TokenLogprob, ...]:
         return ()
     if not isinstance(logprobs, dict):
         raise MalformedChunk(f"a choice's logprobs is {_kind(logprobs)}, not an object")
+    if "tokens" in logprobs:
+        return _legacy_logprobs(logprobs)
     content = logprobs.get("content")
     if content is None:
         return ()
     if not isinstance(content, list):
         raise MalformedChunk(f"a choice's logprobs.content is {_kind(content)}, not an array")
     return tuple(_token_logprob(entry) for entry in content)
+
+
+def _legacy_logprobs(logprobs: dict[str, Any]) -> tuple[TokenLogprob, ...]:
+    """A text_completion choice's logprobs: parallel arrays of tokens, their logprobs and, per token, an object of
+    the likeliest tokens (the legacy API sends no bytes: each token's own UTF-8 stands for them)."""
+    tokens, values, tops = logprobs.get("tokens"), logprobs.get("token_logprobs"), logprobs.get("top_logprobs")
+    if tops is None and isinstance(tokens, list):
+        tops = [None] * len(tokens)
+    if not (isinstance(tokens, list) and isinstance(values, list) and isinstance(tops, list)):
+        raise MalformedChunk("a choice's legacy logprobs are not arrays")
+    if not len(tokens) == len(values) == len(tops):
+        raise MalformedChunk("a choice's legacy logprobs arrays differ in length")
+    out: list[TokenLogprob] = []
+    for token, value, top in zip(tokens, values, tops, strict=True):
+        if not isinstance(token, str) or not _is_finite(value):
+            raise MalformedChunk("a legacy logprobs entry is not a token and a finite number")
+        if top is None:
+            top = {}
+        if not isinstance(top, dict) or not all(_is_finite(v) for v in top.values()):
+            raise MalformedChunk("a legacy top_logprobs entry is not an object of finite numbers")
+        alternatives = tuple(TopLogprob(_unicode(t), float(v), tuple(_unicode(t).encode())) for t, v in top.items())
+        out.append(TokenLogprob(_unicode(token), float(value), tuple(_unicode(token).encode()), alternatives))
+    return tuple(out)
 
 
 def _token_logprob(entry: Any) -> TokenLogprob:

@@ -1,9 +1,223 @@
-"""Anthropic Messages (`POST /v1/messages`, `POST /v1/messages/count_tokens`)."""
+"""Anthropic Messages: `POST /v1/messages` (the message, or its typed event stream) and
+`POST /v1/messages/count_tokens`, over any backend. Every error on these paths is in Anthropic's shape. The header
+`anthropic-version` (any value) and the `anthropic-beta` ones are headers, not fields: nothing to check."""
 
 from __future__ import annotations
 
+import json
+import logging
+import uuid
+from contextlib import aclosing
+from typing import Any
+
 from aiohttp import web
+
+from api.anthropic_schema import AnthropicRequest, parse_count, parse_messages
+from api.config import BACKEND, CONFIG, ERROR_SHAPES
+from api.errors import failure_response, not_started
+from api.http import events_of, merge, peeked, read_body
+from backends.base import CallDelta, ChatJob, Delta, Failed, Finished, KeepAlive, SamplingDefaults, Stream
+from sse import ClientGone, EventStream, dumps
+
+log = logging.getLogger(__name__)
+
+# Anthropic's own defaults, for models whose family brings none
+ANTHROPIC_DEFAULTS = SamplingDefaults(temperature=1.0, top_p=1.0)
+
+_ERROR_TYPES = {  # Anthropic's error types by status; any other status is an api_error
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    408: "invalid_request_error",
+    413: "request_too_large",
+    415: "invalid_request_error",
+    429: "rate_limit_error",
+    431: "invalid_request_error",
+    503: "overloaded_error",
+}
+_STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use"}
+
+
+def anthropic_error(status: int, message: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    """An error in Anthropic's shape; it has no `param`: the message names the field."""
+    return {"type": "error", "error": {"type": _ERROR_TYPES.get(status, "api_error"), "message": message}}
+
+
+def chat_job(request: web.Request, req: AnthropicRequest) -> ChatJob:
+    """The job of a request: the same for /v1/messages and /count_tokens, so the count is the prompt's."""
+    return ChatJob(
+        req.messages,
+        req.sampling,
+        ANTHROPIC_DEFAULTS,
+        limits=request.app[CONFIG].limits,
+        tools=req.tools,
+        tool_choice=req.tool_choice,
+        prompt_param="messages",
+    )
+
+
+async def messages(request: web.Request) -> web.StreamResponse:
+    """POST /v1/messages, streaming or not."""
+    req = await read_body(request, parse_messages)
+    handles = await request.app[BACKEND].open(chat_job(request, req))
+    base = {"id": f"msg_{uuid.uuid4().hex}", "type": "message", "role": "assistant", "model": req.model}
+    try:
+        if req.stream:
+            return await _stream(request, handles, base)
+        return await _complete(request, handles, base)
+    finally:
+        for h in handles:
+            h.cancel()
+
+
+async def count_tokens(request: web.Request) -> web.Response:
+    """POST /v1/messages/count_tokens: the tokens /v1/messages would prompt the model with."""
+    req = await read_body(request, parse_count)
+    tokens = await request.app[BACKEND].tokenize(chat_job(request, req))
+    return web.json_response({"input_tokens": len(tokens.ids)})
+
+
+def stop_fields(done: Finished) -> dict[str, Any]:
+    """`stop_reason` and `stop_sequence`: a stop string that ended the answer is named."""
+    reason = "stop_sequence" if done.stop_sequence is not None else _STOP_REASONS.get(done.reason, "end_turn")
+    return {"stop_reason": reason, "stop_sequence": done.stop_sequence}
+
+
+def usage(done: Finished) -> dict[str, int]:
+    """The counts (0 from a backend that reported none: Anthropic's usage has no room for unknown)."""
+    return {"input_tokens": done.prompt_tokens, "output_tokens": done.completion_tokens}
+
+
+class Blocks:
+    """An answer's content blocks as its deltas arrive, and the stream events that say so: a text block opens when
+    text comes (so text deltas join to the block's text exactly), a tool_use block when a call starts; each new block
+    ends the one before. The whole answer is the same blocks, so a streamed answer and a whole one agree."""
+
+    def __init__(self) -> None:
+        self.content: list[dict[str, Any]] = []
+        self._inputs: dict[int, str] = {}  # a tool_use block's input as JSON text, by block index
+        self._calls: dict[int, int] = {}  # the block index of each call, by the call's index
+        self._open = False
+
+    def add(self, delta: Delta) -> list[tuple[str, dict[str, Any]]]:
+        """The events of a delta."""
+        events: list[tuple[str, dict[str, Any]]] = []
+        if delta.text:
+            if not (self._open and self.content[-1]["type"] == "text"):
+                events += self._start({"type": "text", "text": ""})
+            self.content[-1]["text"] += delta.text
+            events.append(_delta(len(self.content) - 1, {"type": "text_delta", "text": delta.text}))
+        for piece in delta.calls:
+            events += self._call(piece)
+        return events
+
+    def _call(self, piece: CallDelta) -> list[tuple[str, dict[str, Any]]]:
+        events: list[tuple[str, dict[str, Any]]] = []
+        if piece.id is not None:
+            events += self._start({"type": "tool_use", "id": piece.id, "name": piece.name, "input": {}})
+            self._calls[piece.index] = len(self.content) - 1
+            self._inputs[len(self.content) - 1] = ""
+        index = self._calls[piece.index]
+        if piece.arguments:
+            self._inputs[index] += piece.arguments
+            events.append(_delta(index, {"type": "input_json_delta", "partial_json": piece.arguments}))
+        return events
+
+    def close(self) -> list[tuple[str, dict[str, Any]]]:
+        """The event that ends the open block, if one is."""
+        if not self._open:
+            return []
+        self._open = False
+        index = len(self.content) - 1
+        return [("content_block_stop", {"type": "content_block_stop", "index": index})]
+
+    def final(self) -> list[dict[str, Any]]:
+        """The blocks of the whole answer, each call's input as an object."""
+        return [
+            {**block, "input": _input(self._inputs[i])} if i in self._inputs else block
+            for i, block in enumerate(self.content)
+        ]
+
+    def _start(self, block: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+        events = self.close()
+        self.content.append(block)
+        self._open = True
+        start = {"type": "content_block_start", "index": len(self.content) - 1, "content_block": dict(block)}
+        return [*events, ("content_block_start", start)]
+
+
+def _delta(index: int, delta: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    return "content_block_delta", {"type": "content_block_delta", "index": index, "delta": delta}
+
+
+def _input(arguments: str) -> dict[str, Any]:
+    """A call's arguments as the object Anthropic's `input` is; an empty text is no arguments."""
+    try:
+        value = json.loads(arguments) if arguments else {}
+    except ValueError:
+        value = None
+    if not isinstance(value, dict):  # backends send objects; an upstream's broken one is not passed on as one
+        log.warning("a call's arguments are not a JSON object: %.200s", arguments)
+        return {}
+    return value
+
+
+async def _complete(request: web.Request, handles: list[Stream], base: dict[str, Any]) -> web.Response:
+    blocks = Blocks()
+    async with aclosing(merge([events_of(request, h) for h in handles])) as events:
+        async for _, event in events:
+            if isinstance(event, Delta):
+                blocks.add(event)
+            elif isinstance(event, Failed):
+                return failure_response(request, event)
+            elif isinstance(event, Finished):
+                body = {**base, "content": blocks.final(), **stop_fields(event), "usage": usage(event)}
+                return web.json_response(body, dumps=dumps)
+    raise AssertionError("a generation's events end with Finished or Failed")
+
+
+async def _stream(request: web.Request, handles: list[Stream], base: dict[str, Any]) -> web.StreamResponse:
+    out = EventStream()
+    blocks = Blocks()
+    merged = merge([events_of(request, h) for h in handles])
+    try:
+        (_, first), events = await peeked(merged)
+        if (refused := not_started(request, first)) is not None:
+            return refused
+        await out.prepare(request)
+        # the prompt's count comes with the end (message_delta's usage, which the SDKs merge into the message)
+        start = {**base, "content": [], "stop_reason": None, "stop_sequence": None}
+        start["usage"] = {"input_tokens": 0, "output_tokens": 0}
+        await out.send_json({"type": "message_start", "message": start}, event="message_start")
+        await out.send_json({"type": "ping"}, event="ping")  # as Anthropic sends one
+        async for _, event in events:
+            if isinstance(event, KeepAlive):
+                await out.send_json({"type": "ping"}, event="ping")
+            elif isinstance(event, Delta):
+                for name, data in blocks.add(event):
+                    await out.send_json(data, event=name)
+            elif isinstance(event, Finished):
+                for name, data in blocks.close():
+                    await out.send_json(data, event=name)
+                end = {"type": "message_delta", "delta": stop_fields(event), "usage": usage(event)}
+                await out.send_json(end, event="message_delta")
+                await out.send_json({"type": "message_stop"}, event="message_stop")
+            elif isinstance(event, Failed):
+                kind = "overloaded_error" if event.type == "unavailable" else "api_error"
+                error = {"type": "error", "error": {"type": kind, "message": event.message}}
+                await out.send_json(error, event="error")
+                break
+    except ClientGone:
+        log.info("client went away from %s", base["id"])
+    finally:
+        await merged.aclose()  # its readers stop now, not when the generator is collected
+    await out.close()
+    return out.response
 
 
 def add_routes(app: web.Application) -> None:
-    pass
+    app[ERROR_SHAPES]["/v1/messages"] = anthropic_error
+    app.router.add_post("/v1/messages", messages)
+    app.router.add_post("/v1/messages/count_tokens", count_tokens)

@@ -10,12 +10,15 @@ from typing import Any, TypeVar
 from aiohttp import web
 
 from api.config import BACKEND, CONFIG, METRICS, PROMPTS, STATS
-from api.errors import Refusal
+from api.errors import Refusal, error_response
 from api.schema import parse_json
-from backends.base import Event, Failed, Finished, Stream
+from backends.base import Event, Failed, Finished, SamplingDefaults, Stream
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+# OpenAI's own defaults, for models whose family brings none (the OpenAI doors and those that follow them)
+OPENAI_DEFAULTS = SamplingDefaults(temperature=1.0, top_p=1.0)
 
 
 async def off_loop(request: web.Request, work: Callable[[], T]) -> T:
@@ -122,3 +125,15 @@ async def merge(streams: list[AsyncIterator[Event]]) -> AsyncGenerator[tuple[int
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def served_model(request: web.Request, name: str | None) -> str | web.Response:
+    """The model a request names (the first served one when it names none), or the 404 OpenAI answers for a model
+    this server does not serve."""
+    names = served_names(request.app)
+    if name is None:
+        return names[0]
+    if name in names:
+        return name
+    message = f"The model '{name}' does not exist; this server serves {', '.join(names)}"
+    return error_response(request, 404, message, "model", "model_not_found")

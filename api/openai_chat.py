@@ -13,8 +13,8 @@ from typing import Any
 from aiohttp import web
 
 from api.config import BACKEND, CONFIG
-from api.errors import error_response, failure_response, not_started
-from api.http import events_of, merge, peeked, read_body, served_names, usage
+from api.errors import failure_response, not_started
+from api.http import OPENAI_DEFAULTS, events_of, merge, peeked, read_body, served_model, served_names, usage
 from api.schema import CompletionRequest, parse_completion
 from backends.base import (
     CallDelta,
@@ -23,16 +23,12 @@ from backends.base import (
     Failed,
     Finished,
     KeepAlive,
-    SamplingDefaults,
     Stream,
     TokenLogprob,
 )
 from sse import ClientGone, EventStream, dumps
 
 log = logging.getLogger(__name__)
-
-# OpenAI's own defaults, for models whose family brings none
-OPENAI_DEFAULTS = SamplingDefaults(temperature=1.0, top_p=1.0)
 
 
 async def models(request: web.Request) -> web.Response:
@@ -47,15 +43,9 @@ async def models(request: web.Request) -> web.Response:
 
 async def start(request: web.Request, req: CompletionRequest) -> tuple[list[Stream], str] | web.Response:
     """Check the model name, then start one generation per choice."""
-    names = served_names(request.app)
-    if req.model is not None and req.model not in names:
-        return error_response(
-            request,
-            404,
-            f"The model '{req.model}' does not exist; this server serves {', '.join(names)}",
-            "model",
-            "model_not_found",
-        )
+    model = served_model(request, req.model)
+    if isinstance(model, web.Response):
+        return model
     job = ChatJob(
         req.messages,
         req.sampling,
@@ -65,7 +55,7 @@ async def start(request: web.Request, req: CompletionRequest) -> tuple[list[Stre
         tools=req.tools,
         tool_choice=req.tool_choice,
     )
-    return await request.app[BACKEND].open(job), req.model or names[0]
+    return await request.app[BACKEND].open(job), model
 
 
 async def completions(request: web.Request) -> web.StreamResponse:

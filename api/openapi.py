@@ -90,10 +90,16 @@ def build_spec(model_names: tuple[str, ...]) -> dict[str, Any]:
         "components": {
             "schemas": {**copy.deepcopy(_answer_schemas()), **copy.deepcopy(_request_schemas())},
             "securitySchemes": {
-                "bearer": {"type": "http", "scheme": "bearer", "description": "Only when the server has --api-key"}
+                "bearer": {"type": "http", "scheme": "bearer", "description": "Only when the server has --api-key"},
+                "apiKey": {
+                    "type": "apiKey",
+                    "in": "header",
+                    "name": "x-api-key",
+                    "description": "The same key as Anthropic's clients send it",
+                },
             },
         },
-        "security": [{"bearer": []}],
+        "security": [{"bearer": []}, {"apiKey": []}],  # either
         "paths": {
             "/": {"get": op("Web chat page", {"200": {"description": "HTML"}}, open_=True)},
             "/chat": {"post": op("ChatGLM chat", {**answer, **chatglm_errors}, "ChatRequest")},

@@ -107,7 +107,7 @@ def constraint(wire: OutputFields) -> Constraint | None:
         return Constraint("json_object", "", "response_format")
     if form.json_schema is None:
         raise InvalidField("response_format.json_schema", "'response_format.json_schema' is required")
-    return Constraint("json_schema", _schema_text(form.json_schema.schema_, _SCHEMA_PARAM), _SCHEMA_PARAM)
+    return Constraint("json_schema", schema_text(form.json_schema.schema_, _SCHEMA_PARAM), _SCHEMA_PARAM)
 
 
 def _structured(outputs: StructuredOutputs) -> Constraint:
@@ -129,7 +129,7 @@ def _structured(outputs: StructuredOutputs) -> Constraint:
     (name,) = given
     param = f"structured_outputs.{name}"
     if name == "json":
-        return Constraint("json_schema", _schema_text(sent[name], param), param)
+        return Constraint("json_schema", schema_text(sent[name], param), param)
     if name == "choice":
         return Constraint("choice", compact(sent[name]), param)
     if name == "json_object":
@@ -141,7 +141,7 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
-def _schema_text(schema: Any, param: str) -> str:
+def schema_text(schema: Any, param: str) -> str:
     """A schema, sent as an object or as its JSON text, as compact JSON text (its keys kept in their order: it is
     the order the answer's properties come in)."""
     if isinstance(schema, str):

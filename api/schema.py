@@ -174,7 +174,7 @@ REQUEST_BODIES: dict[str, type[BaseModel]] = {"ChatRequest": ChatBody, "Completi
 # ---- checked bodies as typed requests ----------------------------------------------------------------------------
 
 
-def _sampling(body: _SamplingFields, max_tokens: int | None) -> Sampling:
+def sampling_of(body: _SamplingFields, max_tokens: int | None) -> Sampling:
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
     return Sampling(
         temperature=body.temperature,
@@ -199,7 +199,7 @@ def parse_chat(body: dict[str, Any]) -> ChatRequest:
         history=tuple((pair[0], pair[1]) for pair in wire.history or ()),
         system=wire.system,
         max_length=wire.max_length,
-        sampling=_sampling(wire, wire.max_tokens),
+        sampling=sampling_of(wire, wire.max_tokens),
     )
 
 
@@ -215,7 +215,7 @@ def parse_completion(body: dict[str, Any]) -> CompletionRequest:
         tool_choice=choice,
         legacy_functions=wire.functions is not None or wire.function_call is not None,
         sampling=replace(
-            _sampling(wire, max_tokens),
+            sampling_of(wire, max_tokens),
             logit_bias=tuple(sorted((int(token), float(bias)) for token, bias in (wire.logit_bias or {}).items())),
             logprobs=logprobs(wire),
             constraint=constraint(wire),

@@ -1,9 +1,55 @@
-"""`POST /tokenize` and `POST /detokenize`."""
+"""`POST /tokenize` and `POST /detokenize`, in vLLM's shape. A prompt's tokens are the very ids the generating doors
+would prompt the model with (the backend builds them from the same job), so `count` is the `usage.prompt_tokens` a
+completion of that prompt reports."""
 
 from __future__ import annotations
 
 from aiohttp import web
 
+from api.config import BACKEND, CONFIG
+from api.http import OPENAI_DEFAULTS, read_body, served_model
+from api.tokens_schema import TokenizeRequest, parse_detokenize, parse_tokenize
+from backends.base import ChatJob, Sampling
+from sse import dumps
+
+
+def job_of(request: web.Request, req: TokenizeRequest) -> ChatJob:
+    """The job /v1/completions (a raw prompt) or /v1/chat/completions (messages and tools) would build."""
+    limits = request.app[CONFIG].limits
+    if req.prompt is not None:
+        return ChatJob(
+            (),
+            Sampling(),
+            OPENAI_DEFAULTS,
+            limits=limits,
+            prompt_param="prompt",
+            template_param="prompt",
+            prompt=req.prompt,
+        )
+    return ChatJob(
+        req.messages, Sampling(), OPENAI_DEFAULTS, limits=limits, tools=req.tools, tool_choice=req.tool_choice
+    )
+
+
+async def tokenize(request: web.Request) -> web.Response:
+    """POST /tokenize."""
+    req = await read_body(request, parse_tokenize)
+    if isinstance(refused := served_model(request, req.model), web.Response):
+        return refused
+    tokens = await request.app[BACKEND].tokenize(job_of(request, req))
+    body = {"count": len(tokens.ids), "max_model_len": tokens.context_length, "tokens": list(tokens.ids)}
+    return web.json_response(body, dumps=dumps)
+
+
+async def detokenize(request: web.Request) -> web.Response:
+    """POST /detokenize."""
+    req = await read_body(request, parse_detokenize)
+    if isinstance(refused := served_model(request, req.model), web.Response):
+        return refused
+    text = await request.app[BACKEND].detokenize(req.tokens)
+    return web.json_response({"prompt": text}, dumps=dumps)
+
 
 def add_routes(app: web.Application) -> None:
-    pass
+    app.router.add_post("/tokenize", tokenize)
+    app.router.add_post("/detokenize", detokenize)

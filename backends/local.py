@@ -229,7 +229,9 @@ class LocalBackend:
             "device": lm.device,
             "dtype": lm.dtype,
             "bits": lm.bits,
+            "architecture": str(getattr(getattr(lm.model, "config", None), "model_type", "") or ""),
             "context_length": lm.context_length,
+            "tool_calls": lm.chat.tool_format is not None,  # whether requests may offer it tools
             "weight_bytes": lm.weight_bytes,
             "max_batch_size": self.engine.max_batch_size,
             "prefill_tokens_per_step": self.engine.chunk_tokens if lm.chunked_prefill else None,

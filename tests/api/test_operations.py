@@ -29,23 +29,51 @@ PROTECTED = [
     ("GET", "/clear", None),
     ("GET", "/v1/models", None),
     ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}),
+    ("POST", "/v1/completions", {"prompt": "hi", "max_tokens": 2}),
+    ("POST", "/v1/messages", {"model": "any", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}),
+    ("POST", "/v1/messages/count_tokens", {"model": "any", "messages": [{"role": "user", "content": "hi"}]}),
+    ("GET", "/api/tags", None),
+    ("GET", "/api/version", None),
+    ("GET", "/api/ps", None),
+    ("POST", "/api/show", {"model": "tiny"}),
+    ("POST", "/api/chat", {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "stream": False}),
+    ("POST", "/api/generate", {"model": "tiny", "prompt": "hi", "stream": False, "options": {"num_predict": 2}}),
+    ("POST", "/tokenize", {"prompt": "hi"}),
+    ("POST", "/detokenize", {"tokens": [1, 2]}),
     ("GET", "/metrics", None),
 ]
+# each door's 401 in its own shape: (path prefix, what its error body holds)
+SHAPES = [("/v1/messages", "anthropic"), ("/api/", "ollama"), ("/", "openai")]
+
+
+def error_of(path: str, body: dict[str, Any]) -> tuple[str, str]:
+    """(door, error type or message) of an error body, in the shape the path's door answers with."""
+    door = next(name for prefix, name in SHAPES if path.startswith(prefix))
+    if door == "anthropic":
+        assert body["type"] == "error" and set(body["error"]) == {"type", "message"}, body
+        return door, body["error"]["type"]
+    if door == "ollama":
+        assert set(body) == {"error"} and isinstance(body["error"], str), body
+        return door, body["error"]
+    return door, body["error"]["type"]
 
 
 @pytest.mark.parametrize(("method", "path", "body"), PROTECTED, ids=[p for _, p, _ in PROTECTED])
 async def test_api_key_guards_every_api_route(make_client: MakeClient, method: str, path: str, body: Any) -> None:
-    client = await make_client(api_key=KEY)
+    client = await make_client(api_key=KEY, served_model_names=("tiny",))
     for headers, status in [
         ({}, 401),
         ({"Authorization": "Bearer wrong"}, 401),
+        ({"x-api-key": "wrong"}, 401),
+        ({"Authorization": "Bearer wrong", "x-api-key": KEY}, 200),  # either may carry it
         ({"Authorization": f"Bearer {KEY}"}, 200),
+        ({"x-api-key": KEY}, 200),  # as Anthropic's clients send it
     ]:
         resp = await client.request(method, path, json=body, headers=headers)
         assert resp.status == status, (headers, await resp.text())
         if status == 401:
-            error = (await resp.json())["error"]
-            assert error["type"] == "authentication_error"
+            door, says = error_of(path, await resp.json())
+            assert says == ("missing or wrong API key" if door == "ollama" else "authentication_error")
             assert resp.headers["WWW-Authenticate"] == "Bearer"
         await resp.read()
 
@@ -61,6 +89,35 @@ async def test_body_too_large_is_413(make_client: MakeClient) -> None:
     resp = await client.post("/chat", json={"query": "x" * 5000})
     assert resp.status == 413
     assert (await resp.json())["error"]["message"]
+
+
+POSTED = [(path, body) for method, path, body in PROTECTED if method == "POST" and path not in ("/chat", "/stream")]
+
+
+@pytest.mark.parametrize(("path", "body"), POSTED, ids=[p for p, _ in POSTED])
+async def test_every_doors_refusals_take_its_own_shape(make_client: MakeClient, path: str, body: Any) -> None:
+    """Refusals made before any door's code runs (size, content type, method, a path that is not there) still answer
+    in the shape of the door the path belongs to, so its clients can read them."""
+    client = await make_client(max_body_bytes=1000)
+    padded = json.dumps({**body, "padding": "x" * 5000})
+    cases = [
+        (client.post(path, data=padded, headers={"Content-Type": "application/json"}), 413),
+        (client.post(path, data=json.dumps(body), headers={"Content-Type": "text/plain"}), 415),
+        (client.put(path, json=body), 405),
+        (client.post(path + "/nothing-here", json=body), 404),
+        (client.post(path, json={**body, "not_a_field": 1}), 400),
+    ]
+    for call, status in cases:
+        resp = await call
+        assert resp.status == status, (path, status, await resp.text())
+        door, says = error_of(path, await resp.json())
+        if door == "anthropic":
+            kinds = {400: "invalid_request_error", 404: "not_found_error", 413: "request_too_large"}
+            assert says == kinds.get(status, "invalid_request_error"), (status, says)
+        elif door == "ollama":
+            assert says, status
+        if status == 400:
+            assert "not_a_field" in str(await resp.json())
 
 
 async def test_prompt_and_max_tokens_ceilings(make_client: MakeClient) -> None:

@@ -10,18 +10,34 @@ from typing import Any
 
 import pytest
 
+from api.anthropic_schema import parse_count, parse_messages
+from api.completions_schema import parse_legacy_completion
 from api.config import OPEN_PATHS
+from api.ollama_schema import parse_chat as ollama_chat
+from api.ollama_schema import parse_generate, parse_show
 from api.openapi import build_spec
 from api.schema import parse_chat, parse_completion
+from api.tokens_schema import parse_detokenize, parse_tokenize
 from backends.base import InvalidField
 
 SPEC = build_spec(("m",))
 SCHEMAS: dict[str, Any] = SPEC["components"]["schemas"]
 # each request body: the smallest valid body, and its parser
+HI = [{"role": "user", "content": "hi"}]
 BODIES: dict[str, tuple[dict[str, Any], Callable[[dict[str, Any]], Any]]] = {
     "ChatRequest": ({"query": "q"}, parse_chat),
-    "CompletionRequest": ({"messages": [{"role": "user", "content": "hi"}]}, parse_completion),
+    "CompletionRequest": ({"messages": HI}, parse_completion),
+    "LegacyCompletionRequest": ({"prompt": "p"}, parse_legacy_completion),
+    "TokenizeRequest": ({"prompt": "p"}, parse_tokenize),
+    "DetokenizeRequest": ({"tokens": [1]}, parse_detokenize),
+    "AnthropicMessagesRequest": ({"model": "m", "max_tokens": 1, "messages": HI}, parse_messages),
+    "AnthropicCountTokensRequest": ({"model": "m", "messages": HI}, parse_count),
+    "OllamaChatRequest": ({"model": "m", "messages": HI}, ollama_chat),
+    "OllamaGenerateRequest": ({"model": "m", "prompt": "p"}, parse_generate),
+    "OllamaShowRequest": ({"model": "m"}, parse_show),
 }
+# numbers accepted without effect (best_of only as 1, Ollama's keep_alive): nothing of theirs reaches the backend
+WITHOUT_EFFECT = frozenset({"best_of", "keep_alive"})
 # what a numeric field needs beside it to be taken at all
 COMPANIONS: dict[str, dict[str, Any]] = {"top_logprobs": {"logprobs": True}}
 BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
@@ -51,6 +67,8 @@ def allows(schema: dict[str, Any], value: Any) -> bool:
     kind = schema["type"]
     if kind == "null":
         return value is None
+    if kind == "string":  # a field that takes a number or a string (keep_alive's "5m"): no bounds on the string
+        return isinstance(value, str)
     assert kind in ("number", "integer"), kind
     if isinstance(value, bool) or not isinstance(value, int | float):
         return False  # JSON Schema: true is not 1, "1" is not a number
@@ -105,7 +123,8 @@ def disagreements(body: str, field: str, prop: dict[str, Any]) -> list[str]:
             assert exc.param == field and f"'{field}'" in exc.message, (value, exc.param, exc.message)
         else:
             accepted = True
-            if value is not None:  # what was accepted arrives as sent (top_k's 0 and -1 both mean no cut)
+            if value is not None and field not in WITHOUT_EFFECT:
+                # what was accepted arrives as sent (top_k's 0 and -1 both mean no cut)
                 assert delivered(request, field) == (max(value, 0) if field == "top_k" else value), value
         if accepted != allows(prop, value):
             wrong.append(f"{value!r}: parser {'accepts' if accepted else 'refuses'}, schema disagrees")
@@ -122,6 +141,8 @@ def test_every_number_a_client_sends_has_its_range_published() -> None:
     assert {"temperature", "top_p", "top_k", "seed", "max_tokens", "max_length"} <= fields["ChatRequest"]
     assert {"temperature", "top_p", "top_k", "seed", "max_tokens", "n"} <= fields["CompletionRequest"]
     for body, field in NUMERIC:
+        if field in WITHOUT_EFFECT:
+            continue
         (number,) = [b for b in branches(SCHEMAS[body]["properties"][field]) if b["type"] != "null"]
         assert number.keys() & {"minimum", "exclusiveMinimum"}, (body, field)
         assert number.keys() & {"maximum", "exclusiveMaximum"}, (body, field)  # top_k's ceiling was missing
@@ -168,11 +189,17 @@ def test_every_reference_resolves_in_the_published_components() -> None:
 
 
 def test_api_routes_ask_for_the_key_and_the_open_routes_do_not() -> None:
-    assert SPEC["security"] == [{"bearer": []}]
+    either: list[dict[str, list[str]]] = [{"bearer": []}, {"apiKey": []}]
+    assert SPEC["security"] == either
     assert SPEC["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+    assert SPEC["components"]["securitySchemes"]["apiKey"] == {
+        **SPEC["components"]["securitySchemes"]["apiKey"],
+        "in": "header",
+        "name": "x-api-key",
+    }
     for path, ops in SPEC["paths"].items():
         for op in ops.values():
-            assert op.get("security", SPEC["security"]) == ([] if path in OPEN_PATHS else [{"bearer": []}]), path
+            assert op.get("security", SPEC["security"]) == ([] if path in OPEN_PATHS else either), path
     assert OPEN_PATHS <= SPEC["paths"].keys()
 
 

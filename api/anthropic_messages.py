@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import uuid
 from contextlib import aclosing
@@ -16,7 +15,8 @@ from api.anthropic_schema import AnthropicRequest, parse_count, parse_messages
 from api.config import BACKEND, CONFIG, ERROR_SHAPES
 from api.errors import failure_response, not_started
 from api.http import events_of, merge, peeked, read_body
-from backends.base import CallDelta, ChatJob, Delta, Failed, Finished, KeepAlive, SamplingDefaults, Stream
+from api.tool_fields import arguments_object
+from backends.base import ChatJob, Delta, Failed, Finished, KeepAlive, SamplingDefaults, Stream
 from sse import ClientGone, EventStream, dumps
 
 log = logging.getLogger(__name__)
@@ -91,77 +91,65 @@ def usage(done: Finished) -> dict[str, int]:
 
 
 class Blocks:
-    """An answer's content blocks as its deltas arrive, and the stream events that say so: a text block opens when
-    text comes (so text deltas join to the block's text exactly), a tool_use block when a call starts; each new block
-    ends the one before. The whole answer is the same blocks, so a streamed answer and a whole one agree."""
+    """An answer's content blocks as its deltas arrive, and the stream events that say so. Text streams as it comes:
+    a text block opens with the first text (so text deltas join to the block's text exactly). Calls are held until
+    the answer ends and then sent whole, each a tool_use block of its own after the text: a backend may stream a
+    call's arguments in pieces, also after another call or more text began, and a block once stopped cannot take
+    more. (A local model's calls come whole anyway, once parsed.) The whole answer is the same blocks in the same
+    order, so a streamed answer and a whole one agree."""
 
     def __init__(self) -> None:
         self.content: list[dict[str, Any]] = []
-        self._inputs: dict[int, str] = {}  # a tool_use block's input as JSON text, by block index
-        self._calls: dict[int, int] = {}  # the block index of each call, by the call's index
+        self._calls: list[tuple[str, str, list[str]]] = []  # (id, name, argument pieces), in the order they began
         self._open = False
 
     def add(self, delta: Delta) -> list[tuple[str, dict[str, Any]]]:
         """The events of a delta."""
         events: list[tuple[str, dict[str, Any]]] = []
         if delta.text:
-            if not (self._open and self.content[-1]["type"] == "text"):
+            if not self._open:
                 events += self._start({"type": "text", "text": ""})
             self.content[-1]["text"] += delta.text
             events.append(_delta(len(self.content) - 1, {"type": "text_delta", "text": delta.text}))
         for piece in delta.calls:
-            events += self._call(piece)
-        return events
-
-    def _call(self, piece: CallDelta) -> list[tuple[str, dict[str, Any]]]:
-        events: list[tuple[str, dict[str, Any]]] = []
-        if piece.id is not None:
-            events += self._start({"type": "tool_use", "id": piece.id, "name": piece.name, "input": {}})
-            self._calls[piece.index] = len(self.content) - 1
-            self._inputs[len(self.content) - 1] = ""
-        index = self._calls[piece.index]
-        if piece.arguments:
-            self._inputs[index] += piece.arguments
-            events.append(_delta(index, {"type": "input_json_delta", "partial_json": piece.arguments}))
+            if piece.id is not None:
+                self._calls.append((piece.id, piece.name or "", []))
+            self._calls[piece.index][2].append(piece.arguments)
         return events
 
     def close(self) -> list[tuple[str, dict[str, Any]]]:
-        """The event that ends the open block, if one is."""
-        if not self._open:
-            return []
-        self._open = False
-        index = len(self.content) - 1
-        return [("content_block_stop", {"type": "content_block_stop", "index": index})]
+        """At the answer's end: the open text block stops, then each call is a tool_use block, sent whole."""
+        events = self._stop()
+        for call_id, name, pieces in self._calls:
+            arguments = "".join(pieces)
+            events += self._start({"type": "tool_use", "id": call_id, "name": name, "input": {}})
+            self.content[-1]["input"] = arguments_object(arguments)
+            if arguments:
+                events.append(_delta(len(self.content) - 1, {"type": "input_json_delta", "partial_json": arguments}))
+            events += self._stop()
+        self._calls = []
+        return events
 
     def final(self) -> list[dict[str, Any]]:
         """The blocks of the whole answer, each call's input as an object."""
-        return [
-            {**block, "input": _input(self._inputs[i])} if i in self._inputs else block
-            for i, block in enumerate(self.content)
-        ]
+        self.close()
+        return self.content
+
+    def _stop(self) -> list[tuple[str, dict[str, Any]]]:
+        if not self._open:
+            return []
+        self._open = False
+        return [("content_block_stop", {"type": "content_block_stop", "index": len(self.content) - 1})]
 
     def _start(self, block: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
-        events = self.close()
         self.content.append(block)
         self._open = True
         start = {"type": "content_block_start", "index": len(self.content) - 1, "content_block": dict(block)}
-        return [*events, ("content_block_start", start)]
+        return [("content_block_start", start)]
 
 
 def _delta(index: int, delta: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     return "content_block_delta", {"type": "content_block_delta", "index": index, "delta": delta}
-
-
-def _input(arguments: str) -> dict[str, Any]:
-    """A call's arguments as the object Anthropic's `input` is; an empty text is no arguments."""
-    try:
-        value = json.loads(arguments) if arguments else {}
-    except ValueError:
-        value = None
-    if not isinstance(value, dict):  # backends send objects; an upstream's broken one is not passed on as one
-        log.warning("a call's arguments are not a JSON object: %.200s", arguments)
-        return {}
-    return value
 
 
 async def _complete(request: web.Request, handles: list[Stream], base: dict[str, Any]) -> web.Response:

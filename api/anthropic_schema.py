@@ -11,7 +11,6 @@ and the choice among them are read by the OpenAI door's own rules (api/tool_fiel
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal, NotRequired
@@ -21,12 +20,11 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 from typing_extensions import TypedDict  # pydantic needs this TypedDict before Python 3.12
 
 from api.openapi_parts import errors, json_content, op, ref
-from api.tool_fields import FunctionName, ToolFields, tools_of
-from api.wire import INT_MAX, INTEGRAL, STRICT, Says, Wire, validate
+from api.tool_fields import FunctionName, ToolFields, arguments_text, tools_of
+from api.wire import INT_MAX, INTEGRAL, NO_EFFECT, STRICT, Says, Wire, validate
 from backends.base import InvalidField, Message, Sampling, Tool, ToolCall, ToolChoice
 
 MAX_STOPS = 16
-_NO_EFFECT = "Accepted, without effect here"
 
 
 @dataclass(frozen=True)
@@ -52,7 +50,7 @@ class AnthropicCacheControl(TypedDict):
 
 
 _CacheControl = Annotated[
-    AnthropicCacheControl | None, Field(description=f"{_NO_EFFECT}: this server keeps no prompt cache")
+    AnthropicCacheControl | None, Field(description=f"{NO_EFFECT}: this server keeps no prompt cache")
 ]
 
 
@@ -180,7 +178,7 @@ class AnthropicToolChoice(Wire):
 
 
 class AnthropicMetadata(Wire):
-    user_id: str | None = Field(None, description=_NO_EFFECT)
+    user_id: str | None = Field(None, description=NO_EFFECT)
 
 
 class _PromptFields(Wire):
@@ -255,7 +253,7 @@ def _turn(i: int, m: AnthropicMessageParam, called: dict[str, str]) -> list[Mess
         elif block["type"] == "tool_use":
             if role != "assistant":
                 raise InvalidField(where, f"'{where}' is a tool_use block, which only assistant messages hold")
-            calls.append(ToolCall(block["id"], block["name"], json.dumps(block["input"], ensure_ascii=False)))
+            calls.append(ToolCall(block["id"], block["name"], arguments_text(block["input"])))
             called[block["id"]] = block["name"]
         else:
             results.append(_result(where, block, role, called, bool(texts)))

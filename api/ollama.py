@@ -8,7 +8,6 @@ What this server cannot be is said, not faked: no `context` array in /api/genera
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Sequence
@@ -23,6 +22,7 @@ from api.config import BACKEND, CONFIG, ERROR_SHAPES, STATS
 from api.errors import failure_response, not_started
 from api.http import events_of, merge, peeked, read_body, served_names
 from api.ollama_schema import OllamaRequest, parse_chat, parse_generate, parse_show
+from api.tool_fields import arguments_object
 from backends.base import (
     BackendError,
     CallDelta,
@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 
 OLLAMA_VERSION = "0.12.0"  # the Ollama API this door speaks, as /api/version reports it to clients that check
 # Ollama's own defaults, for models whose family brings none
-OLLAMA_DEFAULTS = SamplingDefaults(temperature=0.8, top_p=0.9)
+OLLAMA_DEFAULTS = SamplingDefaults(temperature=0.8, top_p=0.9, top_k=40)
 # /api/ps's expiry: the model never unloads while the server runs, so the last moment a date can name
 NEVER = "9999-12-31T23:59:59Z"
 NDJSON_HEADERS = {
@@ -281,12 +281,8 @@ def add_call(calls: list[dict[str, Any]], piece: CallDelta) -> None:
 
 
 def ollama_call(call: dict[str, Any]) -> dict[str, Any]:
-    """A whole call as Ollama sends it: its arguments as a JSON object (their text, should a model write other)."""
-    try:
-        arguments = json.loads(call["arguments"])
-    except ValueError:
-        arguments = call["arguments"]
-    return {"function": {"name": call["name"], "arguments": arguments}}
+    """A whole call as Ollama sends it: its arguments as a JSON object."""
+    return {"function": {"name": call["name"], "arguments": arguments_object(call["arguments"])}}
 
 
 def logprobs_part(tokens: Sequence[TokenLogprob]) -> list[dict[str, Any]]:
@@ -301,10 +297,12 @@ def logprobs_part(tokens: Sequence[TokenLogprob]) -> list[dict[str, Any]]:
     ]
 
 
-def _load_answer(chat: bool, model: str) -> web.Response:
-    """Ollama's answer to a request with nothing to say (it loads the model): done at once, nothing generated."""
+def _load_answer(chat: bool, model: str, unload: bool) -> web.Response:
+    """Ollama's answer to a request with nothing to say (it loads the model, or with keep_alive 0 unloads it): done at
+    once, nothing generated. The model stays loaded here either way: it is the server's only one."""
     said = {"message": {"role": "assistant", "content": ""}} if chat else {"response": ""}
-    return web.json_response({"model": model, "created_at": rfc3339(), **said, "done": True, "done_reason": "load"})
+    reason = "unload" if unload else "load"
+    return web.json_response({"model": model, "created_at": rfc3339(), **said, "done": True, "done_reason": reason})
 
 
 async def _answer(request: web.Request, req: OllamaRequest, chat: bool) -> web.StreamResponse:
@@ -317,7 +315,7 @@ async def _answer(request: web.Request, req: OllamaRequest, chat: bool) -> web.S
             "options.num_predict", f"'options.num_predict' is {req.sampling.max_tokens}; this server allows {limit}"
         )
     if not req.messages and req.prompt is None:
-        return _load_answer(chat, req.model)
+        return _load_answer(chat, req.model, req.unload)
     job = ChatJob(
         req.messages,
         req.sampling,

@@ -9,6 +9,7 @@ typical_p, min_p, repeat_last_n...) is a 400 naming it."""
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, NotRequired
 
@@ -17,13 +18,12 @@ from typing_extensions import TypedDict  # pydantic's own dependency; it needs t
 
 from api.openapi_parts import errors, json_content, op, ref
 from api.output_fields import MAX_TOP_LOGPROBS, schema_text
-from api.tool_fields import FunctionName
-from api.wire import INT_MAX, INT_MIN, INTEGRAL, STRICT, Says, Wire, compact, validate
+from api.tool_fields import FunctionName, arguments_text
+from api.wire import INT_MAX, INT_MIN, INTEGRAL, NO_EFFECT, STRICT, Says, Wire, compact, validate
 from backends.base import Constraint, InvalidField, Message, Sampling, Tool, ToolCall
 
 MAX_STOPS = 16
-_NO_EFFECT = "Accepted, without effect here"
-_RUNTIME = f"{_NO_EFFECT}: it tunes Ollama's own runtime, not the answer"
+_RUNTIME = f"{NO_EFFECT}: it tunes Ollama's own runtime, not the answer"
 
 # ---- the bodies -----------------------------------------------------------------------------------------------------
 
@@ -115,6 +115,19 @@ _Format = Annotated[
 ]
 
 
+# Go's durations, as Ollama reads keep_alive: "5m", "1h30m", "-1s", "0.5h"; or a number of seconds as text
+DURATION = r"^-?(\d+(\.\d+)?(ns|us|µs|ms|s|m|h))+$|^-?\d+(\.\d+)?$"
+
+
+def _zero(keep_alive: float | str | None) -> bool:
+    """keep_alive 0 (in any unit): Ollama unloads the model rather than loading it."""
+    if keep_alive is None:
+        return False
+    if isinstance(keep_alive, str):
+        return all(float(n) == 0 for n in re.findall(r"\d+(?:\.\d+)?", keep_alive))
+    return keep_alive == 0
+
+
 class _OllamaFields(Wire):
     """What /api/chat and /api/generate share."""
 
@@ -122,9 +135,13 @@ class _OllamaFields(Wire):
     format: _Format | None = Field(None, description='"json": any JSON object; a JSON schema: JSON that fits it')
     options: OllamaOptions | None = None
     stream: bool | None = Field(None, description="true when left out: NDJSON chunks, one JSON object a line")
-    keep_alive: Annotated[float | str, Says('must be a number of seconds or a duration such as "5m"')] | None = Field(
-        None, description=f"{_NO_EFFECT}: the model stays loaded"
-    )
+    keep_alive: (
+        Annotated[
+            float | Annotated[str, Field(pattern=DURATION)],
+            Says('must be a number of seconds or a duration such as "5m"'),
+        ]
+        | None
+    ) = Field(None, description=f"{NO_EFFECT}: the model stays loaded (0 with nothing to say: `done_reason` unload)")
     think: Annotated[Literal[False], Says("must be false or null: this server has no thinking mode")] | None = Field(
         None, description="Only false: this server has no thinking mode"
     )
@@ -181,7 +198,7 @@ class OllamaShowBody(Wire):
 
     model: Annotated[str, Field(min_length=1)] | None = None
     name: Annotated[str, Field(min_length=1)] | None = Field(None, description="The older spelling of model")
-    verbose: bool | None = Field(None, description=f"{_NO_EFFECT}: the model's information is short")
+    verbose: bool | None = Field(None, description=f"{NO_EFFECT}: the model's information is short")
 
 
 BODIES: dict[str, type[BaseModel]] = {  # request bodies under their /openapi.json names
@@ -206,6 +223,7 @@ class OllamaRequest:
     logprobs: bool
     tools: tuple[Tool, ...] = ()
     prompt: str | None = None  # a raw prompt (generate with raw: true)
+    unload: bool = False  # keep_alive 0: nothing to say is answered `unload` (the model stays loaded all the same)
 
 
 def _constraint(form: str | dict[str, Any] | None) -> Constraint | None:
@@ -251,7 +269,7 @@ def _conversation(messages: list[OllamaMessage]) -> tuple[Message, ...]:
             raise InvalidField(f"{where}.tool_name", f"'{where}.tool_name' is only for tool messages")
         calls = tuple(
             # nine letters or digits, as Mistral's templates demand; the same ones for the same conversation
-            ToolCall(f"c{i:05d}{j:03d}", c["function"]["name"], compact(c["function"]["arguments"]))
+            ToolCall(f"c{i:05d}{j:03d}", c["function"]["name"], arguments_text(c["function"]["arguments"]))
             for j, c in enumerate(m.get("tool_calls") or ())
         )
         waiting += calls
@@ -289,6 +307,7 @@ def parse_chat(body: dict[str, Any]) -> OllamaRequest:
         sampling=_sampling(wire),
         stream=wire.stream is not False,
         logprobs=bool(wire.logprobs),
+        unload=_zero(wire.keep_alive),
     )
 
 
@@ -308,6 +327,7 @@ def parse_generate(body: dict[str, Any]) -> OllamaRequest:
         stream=wire.stream is not False,
         logprobs=bool(wire.logprobs),
         prompt=prompt if prompt and wire.raw else None,
+        unload=_zero(wire.keep_alive),
     )
 
 
@@ -341,7 +361,7 @@ _LOGPROBS = {
 }
 _DONE = {  # the fields of an answer's last (or only) object
     "done": _BOOL,
-    "done_reason": {"enum": ["stop", "length", "load"]},
+    "done_reason": {"enum": ["stop", "length", "load", "unload"]},
     "total_duration": _DURATION,
     "load_duration": _DURATION,
     "prompt_eval_count": _INT,

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from api.messages import ChatMessage, answered, message
 from api.output_fields import OutputFields, constraint, logprobs
 from api.tool_fields import ToolFields, tools_of
-from api.wire import INT_MAX, INT_MIN, INTEGRAL, Says, Wire, unpaired_surrogate, validate
+from api.wire import INT_MAX, INT_MIN, INTEGRAL, NO_EFFECT, Says, Wire, unpaired_surrogate, validate
 from backends.base import InvalidField, Message, Sampling, Tool, ToolChoice
 
 MAX_STOPS = 4
@@ -134,22 +134,19 @@ class _CompletionFields(Wire):
     n: Annotated[int, Field(ge=1, le=MAX_CHOICES), INTEGRAL] | None = 1
 
 
-_NO_EFFECT = "Accepted, without effect here"
-
-
 class _NoEffectFields(Wire):
     """Fields SDKs and clients send that change nothing on this server: accepted, so those clients work, and
     documented as without effect. Fields that would change the answer are refused instead (see api/wire.py's
     `_UNSUPPORTED`)."""
 
-    user: str | None = Field(None, description=_NO_EFFECT)
+    user: str | None = Field(None, description=NO_EFFECT)
     store: Annotated[Literal[False], Says("must be false or null: this server stores no completions")] | None = Field(
         None, description="Only false: this server stores no completions"
     )
-    metadata: dict[str, str] | None = Field(None, description=_NO_EFFECT)
-    service_tier: str | None = Field(None, description=_NO_EFFECT)
-    prompt_cache_key: str | None = Field(None, description=f"{_NO_EFFECT}: common prompt prefixes are not cached")
-    safety_identifier: str | None = Field(None, description=_NO_EFFECT)
+    metadata: dict[str, str] | None = Field(None, description=NO_EFFECT)
+    service_tier: str | None = Field(None, description=NO_EFFECT)
+    prompt_cache_key: str | None = Field(None, description=f"{NO_EFFECT}: common prompt prefixes are not cached")
+    safety_identifier: str | None = Field(None, description=NO_EFFECT)
     modalities: (
         Annotated[
             list[Literal["text"]],
@@ -206,6 +203,8 @@ def parse_chat(body: dict[str, Any]) -> ChatRequest:
 def parse_completion(body: dict[str, Any]) -> CompletionRequest:
     """Validate an OpenAI chat completions body."""
     wire = validate(CompletionBody, body)
+    if wire.stream_options is not None and not wire.stream:  # as OpenAI: options of a stream that is not one
+        raise InvalidField("stream_options", "'stream_options' is only allowed when 'stream' is true")
     max_tokens = wire.max_tokens if wire.max_completion_tokens is None else wire.max_completion_tokens
     tools, choice = tools_of(wire, body)
     return CompletionRequest(

@@ -5,12 +5,15 @@ message's call (api/messages.py) names a function as a tool defines it."""
 from __future__ import annotations
 
 import json
+import logging
 from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
 from api.wire import Says, Wire, compact
 from backends.base import InvalidField, Tool, ToolChoice
+
+log = logging.getLogger(__name__)
 
 FunctionName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
 
@@ -94,3 +97,24 @@ def tools_of(wire: ToolFields, body: dict[str, Any]) -> tuple[tuple[Tool, ...], 
     if all(t.name != name for t in tools):
         raise InvalidField(choice_field, f"'{choice_field}' names {name!r}, which is not among the '{name_of}'")
     return tuple(tools), ToolChoice("function", name, parallel)
+
+
+def arguments_text(arguments: Any) -> str:
+    """A call's arguments sent as an object (Anthropic's `input`, Ollama's `arguments`) as the JSON text a model's
+    call holds: spaced as `json.dumps` spaces it, as the models write their calls, so a history reads the same from
+    every door."""
+    return json.dumps(arguments, ensure_ascii=False)
+
+
+def arguments_object(text: str) -> dict[str, Any]:
+    """A call's arguments text as the object the Anthropic and Ollama doors answer with; an empty text is no
+    arguments. Backends send objects; another value (an upstream's broken call) becomes {} rather than a value those
+    clients cannot read."""
+    try:
+        value = json.loads(text) if text else {}
+    except (ValueError, RecursionError):
+        value = None
+    if not isinstance(value, dict):
+        log.warning("a call's arguments are not a JSON object: %.200s", text)
+        return {}
+    return value

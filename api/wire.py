@@ -22,6 +22,7 @@ from pydantic_core import CoreSchema, PydanticCustomError, core_schema
 
 from backends.base import InvalidField
 
+NO_EFFECT = "Accepted, without effect here"  # a field's description where clients send it and nothing changes
 INT_MAX = 2**63 - 1  # the ceiling of every integer field without its own (a seed's range)
 INT_MIN = -(2**63)
 

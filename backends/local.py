@@ -65,7 +65,7 @@ def _plan(lm: LoadedModel, job: ChatJob) -> tuple[list[int], SamplingParams]:
         if len(ids) >= limit:
             message = (
                 f"This model's maximum context length is {limit} tokens. "
-                f"However, your messages resulted in {len(ids)} tokens."
+                f"However, your {job.prompt_param} resulted in {len(ids)} tokens."
             )
             raise InvalidField(field, message, "context_length_exceeded")
     check_limits(job.limits, max_tokens, len(ids), job.prompt_param)

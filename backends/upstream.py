@@ -12,9 +12,10 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import count
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 from aiohttp.http_exceptions import LineTooLong
@@ -40,6 +41,7 @@ from generation.events import Delta, Failed, Finished, RequestHandle, TokenLogpr
 from models.tools.base import call_id
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 PROBE_EVERY = 2.0  # seconds between checks that the upstream answers
 ANSWER_BYTES = 16 << 20  # the most of a /tokenize or /detokenize answer read: a whole context's ids fit
@@ -80,8 +82,14 @@ class UpstreamHandle(RequestHandle):
 class _Call:
     """One streamed request to the upstream, serving all `n` choices of a job."""
 
-    def __init__(self, response: aiohttp.ClientResponse, url: str, secrets: Secrets) -> None:
+    def __init__(
+        self, response: aiohttp.ClientResponse, url: str, secrets: Secrets, alternatives: int | None = None
+    ) -> None:
         self.response = response
+        # how many alternatives each token's logprobs may carry (None: as the upstream sends them); the legacy API
+        # lists the sampled token among its top_logprobs besides the k asked for: the likeliest k are kept, as a
+        # local model gives them
+        self.alternatives = alternatives
         self.url = url  # for the log: without credentials
         self.secrets = secrets
         self.handles: list[UpstreamHandle] = []
@@ -165,7 +173,7 @@ class _Call:
     def _take(self, choice: ChoiceChunk, reasons: dict[int, str], data: bytes) -> None:
         if not 0 <= choice.index < len(self.handles):
             raise MalformedChunk(f"choice {choice.index} was not asked for", data)
-        logprobs = self._held.pop(choice.index, ()) + choice.logprobs
+        logprobs = self._held.pop(choice.index, ()) + tuple(map(self._likeliest, choice.logprobs))
         calls = self._calls.setdefault(choice.index, _Calls()).take(choice.calls, data) if choice.calls else ()
         if choice.text or calls or (logprobs and choice.finish_reason):
             self.handles[choice.index].deliver(Delta(choice.text, logprobs, calls))
@@ -175,6 +183,12 @@ class _Call:
             reasons[choice.index] = choice.finish_reason
             if choice.stop is not None:
                 self._stops[choice.index] = choice.stop
+
+    def _likeliest(self, entry: TokenLogprob) -> TokenLogprob:
+        if self.alternatives is None or len(entry.top) <= self.alternatives:
+            return entry
+        top = sorted(entry.top, key=lambda t: -t.logprob)[: self.alternatives]
+        return TokenLogprob(entry.token, entry.logprob, entry.bytes, tuple(top))
 
     def close(self) -> None:
         """Once the pump is done: end choices it never reached (cancelled before it ran) and free the connection."""
@@ -208,6 +222,32 @@ class _Calls:
             elif piece.arguments:
                 out.append(CallDelta(known[0], piece.arguments))
         return tuple(out)
+
+
+# ---- the upstream's routes beside its OpenAI ones ---------------------------------------------------------------
+
+
+class Unusable(ValueError):
+    """An answer of /tokenize or /detokenize that is JSON, but not what the route answers; says what it lacks."""
+
+
+def _token_ids(answer: Any) -> tuple[tuple[int, ...], int | None]:
+    """/tokenize's ids and context length (vLLM's `max_model_len`; None when it says none)."""
+    if not isinstance(answer, dict):
+        raise Unusable("no JSON object")
+    ids, length = answer.get("tokens"), answer.get("max_model_len")
+    if not (isinstance(ids, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in ids)):
+        raise Unusable("no list of token ids")
+    known = isinstance(length, int) and not isinstance(length, bool) and length > 0
+    return tuple(ids), length if known else None
+
+
+def _detokenized(answer: Any) -> str:
+    """/detokenize's text: vLLM's `prompt`, llama.cpp's `content`."""
+    text = answer.get("prompt", answer.get("content")) if isinstance(answer, dict) else None
+    if not isinstance(text, str):
+        raise Unusable("no text")
+    return clean_text(text)
 
 
 # ---- the backend ---------------------------------------------------------------------------------
@@ -478,7 +518,9 @@ class UpstreamBackend:
             raise BackendError(502, f"the upstream {self.url} cannot be reached: {text}") from exc
         if response.status != 200:
             raise await self._refusal(response)
-        call = _Call(response, self.url, self._secrets)
+        # a legacy completion's alternatives include the sampled token besides the k asked for: the likeliest k stay
+        alternatives = (job.sampling.logprobs or 0) if job.prompt is not None else None
+        call = _Call(response, self.url, self._secrets, alternatives)
         loop = asyncio.get_running_loop()
         call.handles = [UpstreamHandle(next(self._ids), loop, call) for _ in range(job.n)]
         call.task = asyncio.create_task(call.pump())
@@ -494,23 +536,20 @@ class UpstreamBackend:
         else:
             body = {"messages": _messages(job.messages), **_tools(job)}
             body.pop("parallel_tool_calls", None)
-        answer = await self._ask("/tokenize", {"model": self.names()[0], **body})
-        ids, length = answer.get("tokens"), answer.get("max_model_len")
-        if not (isinstance(ids, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in ids)):
-            raise BackendError(502, f"the upstream {self.url} answered /tokenize without a list of token ids")
-        known = isinstance(length, int) and not isinstance(length, bool) and length > 0
-        return Tokens(tuple(ids), length if known else None)
+        answer = await self._ask("/tokenize", {"model": self.names()[0], **body}, _token_ids)
+        ids, length = answer
+        if not ids and (job.prompt or job.messages):
+            # llama.cpp's /tokenize reads another field and counts an empty text: a count of 0 would be a lie
+            raise BackendError(502, f"the upstream {self.url} counted no tokens: its /tokenize takes another shape")
+        return Tokens(ids, length)
 
     async def detokenize(self, ids: tuple[int, ...]) -> str:
-        answer = await self._ask("/detokenize", {"model": self.names()[0], "tokens": list(ids)})
-        text = answer.get("prompt", answer.get("content"))  # vLLM's word, llama.cpp's
-        if not isinstance(text, str):
-            raise BackendError(502, f"the upstream {self.url} answered /detokenize without a text")
-        return clean_text(text)
+        return await self._ask("/detokenize", {"model": self.names()[0], "tokens": list(ids)}, _detokenized)
 
-    async def _ask(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        """POST to one of the upstream's routes beside its OpenAI ones (at the root, not under /v1) and read its JSON
-        object; its refusals as `open`'s are."""
+    async def _ask(self, path: str, body: dict[str, Any], read: Callable[[Any], T]) -> T:
+        """POST to one of the upstream's routes beside its OpenAI ones (at the root, not under /v1) and `read` its
+        JSON answer (raising ValueError for one it cannot use); its refusals as `open`'s are. The answer is read and
+        checked on a thread: it may hold a whole context's ids."""
         if self._session is None or self._session.closed:
             raise BackendError(503, "the server is shutting down")
         if self._problem is not None:
@@ -520,15 +559,15 @@ class UpstreamBackend:
             async with self._session.post(f"{root}{path}", json=body) as response:
                 if response.status != 200:
                     raise await self._refusal(response)
-                answer = json.loads(await read_head(response.content, ANSWER_BYTES))
+                raw = await read_head(response.content, ANSWER_BYTES)
         except (aiohttp.ClientError, TimeoutError) as exc:
             text = exception_text(exc, self._secrets)
             raise BackendError(502, f"the upstream {self.url} cannot be reached: {text}") from exc
-        except (ValueError, RecursionError) as exc:
-            raise BackendError(502, f"the upstream {self.url} answered {path} with no JSON") from exc
-        if not isinstance(answer, dict):
-            raise BackendError(502, f"the upstream {self.url} answered {path} with no JSON object")
-        return answer
+        try:
+            return await asyncio.get_running_loop().run_in_executor(None, lambda: read(json.loads(raw)))
+        except (ValueError, RecursionError) as exc:  # not JSON, or not what the route answers
+            why = str(exc) if isinstance(exc, Unusable) else "no JSON"
+            raise BackendError(502, f"the upstream {self.url} answered {path} with {why}") from exc
 
     def _forget(self, call: _Call) -> None:
         self._calls.discard(call)

@@ -166,6 +166,9 @@ def test_nothing_to_say_is_ollamas_load_answer(client: ollama.Client) -> None:
         assert (loaded.done, loaded.done_reason, loaded.response, loaded.eval_count) == (True, "load", "", None)
     chatted = client.chat("tiny", [])
     assert (chatted.done_reason, chatted.message.content) == ("load", "")
+    for keep_alive in (0, "0s", "0m0s"):  # Ollama's way to unload a model: said so, the model stays all the same
+        assert client.generate("tiny", keep_alive=keep_alive).done_reason == "unload"
+    assert client.generate("tiny", keep_alive="5m").done_reason == "load"
 
 
 def test_num_predict_ends_the_answer_with_length(tiny_server: LiveServer, client: ollama.Client) -> None:
@@ -265,6 +268,8 @@ BAD: list[tuple[str, dict[str, Any], str]] = [
     ("/api/chat", {**CHAT, "tools": [{"type": "function", "function": {"name": "bad name"}}]}, "tools[0].function"),
     ("/api/chat", {"messages": STORY}, "model"),
     ("/api/chat", {**CHAT, "context": [1, 2]}, "context"),
+    ("/api/chat", {**CHAT, "keep_alive": "nonsense"}, "keep_alive"),
+    ("/api/chat", {**CHAT, "keep_alive": True}, "keep_alive"),
     ("/api/generate", {**GENERATE, "images": ["aGk="]}, "images"),
     ("/api/generate", {**GENERATE, "template": "{{ .Prompt }}"}, "template"),
     ("/api/generate", {**GENERATE, "context": [1, 2, 3]}, "context"),

@@ -5,6 +5,7 @@ the errors a client gets."""
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -62,13 +63,13 @@ def allows(schema: dict[str, Any], value: Any) -> bool:
     """Whether a JSON Schema (the subset numeric fields use) allows a value decoded from JSON."""
     if "anyOf" in schema:
         return any(allows(branch, value) for branch in schema["anyOf"])
-    unknown = schema.keys() - {"type", *BOUNDS, *NOTES}
+    unknown = schema.keys() - {"type", "pattern", *BOUNDS, *NOTES}
     assert not unknown, f"this check does not read {unknown}: teach it, or it would pass what it cannot judge"
     kind = schema["type"]
     if kind == "null":
         return value is None
-    if kind == "string":  # a field that takes a number or a string (keep_alive's "5m"): no bounds on the string
-        return isinstance(value, str)
+    if kind == "string":  # a field that takes a number or a string (keep_alive's "5m")
+        return isinstance(value, str) and re.search(schema.get("pattern", ""), value) is not None
     assert kind in ("number", "integer"), kind
     if isinstance(value, bool) or not isinstance(value, int | float):
         return False  # JSON Schema: true is not 1, "1" is not a number
@@ -250,6 +251,12 @@ MESSAGES = [{"role": "user", "content": "hi"}]
             {"messages": [{"role": "user"}]},
             "messages[0].content",
             "'messages[0].content' is required",
+        ),
+        (
+            parse_completion,
+            {"messages": MESSAGES, "stream_options": {"include_usage": True}},
+            "stream_options",
+            "'stream_options' is only allowed when 'stream' is true",
         ),
         (
             parse_completion,

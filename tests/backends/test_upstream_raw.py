@@ -118,7 +118,9 @@ async def test_a_stop_token_id_as_stop_reason_is_no_stop_string(backend_of: Any)
 
 
 async def test_legacy_logprobs_come_back_as_token_logprobs(backend_of: Any) -> None:
-    logprobs = {"tokens": ["Hi", "é"], "token_logprobs": [-0.5, -1.0], "top_logprobs": [{"Hi": -0.5}, None]}
+    # the legacy API lists the sampled token among the alternatives besides the k asked for: the likeliest k stay
+    top = [{"Hi": -0.5, "Ho": -2.0}, {"é": -1.0, "e": -0.25}]
+    logprobs = {"tokens": ["Hi", "é"], "token_logprobs": [-0.5, -1.0], "top_logprobs": top}
     recorder = Recorder([text_chunk("Hié", "length", logprobs=logprobs)])
     backend = await backend_of(recorder)
     got = await events(backend, raw_job("x", logprobs=1))
@@ -127,7 +129,7 @@ async def test_legacy_logprobs_come_back_as_token_logprobs(backend_of: Any) -> N
         ("Hi", -0.5, b"Hi"),
         ("é", -1.0, "é".encode()),
     ]
-    assert [(a.token, a.logprob) for a in delta.logprobs[0].top] == [("Hi", -0.5)]
+    assert [[(a.token, a.logprob) for a in t.top] for t in delta.logprobs] == [[("Hi", -0.5)], [("e", -0.25)]]
     body = recorder.asked[0][1]
     assert body["logprobs"] == 1 and "top_logprobs" not in body  # the legacy API's number of alternatives
 
@@ -161,10 +163,11 @@ async def test_detokenize_reads_vllms_or_llama_cpps_answer(backend_of: Any) -> N
     [
         ((404, {"error": {"message": "Not Found"}}), 502, "rejected the request (404)"),
         ((400, {"error": {"message": "bad prompt"}}), 400, "bad prompt"),
-        ((200, {"tokens": "1 2"}), 502, "without a list of token ids"),
-        ((200, [1, 2]), 502, "no JSON object"),
+        ((200, {"tokens": "1 2"}), 502, "answered /tokenize with no list of token ids"),
+        ((200, [1, 2]), 502, "answered /tokenize with no JSON object"),
+        ((200, {"tokens": []}), 502, "counted no tokens"),  # llama.cpp's, which reads `content`
     ],
-    ids=["no-route", "refused", "not-ids", "not-an-object"],
+    ids=["no-route", "refused", "not-ids", "not-an-object", "llama-cpp"],
 )
 async def test_an_upstream_without_a_usable_tokenize_is_a_clear_error(
     backend_of: Any, answer: tuple[int, Any], status: int, says: str

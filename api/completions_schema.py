@@ -12,11 +12,12 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from api.http import OPENAI_DEFAULTS
 from api.openapi_parts import errors, op, ref
 from api.output_fields import OutputFields
 from api.schema import MAX_CHOICES, StreamOptions, _SamplingFields, sampling_of
 from api.wire import INT_MAX, INTEGRAL, Says, Wire, validate
-from backends.base import InvalidField, Sampling
+from backends.base import ChatJob, InvalidField, Limits, Sampling
 
 LEGACY_MAX_TOKENS = 16  # OpenAI's default for a legacy completion that names no max_tokens
 MAX_LOGPROBS = 5  # OpenAI's ceiling for the legacy integer logprobs
@@ -40,6 +41,26 @@ class LegacyCompletionRequest:
     include_usage: bool
     echo: bool  # each choice's text starts with its prompt
     logprobs: int | None  # the legacy integer: each token's logprob and this many alternatives; None: no logprobs
+
+    def jobs(self, limits: Limits) -> list[ChatJob]:
+        """One job per prompt, `n` choices each."""
+        return [raw_job(prompt, limits, self.sampling, self.n) for prompt in self.prompts]
+
+
+def raw_job(prompt: str, limits: Limits, sampling: Sampling | None = None, n: int = 1) -> ChatJob:
+    """The job of one raw prompt: its text as it is, errors about it blamed on `prompt`. The one builder of it, for
+    /v1/completions to generate from and for /tokenize to count, so the ids /tokenize gives are the ids generated
+    from."""
+    return ChatJob(
+        (),
+        sampling or Sampling(),
+        OPENAI_DEFAULTS,
+        n=n,
+        limits=limits,
+        prompt_param="prompt",
+        template_param="prompt",
+        prompt=prompt,
+    )
 
 
 class _LegacyFields(Wire):
@@ -66,7 +87,7 @@ class _LegacyFields(Wire):
         | None
     ) = Field(None, description="Only 1: no server-side best-of")
     logit_bias: LogitBias = Field(None, description=OutputFields.model_fields["logit_bias"].description)
-    stream_options: StreamOptions | None = None
+    stream_options: StreamOptions | None = Field(None, description="Only with stream: true")
     stream: bool | None = False
     n: Annotated[int, Field(ge=1, le=MAX_CHOICES), INTEGRAL] | None = 1
     user: str | None = Field(None, description="Accepted, without effect here")
@@ -88,6 +109,8 @@ def parse_legacy_completion(body: dict[str, Any]) -> LegacyCompletionRequest:
     wire = validate(LegacyCompletionBody, body)
     if wire.echo and wire.logprobs is not None:
         raise InvalidField("echo", "'echo' cannot be sent with 'logprobs': the prompt's logprobs are not computed")
+    if wire.stream_options is not None and not wire.stream:  # as OpenAI: options of a stream that is not one
+        raise InvalidField("stream_options", "The 'stream_options' parameter is only allowed when 'stream' is enabled")
     prompts = (wire.prompt,) if isinstance(wire.prompt, str) else tuple(wire.prompt)
     n = wire.n or 1
     if len(prompts) * n > MAX_PROMPTS:
@@ -112,13 +135,24 @@ SCHEMAS: dict[str, Any] = {  # answers' schemas under their names
     "LegacyLogprobs": {
         "type": "object",
         "properties": {
-            "tokens": {"type": "array", "items": {"type": "string"}},
+            "tokens": {
+                "type": "array",
+                "items": {"type": "string"},
+                "description": "Each token; one that is not UTF-8 on its own (part of a character) as OpenAI writes "
+                "it, `bytes:` and its bytes as \\xNN escapes",
+            },
             "token_logprobs": {"type": "array", "items": {"type": "number"}},
             "top_logprobs": {
                 "type": "array",
                 "items": {"type": "object", "additionalProperties": {"type": "number"}},
+                "description": "Per token, the `logprobs` likeliest tokens and the token itself (one more where it is "
+                "not among them), written as in `tokens`",
             },
-            "text_offset": {"type": "array", "items": {"type": "integer"}},
+            "text_offset": {
+                "type": "array",
+                "items": {"type": "integer"},
+                "description": "Where each token starts in the choice's text, in characters",
+            },
         },
     },
     "LegacyCompletion": {

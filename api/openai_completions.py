@@ -15,25 +15,11 @@ from aiohttp import web
 from api.completions_schema import LegacyCompletionRequest, parse_legacy_completion
 from api.config import BACKEND, CONFIG
 from api.errors import failure_response, not_started
-from api.http import OPENAI_DEFAULTS, events_of, merge, peeked, read_body, served_model
-from backends.base import ChatJob, Delta, Failed, Finished, KeepAlive, Stream
+from api.http import events_of, merge, peeked, read_body, served_model
+from backends.base import Delta, Failed, Finished, KeepAlive, Stream
 from sse import ClientGone, EventStream, dumps
 
 log = logging.getLogger(__name__)
-
-
-def raw_job(request: web.Request, prompt: str, req: LegacyCompletionRequest) -> ChatJob:
-    """The job of one prompt: its text as it is, errors about it blamed on `prompt`."""
-    return ChatJob(
-        (),
-        req.sampling,
-        OPENAI_DEFAULTS,
-        n=req.n,
-        limits=request.app[CONFIG].limits,
-        prompt_param="prompt",
-        template_param="prompt",
-        prompt=prompt,
-    )
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
@@ -44,8 +30,8 @@ async def completions(request: web.Request) -> web.StreamResponse:
         return model
     handles: list[Stream] = []
     try:
-        for prompt in req.prompts:  # choice i is prompt i // n's: the order OpenAI numbers them in
-            handles += await request.app[BACKEND].open(raw_job(request, prompt, req))
+        for job in req.jobs(request.app[CONFIG].limits):  # choice i is prompt i // n's, as OpenAI numbers them
+            handles += await request.app[BACKEND].open(job)
         base = {
             "id": f"cmpl-{uuid.uuid4().hex}",
             "object": "text_completion",
@@ -60,32 +46,71 @@ async def completions(request: web.Request) -> web.StreamResponse:
             h.cancel()
 
 
-class Offsets:
-    """Where each token of a choice starts in its text, in characters. The text is the tokens' bytes decoded together,
-    so a token's own characters end its piece of the text; before them may stand the U+FFFD of an earlier token's
-    broken bytes, which only this token showed to be broken. A token that holds part of a character (a byte of an
-    emoji) starts where that character does; one the text leaves out (a special token) where it would have been. Each
-    delta's text is counted whole, so a token that cannot be placed misplaces nothing after its delta."""
+def _continues(pending: bytes, byte: int) -> bool:
+    """Whether a byte goes on with the start of a character that the bytes before it left unfinished."""
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(pending + bytes([byte]))
+    except UnicodeDecodeError:
+        return False
+    return True
 
-    def __init__(self) -> None:
+
+class Offsets:
+    """Where each token of a choice starts in its text, in characters, from the tokens' bytes: the text is their bytes
+    decoded together (a broken character one U+FFFD), however it was cut into deltas (the engine sends a token's
+    entry before its text while a stop string may still follow). A token that holds part of a character starts
+    where that character does; the text may end before the last tokens' bytes (cut at a stop string), their offsets
+    are still where their bytes start. The one exception is a token whose text the answer's text shows it lacks: a
+    special token, which the text leaves out (though its bytes spell its name) stands where it would have been and
+    takes no room. `start`: the characters before the answer (an echoed prompt)."""
+
+    def __init__(self, start: int = 0) -> None:
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self._chars = 0
+        self._start = start
+        self._chars = 0  # the characters the tokens' bytes so far decode to
+        self._text = ""  # the answer's text from character `_base` on, as far as it has come
+        self._base = 0
 
     def of(self, delta: Delta) -> list[int]:
-        """The offsets of a delta's tokens; the count then moves past its text."""
-        out, at = [], 0
+        """The offsets of a delta's tokens; the count then moves past their bytes."""
+        self._text += delta.text
+        out = []
         for token in delta.logprobs:
-            piece = self._decoder.decode(bytes(token.bytes) if token.bytes else token.token.encode())
-            if not delta.text.startswith(piece, at):  # not in the text
-                out.append(self._chars + at)
+            raw = bytes(token.bytes)
+            pending = self._decoder.getstate()[0]  # the start of a character the bytes so far left unfinished
+            if (whole := _utf8(raw)) and self._shows_other(self._chars + bool(pending), whole):
+                out.append(self._start + self._chars)  # not in the text
                 continue
-            own = len(token.token) if token.token and piece.endswith(token.token) else len(piece)
-            out.append(self._chars + at + len(piece) - own)
-            at += len(piece)
-        if at != len(delta.text):  # placed wrong: start the next delta afresh
-            self._decoder.reset()
-        self._chars += len(delta.text)
+            if pending and raw and not _continues(pending, raw[0]):  # the unfinished character is a U+FFFD
+                self._chars += len(self._decoder.decode(b"", final=True))
+            out.append(self._start + self._chars)
+            self._chars += len(self._decoder.decode(raw))
+        passed = min(self._chars - self._base, len(self._text))  # what no later token can stand in
+        self._text, self._base = self._text[passed:], self._base + passed
         return out
+
+    def _shows_other(self, at: int, piece: str) -> bool:
+        """Whether the text has come as far as character `at` and shows there something other than `piece`."""
+        shown = self._text[at - self._base : at - self._base + len(piece)]
+        return not piece.startswith(shown)
+
+
+def _utf8(raw: bytes) -> str | None:
+    """Bytes that are UTF-8 on their own, decoded; else (none, or part of a character) None."""
+    try:
+        return raw.decode() or None
+    except UnicodeDecodeError:
+        return None
+
+
+def spelled(text: str, raw: tuple[int, ...]) -> str:
+    """A token as legacy logprobs write it: its text, or where its bytes are not UTF-8 on their own (part of a
+    character) `bytes:` and their \\x escapes, as OpenAI writes them, so that no two alternatives share a key."""
+    if not raw:
+        return text
+    if (whole := _utf8(bytes(raw))) is not None:
+        return whole
+    return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
 
 
 LOGPROBS_KEYS = ("tokens", "token_logprobs", "top_logprobs", "text_offset")
@@ -93,12 +118,15 @@ LOGPROBS_KEYS = ("tokens", "token_logprobs", "top_logprobs", "text_offset")
 
 def logprobs_part(delta: Delta, offsets: Offsets) -> dict[str, list[Any]]:
     """A delta's logprobs in the legacy shape. Each token's alternatives hold the token itself too, as OpenAI's do
-    (so up to logprobs + 1 of them)."""
+    (so `logprobs` of them, or one more where the token is not among the likeliest)."""
     tokens = delta.logprobs
     return {
-        "tokens": [t.token for t in tokens],
+        "tokens": [spelled(t.token, t.bytes) for t in tokens],
         "token_logprobs": [t.logprob for t in tokens],
-        "top_logprobs": [{**{alt.token: alt.logprob for alt in t.top}, t.token: t.logprob} for t in tokens],
+        "top_logprobs": [
+            {**{spelled(alt.token, alt.bytes): alt.logprob for alt in t.top}, spelled(t.token, t.bytes): t.logprob}
+            for t in tokens
+        ],
         "text_offset": offsets.of(delta),
     }
 
@@ -122,7 +150,7 @@ async def _complete(
 ) -> web.Response:
     texts = [req.prompts[i // req.n] if req.echo else "" for i in range(len(handles))]
     logprobs: list[dict[str, list[Any]]] = [{key: [] for key in LOGPROBS_KEYS} for _ in handles]
-    offsets = [Offsets() for _ in handles]
+    offsets = [Offsets(len(text)) for text in texts]
     done: dict[int, Finished] = {}
     async with aclosing(merge([events_of(request, h) for h in handles])) as events:
         async for i, event in events:
@@ -164,7 +192,7 @@ async def _stream(
 ) -> web.StreamResponse:
     out = EventStream()
     done: dict[int, Finished] = {}
-    offsets = [Offsets() for _ in handles]
+    offsets = [Offsets(len(req.prompts[i // req.n]) if req.echo else 0) for i in range(len(handles))]
     merged = merge([events_of(request, h) for h in handles])
     try:
         (_, first), events = await peeked(merged)

@@ -6,26 +6,20 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from api.completions_schema import raw_job
 from api.config import BACKEND, CONFIG
-from api.http import OPENAI_DEFAULTS, read_body, served_model
+from api.http import OPENAI_DEFAULTS, off_loop, read_body, served_model
 from api.tokens_schema import TokenizeRequest, parse_detokenize, parse_tokenize
 from backends.base import ChatJob, Sampling
 from sse import dumps
 
 
 def job_of(request: web.Request, req: TokenizeRequest) -> ChatJob:
-    """The job /v1/completions (a raw prompt) or /v1/chat/completions (messages and tools) would build."""
+    """The job /v1/completions (a raw prompt: its own builder) or /v1/chat/completions (messages and tools) would
+    build."""
     limits = request.app[CONFIG].limits
     if req.prompt is not None:
-        return ChatJob(
-            (),
-            Sampling(),
-            OPENAI_DEFAULTS,
-            limits=limits,
-            prompt_param="prompt",
-            template_param="prompt",
-            prompt=req.prompt,
-        )
+        return raw_job(req.prompt, limits)
     return ChatJob(
         req.messages, Sampling(), OPENAI_DEFAULTS, limits=limits, tools=req.tools, tool_choice=req.tool_choice
     )
@@ -38,7 +32,8 @@ async def tokenize(request: web.Request) -> web.Response:
         return refused
     tokens = await request.app[BACKEND].tokenize(job_of(request, req))
     body = {"count": len(tokens.ids), "max_model_len": tokens.context_length, "tokens": list(tokens.ids)}
-    return web.json_response(body, dumps=dumps)
+    text = await off_loop(request, lambda: dumps(body))  # a huge prompt's ids: long enough to stall every request
+    return web.Response(text=text, content_type="application/json")
 
 
 async def detokenize(request: web.Request) -> web.Response:

@@ -304,9 +304,22 @@ def _legacy_logprobs(logprobs: dict[str, Any]) -> tuple[TokenLogprob, ...]:
             top = {}
         if not isinstance(top, dict) or not all(_is_finite(v) for v in top.values()):
             raise MalformedChunk("a legacy top_logprobs entry is not an object of finite numbers")
-        alternatives = tuple(TopLogprob(_unicode(t), float(v), tuple(_unicode(t).encode())) for t, v in top.items())
-        out.append(TokenLogprob(_unicode(token), float(value), tuple(_unicode(token).encode()), alternatives))
+        alternatives = tuple(TopLogprob(_legacy_token(t)[0], float(v), _legacy_token(t)[1]) for t, v in top.items())
+        text, raw = _legacy_token(token)
+        out.append(TokenLogprob(text, float(value), raw, alternatives))
     return tuple(out)
+
+
+_BYTES = re.compile(r"bytes:((?:\\x[0-9a-fA-F]{2})+)")
+
+
+def _legacy_token(token: str) -> tuple[str, tuple[int, ...]]:
+    """A legacy token and its bytes: OpenAI (and this server) write a token that is no whole UTF-8 on its own as
+    `bytes:\\xNN...`; any other is its own UTF-8."""
+    if match := _BYTES.fullmatch(token):
+        return token, tuple(bytes.fromhex(match.group(1).replace("\\x", "")))
+    text = _unicode(token)
+    return text, tuple(text.encode())
 
 
 def _token_logprob(entry: Any) -> TokenLogprob:

@@ -19,13 +19,11 @@ from hypothesis import strategies as st
 
 from api.anthropic_schema import parse_messages
 from api.config import BACKEND
-from generation.prepare import load_model
-from models.loader import LoadedModel, ModelConfig
-from models.tools.hermes import HermesFormat
-from tests.api.test_tools_hermes import HERMES_TEMPLATE, W_CALL
+from models.loader import LoadedModel
+from tests.api.test_tools_hermes import W_CALL
 from tests.conftest import LiveServer, MakeClient, build_tiny_model, running_server
 from tests.helpers import parse_frames, wait_until
-from tests.training import learned, teach
+from tests.training import hermes_model, taught
 
 Client = TestClient[web.Request, web.Application]
 
@@ -36,8 +34,22 @@ SYSTEM = "Be brief."
 GREEDY = {"temperature": 0}
 
 
+_OPENED: list[anthropic.Anthropic] = []
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _close_sdk_clients() -> Iterator[None]:
+    """The SDK clients the tests open, closed once the module is done (left to the collector, their sockets would
+    warn in whichever test happens to run then)."""
+    yield
+    while _OPENED:
+        _OPENED.pop().close()
+
+
 def sdk(server: LiveServer, **kwargs: Any) -> anthropic.Anthropic:
-    return anthropic.Anthropic(base_url=server.url, api_key="unused", max_retries=0, **kwargs)
+    client = anthropic.Anthropic(base_url=server.url, api_key="unused", max_retries=0, **kwargs)
+    _OPENED.append(client)
+    return client
 
 
 def create(server: LiveServer, **kwargs: Any) -> Any:
@@ -412,30 +424,13 @@ def after_call(call_id: str, result: Any = RESULT, **result_fields: Any) -> list
 def hermes_lm(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
     """The tiny model with a Hermes template (it renders tools), taught two answers on the prompts this door builds:
     a get_weather call for QUESTION, and ANSWER once the call has its result."""
-    import torch
-    from transformers import AutoTokenizer
-
-    folder = build_tiny_model(tmp_path_factory.mktemp("anthropic-hermes"), context=1024)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    tokenizer.chat_template = HERMES_TEMPLATE
-    tokenizer.save_pretrained(folder)
-    lm = load_model(ModelConfig(path=folder, device="cpu", dtype="float32", quantize=16))
-    assert isinstance(lm.chat.tool_format, HermesFormat)
+    lm = hermes_model(build_tiny_model(tmp_path_factory.mktemp("anthropic-hermes"), context=1024))
     (eos,) = lm.eos_token_ids
     examples = []
     for messages, answer in [([QUESTION], W_CALL), (after_call("toolu_1"), ANSWER)]:
         req = parse_messages({"model": "m", "max_tokens": 1, "messages": messages, "tools": TOOLS})
         examples.append((lm.chat.encode(req.messages, req.tools), [*lm.tokenizer.encode(answer), eos]))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a tiny model trains fastest on one thread
-    try:
-        for _ in range(8):
-            teach(lm.model, examples, steps=25)
-            if learned(lm.model, examples, {eos}):
-                return lm
-    finally:
-        torch.set_num_threads(threads)
-    pytest.fail("the tiny model did not learn its answers")
+    return taught(lm, examples)
 
 
 async def sdk_of(make_client: MakeClient, lm: LoadedModel) -> anthropic.AsyncAnthropic:

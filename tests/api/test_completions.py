@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import openai
@@ -28,6 +30,8 @@ OTHER = "Paris is the capital of"
 JSON = {"Content-Type": "application/json"}
 SPEC = build_spec(("tiny",))
 SPECIAL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")  # the tiny model's special tokens (tests/conftest.py)
+PARTIAL = re.compile(r"bytes:(\\x[0-9a-f]{2})+")  # OpenAI's spelling of a token that is not UTF-8 on its own
+LOGPROBS_KEYS = ("tokens", "token_logprobs", "top_logprobs", "text_offset")
 
 
 @pytest.fixture(scope="module")
@@ -134,9 +138,9 @@ def test_logprobs_in_the_legacy_shape(client: openai.OpenAI) -> None:
     assert lp.text_offset[-1] <= len(choice.text)
     shown = [(t, o) for t, o in zip(lp.tokens, lp.text_offset, strict=True) if t not in SPECIAL]  # the text has none
     for token, offset in shown:
-        if "\ufffd" not in token:  # a token holding part of a character shows as U+FFFD: it is not in the text
+        if not PARTIAL.fullmatch(token):  # a token holding part of a character is spelled by its bytes
             assert choice.text[offset : offset + len(token)] == token
-    if not any("\ufffd" in t for t, _ in shown):
+    if not any(PARTIAL.fullmatch(t) for t, _ in shown):
         assert "".join(t for t, _ in shown) == choice.text
     for token, logprob, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, strict=True):
         assert 1 <= len(top) <= 3 and top[token] == logprob <= 0  # the two likeliest, and the token itself
@@ -146,6 +150,68 @@ def test_logprobs_in_the_legacy_shape(client: openai.OpenAI) -> None:
     assert [t for p in parts for t in p.tokens] == lp.tokens
     assert [o for p in parts for o in p.text_offset] == lp.text_offset  # offsets go on across chunks
     assert [c.choices[0].logprobs for c in chunks if c.choices[0].finish_reason] == [None]
+
+
+STOPS = ["aQ", "eZ", "oX", "tY"]  # stop strings the tiny model's gibberish often begins
+SEEDED: dict[str, Any] = {"model": "tiny", "prompt": PROMPT, "max_tokens": 60, "temperature": 1, "stop": STOPS}
+
+
+def seeded_choices(client: openai.OpenAI, logprobs: int, seeds: range, stream: bool) -> list[tuple[str, Any]]:
+    """Each seed's text and legacy logprobs, streamed (the chunks joined) or not."""
+    out = []
+    for seed in seeds:
+        args: dict[str, Any] = {**SEEDED, "logprobs": logprobs, "seed": seed}
+        if not stream:
+            choice = client.completions.create(**args).choices[0]
+            out.append((choice.text, choice.logprobs))
+            continue
+        chunks = [c.choices[0] for c in client.completions.create(**args, stream=True) if c.choices]
+        joined = {key: [v for c in chunks if c.logprobs for v in getattr(c.logprobs, key)] for key in LOGPROBS_KEYS}
+        out.append(("".join(c.text for c in chunks), SimpleNamespace(**joined)))
+    return out
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_text_offsets_point_at_the_tokens_when_stop_strings_hold_text_back(client: openai.OpenAI, stream: bool) -> None:
+    # sampled gibberish with stop strings that often begin to match: the engine holds a token's text back while a
+    # stop string may still follow, so its logprob entry goes out before its text does
+    checked = 0
+    for text, lp in seeded_choices(client, 1, range(10), stream):
+        assert lp.text_offset == sorted(lp.text_offset)
+        for token, offset in zip(lp.tokens, lp.text_offset, strict=True):
+            if token in SPECIAL or PARTIAL.fullmatch(token):  # not in the text as it is written here
+                continue
+            shown = text[offset : offset + len(token)]
+            # the last tokens' text may be cut short by the stop string that followed
+            assert shown == token or (offset + len(token) > len(text) and token.startswith(shown)), (
+                text,
+                list(zip(lp.tokens, lp.text_offset, strict=True)),
+            )
+            checked += 1
+    assert checked > 200
+
+
+def test_top_logprobs_keep_every_alternative(client: openai.OpenAI) -> None:
+    # byte tokens of one character all decode to U+FFFD: spelled as OpenAI spells them, none hides another
+    first = greedy(client, logprobs=5, max_tokens=60, extra_body={"ignore_eos": True}).choices[0]
+    choices = [(first.text, first.logprobs), *seeded_choices(client, 5, range(4), stream=False)]
+    partial = 0
+    for _, lp in choices:
+        for token, logprob, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, strict=True):
+            assert top[token] == logprob and "\ufffd" not in token + "".join(top)
+            # the five likeliest, and the sampled token too where it is not among them (the least likely then)
+            assert len(top) == 5 or (len(top) == 6 and logprob == min(top.values())), (token, top)
+            partial += sum(1 for alt in top if PARTIAL.fullmatch(alt))
+    assert partial > 0  # the probe did meet tokens holding part of a character
+    assert len(choices[0][1].top_logprobs[0]) == 5  # greedy: the sampled token is the likeliest
+
+
+def test_stream_options_without_a_stream_is_refused(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError, match="stream_options") as info:
+        greedy(client, stream_options={"include_usage": True})
+    assert info.value.param == "stream_options"
+    with pytest.raises(openai.BadRequestError, match="stream_options"):
+        greedy(client, stream=False, stream_options={"include_usage": False})
 
 
 def test_suffix_is_refused_by_name(client: openai.OpenAI) -> None:
@@ -182,6 +248,7 @@ BAD = [
     ({"prompt": "x", "logit_bias": {"99999": 1}}, "logit_bias", "99999"),
     ({"prompt": "x", "messages": [{"role": "user", "content": "hi"}]}, "messages", "refused"),
     ({"prompt": "x", "stream_options": {"include_usage": 1}}, "stream_options.include_usage", "boolean"),
+    ({"prompt": "x", "stream_options": {"include_usage": True}}, "stream_options", "only allowed when 'stream'"),
     ({"prompt": "x", "model": "nope"}, "model", "does not exist"),
 ]
 
@@ -246,7 +313,7 @@ async def test_stream_disconnect_stops_every_choice(make_client: MakeClient, slo
     resp = await client.post("/v1/completions", json=body)
     await resp.content.readuntil(b"\n\n")
     await resp.content.readuntil(b"\n\n")
-    assert engine.counts[0] == 4
+    assert sum(engine.counts) == 4  # all four choices were opened before the first chunk; some may still wait
     resp.close()
     await wait_until(lambda: engine.counts == (0, 0), within=2.0)
 

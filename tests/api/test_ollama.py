@@ -20,13 +20,10 @@ from hypothesis import strategies as st
 
 from api.config import BACKEND, LIFECYCLE
 from api.ollama_schema import parse_chat
-from generation.prepare import load_model
-from models.loader import LoadedModel, ModelConfig
-from models.tools.hermes import HermesFormat
-from tests.api.test_tools_hermes import HERMES_TEMPLATE
+from models.loader import LoadedModel
 from tests.conftest import JSON, LiveServer, MakeClient, build_tiny_model, running_server
 from tests.helpers import wait_until
-from tests.training import learned, teach
+from tests.training import hermes_model, taught
 
 Client = TestClient[web.Request, web.Application]
 
@@ -407,22 +404,11 @@ CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</
 @pytest.fixture(scope="module")
 def caller_lm(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
     """The tiny model with a Hermes template, taught to call get_weather on the prompt /api/chat builds for ASK."""
-    from transformers import AutoTokenizer
-
-    folder = build_tiny_model(tmp_path_factory.mktemp("ollama-tools"), context=512)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    tokenizer.chat_template = HERMES_TEMPLATE
-    tokenizer.save_pretrained(folder)
-    lm = load_model(ModelConfig(path=folder, device="cpu", dtype="float32", quantize=16))
-    assert isinstance(lm.chat.tool_format, HermesFormat)
+    lm = hermes_model(build_tiny_model(tmp_path_factory.mktemp("ollama-tools"), context=512))
     (eos,) = lm.eos_token_ids
     req = parse_chat({"model": "tiny", "messages": [ASK], "tools": [WEATHER]})
     examples = [(lm.chat.encode(req.messages, req.tools), [*lm.tokenizer.encode(CALL, add_special_tokens=False), eos])]
-    for _ in range(6):
-        teach(lm.model, examples, steps=40)
-        if learned(lm.model, examples, {eos}):
-            return lm
-    pytest.fail("the tiny model did not learn its call")
+    return taught(lm, examples, steps=40, rounds=6)
 
 
 async def test_a_call_comes_as_ollamas_tool_calls(make_client: MakeClient, caller_lm: LoadedModel) -> None:

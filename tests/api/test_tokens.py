@@ -5,8 +5,10 @@ server in front of a live one."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
-from collections.abc import Iterator
+import threading
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,11 +16,17 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import api.tokens
+from api.completions_schema import raw_job
+from api.config import BACKEND, CONFIG
+from backends.base import ChatJob, Sampling
 from generation.prepare import load_model
 from models.loader import LoadedModel, ModelConfig
+from sse import dumps
 from tests.api.test_operations import JSON_VALUES
-from tests.api.test_tools_hermes import HERMES_TEMPLATE, TOOLS
+from tests.api.test_tools_hermes import TOOLS
 from tests.conftest import TINY_CONTEXT, LiveServer, MakeClient, build_tiny_model, running_server
+from tests.training import HERMES_TEMPLATE
 
 JSON = {"Content-Type": "application/json"}
 PROMPT = "The quick brown fox jumps over the lazy dog."
@@ -46,6 +54,52 @@ def test_a_conversations_count_is_what_chat_completions_report(tiny_server: Live
 def test_a_prompt_longer_than_the_context_is_still_counted(tiny_server: LiveServer) -> None:
     tokens = tiny_server.post("/tokenize", {"prompt": "word " * 400})
     assert tokens["count"] > tokens["max_model_len"]  # a client asks exactly to find this out before generating
+
+
+def recording(real: Callable[[ChatJob], Awaitable[Any]], jobs: list[ChatJob]) -> Callable[[ChatJob], Awaitable[Any]]:
+    """A backend method that notes the jobs it is given."""
+
+    async def recorded(job: ChatJob) -> Any:
+        jobs.append(job)
+        return await real(job)
+
+    return recorded
+
+
+async def test_a_prompt_is_counted_from_the_job_completions_generate_from(
+    make_client: MakeClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = await make_client()
+    backend = client.app[BACKEND]
+    jobs: list[ChatJob] = []
+    for name in ("open", "tokenize"):
+        monkeypatch.setattr(backend, name, recording(getattr(backend, name), jobs))
+    body = {"prompt": PROMPT, "max_tokens": 1, "temperature": 0.5, "seed": 3, "n": 2}
+    assert (await client.post("/v1/completions", json=body)).status == 200
+    assert (await client.post("/tokenize", json={"prompt": PROMPT})).status == 200
+    generated, counted = jobs
+    # the one builder of a raw prompt's job: the same job, but for what only generating needs
+    assert counted == raw_job(PROMPT, client.app[CONFIG].limits)
+    assert counted == dataclasses.replace(generated, sampling=Sampling(), n=1)
+
+
+async def test_a_huge_answer_is_written_off_the_event_loop(
+    make_client: MakeClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # written on the event loop, a huge prompt's ids would keep every other request waiting meanwhile
+    client = await make_client()
+    loop_thread, writers = threading.current_thread(), []
+
+    def written(obj: Any) -> str:
+        writers.append(threading.current_thread())
+        return dumps(obj)
+
+    monkeypatch.setattr(api.tokens, "dumps", written)
+    resp = await client.post("/tokenize", json={"prompt": PROMPT * 50})
+    assert resp.status == 200 and resp.content_type == "application/json"
+    answer = await resp.json()
+    assert answer["count"] == len(answer["tokens"]) > 50
+    assert writers and loop_thread not in writers
 
 
 @pytest.fixture(scope="module")

@@ -17,30 +17,12 @@ from aiohttp.test_utils import TestClient
 from pydantic import SecretStr
 
 from api.schema import parse_completion
-from generation.prepare import load_model
-from models.loader import LoadedModel, ModelConfig
-from models.tools.hermes import HermesFormat
+from models.loader import LoadedModel
 from tests.conftest import MakeClient, build_tiny_model
 from tests.helpers import chunk_deltas, completion_chunks
-from tests.training import learned, teach
+from tests.training import hermes_model, taught
 
 Client = TestClient[web.Request, web.Application]
-
-# A Hermes / Qwen2.5-style template, small: the tools in a `<tools>` system turn, calls as `<tool_call>` blocks,
-# results as `<tool_response>` user turns
-HERMES_TEMPLATE = (
-    "{% if tools %}<|im_start|>system\n<tools>\n{% for tool in tools %}{{ tool | tojson }}\n{% endfor %}"
-    "</tools><|im_end|>\n{% endif %}"
-    "{% for m in messages %}"
-    "{% if m.role == 'assistant' %}<|im_start|>assistant\n{{ m.content or '' }}"
-    "{% for call in m.tool_calls or [] %}<tool_call>\n"
-    '{{ {"name": call.function.name, "arguments": call.function.arguments} | tojson }}\n</tool_call>'
-    "{% endfor %}<|im_end|>\n"
-    "{% elif m.role == 'tool' %}<|im_start|>user\n<tool_response>\n{{ m.content }}\n</tool_response><|im_end|>\n"
-    "{% else %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 
 # short definitions: each prompt's tokens cost the teaching time
 WEATHER = {
@@ -118,14 +100,7 @@ URL = "/v1/chat/completions"
 @pytest.fixture(scope="module")
 def hermes_lm(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
     """The tiny model with the Hermes template, taught the LESSONS on the prompts the server builds for them."""
-    from transformers import AutoTokenizer
-
-    folder = build_tiny_model(tmp_path_factory.mktemp("hermes"), context=1024)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    tokenizer.chat_template = HERMES_TEMPLATE
-    tokenizer.save_pretrained(folder)
-    lm = load_model(ModelConfig(path=folder, device="cpu", dtype="float32", quantize=16))
-    assert isinstance(lm.chat.tool_format, HermesFormat)  # found in the template's text
+    lm = hermes_model(build_tiny_model(tmp_path_factory.mktemp("hermes"), context=1024))
     (eos,) = lm.eos_token_ids
     examples = []
     for body, answer in LESSONS:
@@ -134,13 +109,7 @@ def hermes_lm(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
         continuation = [*lm.tokenizer.encode(answer, add_special_tokens=False), eos]
         assert len(prompt) + len(continuation) < min(lm.context_length, len(prompt) + 200)  # within max_tokens 200
         examples.append((prompt, continuation))
-    for _ in range(6):  # in rounds, checked after each: a few more steps where the first ones fall short
-        teach(lm.model, examples, steps=40)
-        if learned(lm.model, examples, {eos}):
-            break
-    else:
-        pytest.fail("the tiny model did not learn its answers")
-    return lm
+    return taught(lm, examples, steps=40, rounds=6)
 
 
 async def post(client: Client, body: dict[str, Any], **extra: Any) -> dict[str, Any]:

@@ -14,7 +14,6 @@ from typing import Any
 
 import openai
 import pytest
-import torch
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
@@ -32,13 +31,13 @@ from models.tools.glm4 import Glm4Format
 from models.tools.hermes import HermesFormat
 from models.tools.llama3 import Llama3Format
 from models.tools.mistral import MistralFormat
-from tests.api.test_tools_hermes import HERMES_TEMPLATE, T_CALL, TOOLS, TWO_BODY, W_CALL
+from tests.api.test_tools_hermes import T_CALL, TOOLS, TWO_BODY, W_CALL
 from tests.backends.test_upstream import CLOCK, VLLM_CALLS, FakeUpstream, fake_proxy
 from tests.backends.test_upstream import WEATHER as UPSTREAM_WEATHER
 from tests.conftest import MakeClient, build_tiny_model
 from tests.glm2 import write_checkpoint
 from tests.helpers import chunk_deltas, completion_chunks
-from tests.training import learned, teach
+from tests.training import hermes_model, taught
 
 Client = TestClient[web.Request, web.Application]
 URL = "/v1/chat/completions"
@@ -93,27 +92,10 @@ def glm3_lm(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
 def hermes_two(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
     """The tiny model with test_tools_hermes' Hermes template, taught one answer only (fast): the two calls for its
     TWO_BODY prompt, as the server builds that prompt."""
-    from transformers import AutoTokenizer
-
-    folder = build_tiny_model(tmp_path_factory.mktemp("hermes-two"), context=1024)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    tokenizer.chat_template = HERMES_TEMPLATE
-    tokenizer.save_pretrained(folder)
-    lm = load_model(ModelConfig(path=folder, device="cpu", dtype="float32", quantize=16))
-    assert isinstance(lm.chat.tool_format, HermesFormat)
+    lm = hermes_model(build_tiny_model(tmp_path_factory.mktemp("hermes-two"), context=1024))
     (eos,) = lm.eos_token_ids
     req = parse_completion({**TWO_BODY, "model": "x"})
-    examples = [(lm.chat.encode(req.messages, req.tools), [*lm.tokenizer.encode(TWO_ANSWER), eos])]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a tiny model trains fastest on one thread
-    try:
-        for _ in range(8):
-            teach(lm.model, examples, steps=25)
-            if learned(lm.model, examples, {eos}):
-                return lm
-    finally:
-        torch.set_num_threads(threads)
-    pytest.fail("the tiny model did not learn its two calls")
+    return taught(lm, [(lm.chat.encode(req.messages, req.tools), [*lm.tokenizer.encode(TWO_ANSWER), eos])])
 
 
 async def post(client: Client, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:

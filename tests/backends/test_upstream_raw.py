@@ -119,17 +119,24 @@ async def test_a_stop_token_id_as_stop_reason_is_no_stop_string(backend_of: Any)
 
 async def test_legacy_logprobs_come_back_as_token_logprobs(backend_of: Any) -> None:
     # the legacy API lists the sampled token among the alternatives besides the k asked for: the likeliest k stay
-    top = [{"Hi": -0.5, "Ho": -2.0}, {"é": -1.0, "e": -0.25}]
-    logprobs = {"tokens": ["Hi", "é"], "token_logprobs": [-0.5, -1.0], "top_logprobs": top}
-    recorder = Recorder([text_chunk("Hié", "length", logprobs=logprobs)])
+    top = [{"Hi": -0.5, "Ho": -2.0}, {"é": -1.0, "e": -0.25}, {"bytes:\\xa9": -0.1}]
+    # a token that is no whole character on its own is written as its bytes, as OpenAI writes it
+    tokens = ["Hi", "é", "bytes:\\xa9"]
+    logprobs = {"tokens": tokens, "token_logprobs": [-0.5, -1.0, -0.1], "top_logprobs": top}
+    recorder = Recorder([text_chunk("Hié\ufffd", "length", logprobs=logprobs)])
     backend = await backend_of(recorder)
     got = await events(backend, raw_job("x", logprobs=1))
     (delta,) = [e for e in got if isinstance(e, Delta)]
     assert [(t.token, t.logprob, bytes(t.bytes)) for t in delta.logprobs] == [
         ("Hi", -0.5, b"Hi"),
         ("é", -1.0, "é".encode()),
+        ("bytes:\\xa9", -0.1, b"\xa9"),
     ]
-    assert [[(a.token, a.logprob) for a in t.top] for t in delta.logprobs] == [[("Hi", -0.5)], [("e", -0.25)]]
+    assert [[(a.token, a.logprob, bytes(a.bytes)) for a in t.top] for t in delta.logprobs] == [
+        [("Hi", -0.5, b"Hi")],
+        [("e", -0.25, b"e")],
+        [("bytes:\\xa9", -0.1, b"\xa9")],
+    ]
     body = recorder.asked[0][1]
     assert body["logprobs"] == 1 and "top_logprobs" not in body  # the legacy API's number of alternatives
 

@@ -36,31 +36,20 @@ def format_event(data: str, event: str | None = None) -> bytes:
     return ("\n".join(lines) + "\n\n").encode("utf-8")
 
 
-class EventStream:
-    """A text/event-stream response; every write failure surfaces as ClientGone."""
+class StreamWriter:
+    """A streamed response written piece by piece; every write failure surfaces as ClientGone. Its subclasses say
+    what a piece is: an SSE frame here, Ollama's NDJSON line in api/ollama.py."""
 
-    def __init__(self, headers: dict[str, str] | None = None) -> None:
-        self.response = web.StreamResponse(status=200, headers={**SSE_HEADERS, **(headers or {})})
+    def __init__(self, headers: dict[str, str]) -> None:
+        self.response = web.StreamResponse(status=200, headers=headers)
 
     async def prepare(self, request: web.Request) -> None:
         """Send the headers."""
         await self.response.prepare(request)
 
-    async def send(self, data: str, event: str | None = None) -> None:
-        """Send one event."""
-        await self._write(format_event(data, event))
-
-    async def send_json(self, obj: Any, event: str | None = None) -> None:
-        """Send one event whose data is a JSON object."""
-        await self.send(dumps(obj), event)
-
-    async def ping(self) -> None:
-        """A comment line: keeps proxies from closing an idle stream."""
-        await self._write(PING)
-
-    async def _write(self, frame: bytes) -> None:
+    async def write(self, piece: bytes) -> None:
         try:
-            await self.response.write(frame)
+            await self.response.write(piece)
         except (ConnectionError, RuntimeError) as exc:
             # aiohttp raises ClientConnectionResetError (a ConnectionResetError) on a closed transport
             raise ClientGone() from exc
@@ -71,3 +60,22 @@ class EventStream:
             await self.response.write_eof()
         except (ConnectionError, RuntimeError):
             pass
+
+
+class EventStream(StreamWriter):
+    """A text/event-stream response."""
+
+    def __init__(self, headers: dict[str, str] | None = None) -> None:
+        super().__init__({**SSE_HEADERS, **(headers or {})})
+
+    async def send(self, data: str, event: str | None = None) -> None:
+        """Send one event."""
+        await self.write(format_event(data, event))
+
+    async def send_json(self, obj: Any, event: str | None = None) -> None:
+        """Send one event whose data is a JSON object."""
+        await self.send(dumps(obj), event)
+
+    async def ping(self) -> None:
+        """A comment line: keeps proxies from closing an idle stream."""
+        await self.write(PING)

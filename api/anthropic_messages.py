@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import Any
 
@@ -13,11 +14,11 @@ from aiohttp import web
 
 from api.anthropic_schema import AnthropicRequest, parse_count, parse_messages
 from api.config import BACKEND, CONFIG, ERROR_SHAPES
-from api.errors import failure_response, not_started
-from api.http import events_of, merge, peeked, read_body
+from api.errors import failure_response
+from api.http import answer_stream, choice_events, read_body
 from api.tool_fields import arguments_object
-from backends.base import ChatJob, Delta, Failed, Finished, KeepAlive, SamplingDefaults, Stream
-from sse import ClientGone, EventStream, dumps
+from backends.base import ChatJob, Delta, Event, Failed, Finished, KeepAlive, SamplingDefaults, Stream
+from sse import EventStream, dumps
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +155,7 @@ def _delta(index: int, delta: dict[str, Any]) -> tuple[str, dict[str, Any]]:
 
 async def _complete(request: web.Request, handles: list[Stream], base: dict[str, Any]) -> web.Response:
     blocks = Blocks()
-    async with aclosing(merge([events_of(request, h) for h in handles])) as events:
+    async with aclosing(choice_events(request, handles)) as events:
         async for _, event in events:
             if isinstance(event, Delta):
                 blocks.add(event)
@@ -169,12 +170,8 @@ async def _complete(request: web.Request, handles: list[Stream], base: dict[str,
 async def _stream(request: web.Request, handles: list[Stream], base: dict[str, Any]) -> web.StreamResponse:
     out = EventStream()
     blocks = Blocks()
-    merged = merge([events_of(request, h) for h in handles])
-    try:
-        (_, first), events = await peeked(merged)
-        if (refused := not_started(request, first)) is not None:
-            return refused
-        await out.prepare(request)
+
+    async def write(events: AsyncIterator[tuple[int, Event]]) -> None:
         # the prompt's count comes with the end (message_delta's usage, which the SDKs merge into the message)
         start = {**base, "content": [], "stop_reason": None, "stop_sequence": None}
         start["usage"] = {"input_tokens": 0, "output_tokens": 0}
@@ -197,12 +194,8 @@ async def _stream(request: web.Request, handles: list[Stream], base: dict[str, A
                 error = {"type": "error", "error": {"type": kind, "message": event.message}}
                 await out.send_json(error, event="error")
                 break
-    except ClientGone:
-        log.info("client went away from %s", base["id"])
-    finally:
-        await merged.aclose()  # its readers stop now, not when the generator is collected
-    await out.close()
-    return out.response
+
+    return await answer_stream(request, handles, out, write, base["id"])
 
 
 def add_routes(app: web.Application) -> None:

@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from aiohttp import web
 
 from api.config import BACKEND, CONFIG
-from api.errors import failure_response, not_started
-from api.http import events_of, peeked, read_body, usage
+from api.errors import failure_response
+from api.http import answer_stream, events_of, read_body, usage
 from api.schema import ChatRequest, parse_chat
 from backends.base import ChatJob, Delta, Event, Failed, Finished, KeepAlive, Message, SamplingDefaults, Stream
-from sse import ClientGone, EventStream, dumps
+from sse import EventStream, dumps
 
 log = logging.getLogger(__name__)
 
@@ -83,13 +83,10 @@ async def stream(request: web.Request) -> web.StreamResponse:
     handle = await start_chat(request, req)
     out = EventStream()
     response = ""
-    try:
-        first, events = await peeked(events_of(request, handle))
-        if (refused := not_started(request, first)) is not None:
-            return refused
-        await out.prepare(request)
-        event: Event
-        async for event in events:
+
+    async def write(events: AsyncIterator[tuple[int, Event]]) -> None:
+        nonlocal response
+        async for _, event in events:
             if isinstance(event, KeepAlive):
                 await out.ping()
             elif isinstance(event, Delta):
@@ -102,12 +99,11 @@ async def stream(request: web.Request) -> web.StreamResponse:
                 error = {"message": event.message, "type": event.type}
                 frame = {"delta": "", "response": response, "finished": True, "finish_reason": "error", "error": error}
                 await out.send_json(frame, "delta")
-    except ClientGone:
-        log.info("client went away from a stream")
+
+    try:
+        return await answer_stream(request, [handle], out, write, "a ChatGLM stream")
     finally:
         handle.cancel()  # no-op once finished; stops the generation within a step otherwise
-    await out.close()
-    return out.response
 
 
 def add_routes(app: web.Application) -> None:

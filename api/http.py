@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
-from typing import Any, TypeVar
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from typing import Any, Protocol, TypeVar
 
 from aiohttp import web
 
 from api.config import BACKEND, CONFIG, METRICS, PROMPTS, STATS
-from api.errors import Refusal, error_response
+from api.errors import Refusal, error_response, not_started
 from api.schema import parse_json
 from backends.base import Event, Failed, Finished, SamplingDefaults, Stream
+from sse import ClientGone
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -137,3 +138,46 @@ def served_model(request: web.Request, name: str | None) -> str | web.Response:
         return name
     message = f"The model '{name}' does not exist; this server serves {', '.join(names)}"
     return error_response(request, 404, message, "model", "model_not_found")
+
+
+def choice_events(request: web.Request, streams: list[Stream]) -> AsyncGenerator[tuple[int, Event]]:
+    """The events of a request's choices as they come, each tagged with its choice's index, timed into the metrics;
+    close it (`aclosing`) to stop the readers early."""
+    return merge([events_of(request, s) for s in streams])
+
+
+class Writer(Protocol):
+    """A streamed response a door writes its frames on (`sse.EventStream`, Ollama's NDJSON)."""
+
+    response: web.StreamResponse
+
+    async def prepare(self, request: web.Request) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+async def answer_stream(
+    request: web.Request,
+    streams: list[Stream],
+    out: Writer,
+    write: Callable[[AsyncIterator[tuple[int, Event]]], Awaitable[None]],
+    what: str,
+) -> web.StreamResponse:
+    """What every streaming door does around its own frames: the choices' events merged; a plain JSON error when the
+    first says the generation never started (nothing is streamed yet, so the status can still say so); else the
+    response prepared and `write` given the events; a client that leaves ends it quietly, and the readers stop at
+    once, not when the generator is collected. The caller cancels the streams (a client that left stops its
+    generation within a step)."""
+    merged = choice_events(request, streams)
+    try:
+        (_, first), events = await peeked(merged)
+        if (refused := not_started(request, first)) is not None:
+            return refused
+        await out.prepare(request)
+        await write(events)
+    except ClientGone:
+        log.info("client went away from %s", what)
+    finally:
+        await merged.aclose()
+    await out.close()
+    return out.response

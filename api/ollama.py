@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -19,8 +19,8 @@ from typing import Any
 from aiohttp import web
 
 from api.config import BACKEND, CONFIG, ERROR_SHAPES, STATS
-from api.errors import failure_response, not_started
-from api.http import events_of, merge, peeked, read_body, served_names
+from api.errors import failure_response
+from api.http import answer_stream, choice_events, read_body, served_names
 from api.ollama_schema import OllamaRequest, parse_chat, parse_generate, parse_show
 from api.tool_fields import arguments_object
 from backends.base import (
@@ -28,6 +28,7 @@ from backends.base import (
     CallDelta,
     ChatJob,
     Delta,
+    Event,
     Failed,
     Finished,
     InvalidField,
@@ -38,7 +39,7 @@ from backends.base import (
     TokenLogprob,
     ToolChoice,
 )
-from sse import ClientGone, dumps
+from sse import StreamWriter, dumps
 
 log = logging.getLogger(__name__)
 
@@ -60,30 +61,15 @@ def ollama_error(status: int, message: str, param: str | None, code: str | None)
     return {"error": message}
 
 
-class NdjsonStream:
-    """An application/x-ndjson response: one compact JSON object a line. A failed write surfaces as ClientGone."""
+class NdjsonStream(StreamWriter):
+    """An application/x-ndjson response: one compact JSON object a line."""
 
     def __init__(self) -> None:
-        self.response = web.StreamResponse(status=200, headers=NDJSON_HEADERS)
-
-    async def prepare(self, request: web.Request) -> None:
-        """Send the headers."""
-        await self.response.prepare(request)
+        super().__init__(NDJSON_HEADERS)
 
     async def send(self, obj: dict[str, Any]) -> None:
         """Send one object as a line."""
-        try:
-            await self.response.write((dumps(obj) + "\n").encode())
-        except (ConnectionError, RuntimeError) as exc:
-            # aiohttp raises ClientConnectionResetError (a ConnectionResetError) on a closed transport
-            raise ClientGone() from exc
-
-    async def close(self) -> None:
-        """End the response, unless the client is gone already."""
-        try:
-            await self.response.write_eof()
-        except (ConnectionError, RuntimeError):
-            pass
+        await self.write((dumps(obj) + "\n").encode())
 
 
 def rfc3339(at: float | None = None) -> str:
@@ -340,7 +326,7 @@ async def _answer(request: web.Request, req: OllamaRequest, chat: bool) -> web.S
 async def _complete(request: web.Request, stream: Stream, answer: Answer) -> web.Response:
     text: list[str] = []
     tokens: list[TokenLogprob] = []
-    async with aclosing(merge([events_of(request, stream)])) as events:
+    async with aclosing(choice_events(request, [stream])) as events:
         async for _, event in events:
             if isinstance(event, Delta):
                 answer.take(event)
@@ -357,12 +343,8 @@ async def _complete(request: web.Request, stream: Stream, answer: Answer) -> web
 
 async def _stream(request: web.Request, stream: Stream, answer: Answer) -> web.StreamResponse:
     out = NdjsonStream()
-    events = merge([events_of(request, stream)])
-    try:
-        (_, first), rest = await peeked(events)
-        if (refused := not_started(request, first)) is not None:
-            return refused
-        await out.prepare(request)
+
+    async def write(rest: AsyncIterator[tuple[int, Event]]) -> None:
         async for _, event in rest:
             if isinstance(event, KeepAlive):
                 continue  # NDJSON has no comment line; a client that left is noticed by events_of all the same
@@ -375,12 +357,8 @@ async def _stream(request: web.Request, stream: Stream, answer: Answer) -> web.S
             elif isinstance(event, Failed):
                 await out.send({"error": event.message})
                 break
-    except ClientGone:
-        log.info("client went away from an Ollama stream")
-    finally:
-        await events.aclose()  # its reader stops now, not when the generator is collected
-    await out.close()
-    return out.response
+
+    return await answer_stream(request, [stream], out, write, "an Ollama stream")
 
 
 async def chat(request: web.Request) -> web.StreamResponse:

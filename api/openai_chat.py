@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
 from dataclasses import replace
 from typing import Any
@@ -13,20 +13,29 @@ from typing import Any
 from aiohttp import web
 
 from api.config import BACKEND, CONFIG
-from api.errors import failure_response, not_started
-from api.http import OPENAI_DEFAULTS, events_of, merge, peeked, read_body, served_model, served_names, usage
+from api.errors import failure_response
+from api.http import (
+    OPENAI_DEFAULTS,
+    answer_stream,
+    choice_events,
+    read_body,
+    served_model,
+    served_names,
+    usage,
+)
 from api.schema import CompletionRequest, parse_completion
 from backends.base import (
     CallDelta,
     ChatJob,
     Delta,
+    Event,
     Failed,
     Finished,
     KeepAlive,
     Stream,
     TokenLogprob,
 )
-from sse import ClientGone, EventStream, dumps
+from sse import EventStream, dumps
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +142,7 @@ async def _complete(
     reasons = [""] * len(handles)
     stops: list[str | None] = [None] * len(handles)
     done: list[Finished] = []
-    async with aclosing(merge([events_of(request, h) for h in handles])) as events:
+    async with aclosing(choice_events(request, handles)) as events:
         async for i, event in events:
             if isinstance(event, Delta):
                 texts[i] += event.text
@@ -187,12 +196,8 @@ async def _stream(
 ) -> web.StreamResponse:
     out = EventStream()
     done: list[Finished] = []
-    merged = merge([events_of(request, h) for h in handles])
-    try:
-        (_, first), events = await peeked(merged)
-        if (refused := not_started(request, first)) is not None:
-            return refused
-        await out.prepare(request)
+
+    async def write(events: AsyncIterator[tuple[int, Event]]) -> None:
         for i in range(len(handles)):
             await out.send_json(_chunk(base, i, {"role": "assistant", "content": ""}))
         async for i, event in events:
@@ -219,12 +224,8 @@ async def _stream(
             if req.include_usage and (totals := total_usage(done)) is not None:
                 await out.send_json({**base, "object": "chat.completion.chunk", "choices": [], "usage": totals})
         await out.send("[DONE]")
-    except ClientGone:
-        log.info("client went away from %s", base["id"])
-    finally:
-        await merged.aclose()  # its readers stop now, not when the generator is collected
-    await out.close()
-    return out.response
+
+    return await answer_stream(request, handles, out, write, base["id"])
 
 
 def add_routes(app: web.Application) -> None:

@@ -7,6 +7,7 @@ import codecs
 import logging
 import time
 import uuid
+from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import Any
 
@@ -14,10 +15,10 @@ from aiohttp import web
 
 from api.completions_schema import LegacyCompletionRequest, parse_legacy_completion
 from api.config import BACKEND, CONFIG
-from api.errors import failure_response, not_started
-from api.http import events_of, merge, peeked, read_body, served_model
-from backends.base import Delta, Failed, Finished, KeepAlive, Stream
-from sse import ClientGone, EventStream, dumps
+from api.errors import failure_response
+from api.http import answer_stream, choice_events, read_body, served_model
+from backends.base import Delta, Event, Failed, Finished, KeepAlive, Stream
+from sse import EventStream, dumps
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +153,7 @@ async def _complete(
     logprobs: list[dict[str, list[Any]]] = [{key: [] for key in LOGPROBS_KEYS} for _ in handles]
     offsets = [Offsets(len(text)) for text in texts]
     done: dict[int, Finished] = {}
-    async with aclosing(merge([events_of(request, h) for h in handles])) as events:
+    async with aclosing(choice_events(request, handles)) as events:
         async for i, event in events:
             if isinstance(event, Delta):
                 texts[i] += event.text
@@ -193,12 +194,8 @@ async def _stream(
     out = EventStream()
     done: dict[int, Finished] = {}
     offsets = [Offsets(len(req.prompts[i // req.n]) if req.echo else 0) for i in range(len(handles))]
-    merged = merge([events_of(request, h) for h in handles])
-    try:
-        (_, first), events = await peeked(merged)
-        if (refused := not_started(request, first)) is not None:
-            return refused
-        await out.prepare(request)
+
+    async def write(events: AsyncIterator[tuple[int, Event]]) -> None:
         if req.echo:
             for i in range(len(handles)):
                 await out.send_json(_chunk(base, i, req.prompts[i // req.n]))
@@ -219,12 +216,8 @@ async def _stream(
             if req.include_usage and (totals := total_usage(done, req.n)) is not None:
                 await out.send_json({**base, "choices": [], "usage": totals})
         await out.send("[DONE]")
-    except ClientGone:
-        log.info("client went away from %s", base["id"])
-    finally:
-        await merged.aclose()  # its readers stop now, not when the generator is collected
-    await out.close()
-    return out.response
+
+    return await answer_stream(request, handles, out, write, base["id"])
 
 
 def add_routes(app: web.Application) -> None:

@@ -8,6 +8,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 
 def parse_frames(body: bytes) -> list[tuple[str | None, str]]:
     """Split an event stream into (event, data) frames; comments are dropped, anything else is an error."""
@@ -69,3 +72,27 @@ def chromium_or_skip() -> str:
             raise RuntimeError("CI needs Debian's chromium for the browser tests (apt-get install chromium)")
         pytest.skip("chromium is not installed (apt-get install chromium)", allow_module_level=True)
     return chromium
+
+
+async def fuzz(
+    client: Any, route: str, bodies: st.SearchStrategy[Any], refused: Callable[[int, Any], None], examples: int = 60
+) -> None:
+    """POST `examples` bodies drawn from `bodies` (the same ones every run) to `route`: none may cause a 5xx, and each
+    4xx answer is checked by `refused(status, its JSON)` (the door's error shape); an accepted body is read whole."""
+    drawn: list[Any] = []
+
+    @settings(max_examples=examples, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+    @given(bodies)
+    def collect(body: Any) -> None:
+        drawn.append(body)
+
+    collect()
+    for body in drawn:
+        resp = await asyncio.wait_for(
+            client.post(route, data=json.dumps(body), headers={"Content-Type": "application/json"}), 60
+        )
+        assert resp.status < 500, (body, await resp.text())
+        if resp.status >= 400:
+            refused(resp.status, await resp.json())
+        else:
+            await resp.read()

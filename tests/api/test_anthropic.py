@@ -4,7 +4,6 @@ shape, tool use end to end on a tiny model taught one call, and the door over an
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import Iterator
 from typing import Any
@@ -14,7 +13,6 @@ import jsonschema
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
-from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from api.anthropic_schema import parse_messages
@@ -22,7 +20,7 @@ from api.config import BACKEND
 from models.loader import LoadedModel
 from tests.api.test_tools_hermes import W_CALL
 from tests.conftest import LiveServer, MakeClient, build_tiny_model, running_server
-from tests.helpers import parse_frames, wait_until
+from tests.helpers import fuzz, parse_frames, wait_until
 from tests.training import hermes_model, taught
 
 Client = TestClient[web.Request, web.Application]
@@ -374,24 +372,10 @@ FIELDS = st.fixed_dictionaries(
 
 @pytest.mark.parametrize("route", [URL, COUNT])
 async def test_fuzzed_bodies_never_cause_a_5xx(make_client: MakeClient, route: str) -> None:
-    client = await make_client()
-    bodies: list[Any] = []
+    def refused(status: int, answer: Any) -> None:
+        error_of(status, answer, "invalid_request_error")
 
-    @settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
-    @given(FIELDS | JSON_VALUES)
-    def collect(body: Any) -> None:
-        bodies.append(body)
-
-    collect()
-    for body in bodies:
-        resp = await asyncio.wait_for(
-            client.post(route, data=json.dumps(body), headers={"Content-Type": "application/json"}), 30
-        )
-        assert resp.status < 500, (body, await resp.text())
-        if resp.status >= 400:
-            error_of(resp.status, await resp.json(), "invalid_request_error")
-        else:
-            await resp.read()
+    await fuzz(await make_client(), route, FIELDS | JSON_VALUES, refused, examples=80)
 
 
 # ---- tool use, on a tiny model taught a call -----------------------------------------------------------------------

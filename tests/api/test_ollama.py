@@ -4,7 +4,6 @@ door in front of an --upstream."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import urllib.request
 from collections.abc import Iterator
@@ -15,14 +14,13 @@ import ollama
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
-from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from api.config import BACKEND, LIFECYCLE
 from api.ollama_schema import parse_chat
 from models.loader import LoadedModel
 from tests.conftest import JSON, LiveServer, MakeClient, build_tiny_model, running_server
-from tests.helpers import wait_until
+from tests.helpers import fuzz, wait_until
 from tests.training import hermes_model, taught
 
 Client = TestClient[web.Request, web.Application]
@@ -340,23 +338,10 @@ BODIES = (
 
 @pytest.mark.parametrize("route", ["/api/chat", "/api/generate", "/api/show"])
 async def test_fuzzed_bodies_never_cause_a_5xx(make_client: MakeClient, route: str) -> None:
-    client = await make_client(served_model_names=NAMES)
-    bodies: list[Any] = []
+    def refused(status: int, answer: Any) -> None:
+        assert list(answer) == ["error"] and isinstance(answer["error"], str), answer
 
-    @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
-    @given(BODIES)
-    def collect(body: Any) -> None:
-        bodies.append(body)
-
-    collect()
-    for body in bodies:
-        resp = await asyncio.wait_for(client.post(route, data=json.dumps(body), headers=JSON), 30)
-        assert resp.status < 500, (body, await resp.text())
-        if resp.status >= 400:
-            answer = await resp.json()
-            assert list(answer) == ["error"] and isinstance(answer["error"], str), answer
-        else:
-            await resp.read()
+    await fuzz(await make_client(served_model_names=NAMES), route, BODIES, refused)
 
 
 async def test_a_client_that_leaves_stops_its_generation(make_client: MakeClient, slow_lm: LoadedModel) -> None:

@@ -4,29 +4,26 @@ server in front of a live one."""
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
-import json
 import threading
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import api.tokens
 from api.completions_schema import raw_job
 from api.config import BACKEND, CONFIG
 from backends.base import ChatJob, Sampling
-from generation.prepare import load_model
-from models.loader import LoadedModel, ModelConfig
+from models.loader import LoadedModel
 from sse import dumps
 from tests.api.test_operations import JSON_VALUES
 from tests.api.test_tools_hermes import TOOLS
 from tests.conftest import TINY_CONTEXT, LiveServer, MakeClient, build_tiny_model, running_server
-from tests.training import HERMES_TEMPLATE
+from tests.helpers import fuzz
+from tests.training import hermes_model
 
 JSON = {"Content-Type": "application/json"}
 PROMPT = "The quick brown fox jumps over the lazy dog."
@@ -105,13 +102,7 @@ async def test_a_huge_answer_is_written_off_the_event_loop(
 @pytest.fixture(scope="module")
 def tools_lm(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
     """The tiny model with a template that renders tools (Hermes' style): its prompts grow with the tools offered."""
-    from transformers import AutoTokenizer
-
-    folder = build_tiny_model(tmp_path_factory.mktemp("tools"), context=1024)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    tokenizer.chat_template = HERMES_TEMPLATE
-    tokenizer.save_pretrained(folder)
-    return load_model(ModelConfig(path=folder, device="cpu", dtype="float32"))
+    return hermes_model(build_tiny_model(tmp_path_factory.mktemp("tools"), context=1024))
 
 
 async def test_tools_count_as_the_chat_door_offers_them(make_client: MakeClient, tools_lm: LoadedModel) -> None:
@@ -186,20 +177,10 @@ TOKEN_BODIES = st.fixed_dictionaries({"tokens": st.lists(st.integers(-(2**70), 2
 
 @pytest.mark.parametrize("path", ["/tokenize", "/detokenize"])
 async def test_fuzzed_bodies_never_cause_a_5xx(make_client: MakeClient, path: str) -> None:
-    client = await make_client()
-    bad: list[Any] = []
+    def refused(status: int, answer: Any) -> None:
+        assert "error" in answer, answer
 
-    @settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
-    @given(BODIES | TOKEN_BODIES)
-    def collect(body: Any) -> None:
-        bad.append(body)
-
-    collect()
-    for body in bad:
-        resp = await asyncio.wait_for(client.post(path, data=json.dumps(body), headers=JSON), 30)
-        assert resp.status < 500, (body, await resp.text())
-        answer = await resp.json()
-        assert ("error" in answer) == (resp.status >= 400), (body, answer)
+    await fuzz(await make_client(), path, BODIES | TOKEN_BODIES, refused, examples=100)
 
 
 # ---- through an --upstream server in front of the live one ----------------------------------------------------------

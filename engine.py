@@ -153,7 +153,7 @@ class Engine:
         """Queue a generation; call on the event loop. Raises QueueFull or EngineStopped."""
         if not self.running or self._stopping.is_set():
             raise EngineStopped("the engine is not running")
-        handle = RequestHandle(next(self._ids), asyncio.get_running_loop())
+        handle = RequestHandle(next(self._ids), asyncio.get_running_loop(), len(prompt))
         with self._lock:
             waiting = len(self._open) - len(self._live)
             if waiting >= self.config.max_queue:

@@ -172,9 +172,10 @@ async def _stream(request: web.Request, handles: list[Stream], base: dict[str, A
     blocks = Blocks()
 
     async def write(events: AsyncIterator[tuple[int, Event]]) -> None:
-        # the prompt's count comes with the end (message_delta's usage, which the SDKs merge into the message)
+        # the prompt's count where the backend knows it now (a local model); else it comes with the end, in
+        # message_delta's usage, which the SDKs merge into the message
         start = {**base, "content": [], "stop_reason": None, "stop_sequence": None}
-        start["usage"] = {"input_tokens": 0, "output_tokens": 0}
+        start["usage"] = {"input_tokens": handles[0].prompt_tokens or 0, "output_tokens": 0}
         await out.send_json({"type": "message_start", "message": start}, event="message_start")
         await out.send_json({"type": "ping"}, event="ping")  # as Anthropic sends one
         async for _, event in events:

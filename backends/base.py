@@ -129,7 +129,10 @@ class Tokens:
 
 
 class Stream(Protocol):
-    """One choice being generated: its events until Finished or Failed, and a way to stop it."""
+    """One choice being generated: its events until Finished or Failed, and a way to stop it; `prompt_tokens`: the
+    prompt's length when known from the start (a local model's; an upstream says it only at the end, in Finished)."""
+
+    prompt_tokens: int | None
 
     def events(self, keepalive: float = 15.0, gone: Callable[[], bool] | None = None) -> AsyncIterator[Event]: ...
 

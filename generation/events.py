@@ -72,9 +72,10 @@ Event = Delta | Finished | Failed | KeepAlive
 class RequestHandle:
     """The event-loop side of one generation: its queue, and a way to cancel it."""
 
-    def __init__(self, request_id: int, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, request_id: int, loop: asyncio.AbstractEventLoop, prompt_tokens: int | None = None) -> None:
         self.id = request_id
         self.loop = loop
+        self.prompt_tokens = prompt_tokens  # the prompt's length where it is known before the answer (a local model)
         self._queue: asyncio.Queue[Delta | Finished | Failed] = asyncio.Queue()
         self._cancelled = threading.Event()
         self.done = False

@@ -193,6 +193,8 @@ async def test_raw_event_sequence(make_client: MakeClient) -> None:
     end = frames[-2][1]
     assert end["delta"] == {"stop_reason": whole["stop_reason"], "stop_sequence": None}
     assert end["usage"] == whole["usage"]
+    # a local model knows its prompt's length from the start, as Anthropic's message_start says it
+    assert start["usage"] == {"input_tokens": whole["usage"]["input_tokens"], "output_tokens": 0}
 
 
 async def test_disconnecting_mid_stream_stops_the_generation(make_client: MakeClient, slow_lm: LoadedModel) -> None:

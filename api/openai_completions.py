@@ -57,43 +57,29 @@ def _continues(pending: bytes, byte: int) -> bool:
 
 
 class Offsets:
-    """Where each token of a choice starts in its text, in characters, from the tokens' bytes: the text is their bytes
-    decoded together (a broken character one U+FFFD), however it was cut into deltas (the engine sends a token's
-    entry before its text while a stop string may still follow). A token that holds part of a character starts
-    where that character does; the text may end before the last tokens' bytes (cut at a stop string), their offsets
-    are still where their bytes start. The one exception is a token whose text the answer's text shows it lacks: a
-    special token, which the text leaves out (though its bytes spell its name) stands where it would have been and
-    takes no room. `start`: the characters before the answer (an echoed prompt)."""
+    """Where each token of a choice starts in its text, in characters, from the tokens' bytes alone: the text is their
+    bytes decoded together (a broken character one U+FFFD; a special token, which the text leaves out, has none),
+    however it was cut into deltas (the engine sends a token's entry before its text while a stop string may still
+    follow). A token that holds part of a character starts where that character does; the text may end before the
+    last tokens' bytes (cut at a stop string), their offsets are still where their bytes start. `start`: the
+    characters before the answer (an echoed prompt)."""
 
     def __init__(self, start: int = 0) -> None:
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._start = start
         self._chars = 0  # the characters the tokens' bytes so far decode to
-        self._text = ""  # the answer's text from character `_base` on, as far as it has come
-        self._base = 0
 
     def of(self, delta: Delta) -> list[int]:
         """The offsets of a delta's tokens; the count then moves past their bytes."""
-        self._text += delta.text
         out = []
         for token in delta.logprobs:
             raw = bytes(token.bytes)
             pending = self._decoder.getstate()[0]  # the start of a character the bytes so far left unfinished
-            if (whole := _utf8(raw)) and self._shows_other(self._chars + bool(pending), whole):
-                out.append(self._start + self._chars)  # not in the text
-                continue
             if pending and raw and not _continues(pending, raw[0]):  # the unfinished character is a U+FFFD
                 self._chars += len(self._decoder.decode(b"", final=True))
             out.append(self._start + self._chars)
             self._chars += len(self._decoder.decode(raw))
-        passed = min(self._chars - self._base, len(self._text))  # what no later token can stand in
-        self._text, self._base = self._text[passed:], self._base + passed
         return out
-
-    def _shows_other(self, at: int, piece: str) -> bool:
-        """Whether the text has come as far as character `at` and shows there something other than `piece`."""
-        shown = self._text[at - self._base : at - self._base + len(piece)]
-        return not piece.startswith(shown)
 
 
 def _utf8(raw: bytes) -> str | None:

@@ -18,6 +18,10 @@ class TokenTexts:
 
     def __init__(self, tokenizer: Any, eos: tuple[int, ...] = ()) -> None:
         self._tokenizer = tokenizer
+        # special tokens (`<|im_start|>`): the answer's text leaves them out, so their entries have no bytes (the
+        # bytes of an answer's entries join to its text) and their name for a token
+        added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+        self._special = {i: str(t.content) for i, t in added.items() if getattr(t, "special", False)}
         try:  # llguidance reads any Hugging Face fast tokenizer's vocabulary as bytes
             self._ll: Any = grammars_for(tokenizer, eos).tokenizer
         except Exception:  # a model's own tokenizer (ChatGLM-6B): its decoded text, whole characters only
@@ -25,13 +29,20 @@ class TokenTexts:
             self._ll = None
 
     def bytes(self, token: int) -> bytes:
+        if token in self._special:
+            return b""
         if self._ll is not None:
-            return bytes(self._ll.decode_bytes([token]))
+            raw = bytes(self._ll.decode_bytes([token]))
+            if not raw:
+                # llguidance marks a special token with a leading 0xFF byte, so the one token that is the byte 0xFF
+                # itself (a byte-level vocabulary's "ÿ") reads back empty
+                return b"\xff"
+            return raw
         return str(self._tokenizer.decode([token])).encode()
 
     def top(self, token: int, logprob: float) -> TopLogprob:
         raw = self.bytes(token)
-        return TopLogprob(raw.decode("utf-8", "replace"), logprob, tuple(raw))
+        return TopLogprob(self._special.get(token) or raw.decode("utf-8", "replace"), logprob, tuple(raw))
 
     def entry(self, sampled: Sampled) -> TokenLogprob:
         chosen = self.top(sampled.token, sampled.logprob)

@@ -590,6 +590,22 @@ async def test_the_local_models_logprobs_reach_the_client_in_openais_shape(make_
     assert [e for c in texts for e in c["logprobs"]["content"]] == entries  # greedy: the same tokens, chunk by chunk
 
 
+async def test_logprob_bytes_join_to_the_answer_also_across_special_and_odd_byte_tokens(
+    make_client: MakeClient,
+) -> None:
+    """Sampled answers of the random model hold special tokens (`<|im_start|>`, which the text leaves out: their
+    entries have no bytes, and their name as token) and the byte 0xFF (which llguidance reads back as nothing)."""
+    client = await make_client()
+    specials = 0
+    for seed in range(20):
+        body = with_messages({"logprobs": True, "max_tokens": 40, "temperature": 1.0, "seed": seed})
+        (choice,) = (await (await client.post("/v1/chat/completions", json=body)).json())["choices"]
+        entries = choice["logprobs"]["content"]
+        assert bytes(b for e in entries for b in e["bytes"]).decode(errors="replace") == choice["message"]["content"]
+        specials += sum(e["token"].startswith("<|") and not e["bytes"] for e in entries)
+    assert specials  # the case this is about did come up
+
+
 def test_a_tool_result_must_answer_a_call_made_before_it() -> None:
     user: dict[str, Any] = {"role": "user", "content": "hi"}
     call = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}

@@ -211,7 +211,9 @@ class SegmentCalls:
 
     def _end(self, cut: bool = False) -> Pieces:
         if self._mode == "head":
-            return self._text(self._head) if self._head.strip() else Pieces()
+            # still waiting: the line could be a tool's name; cut there by the length limit, it was on the way to a
+            # call (a forced one always is), so the half name is not shown
+            return self._text(self._head) if self._head.strip() and not cut else Pieces()
         if self._mode != "call":
             return Pieces()
         arguments = self.parse(self._name, self._body)
@@ -293,7 +295,9 @@ class MarkerCalls:
     def flush(self, cut: bool = False) -> Pieces:
         pending, self._pending = self._pending, ""
         if not self._inside:
-            out = self._say(pending)
+            # held back: an end that could still become the opening marker; the length limit cut it there, on the
+            # way to a call (a forced one always is): half a marker is markup, not shown
+            out = self._say("" if cut else pending)
             self._space = ""  # the answer's trailing whitespace after its last call
             return out
         self._inside = False

@@ -620,6 +620,21 @@ def test_a_call_the_length_limit_cuts_is_neither_a_call_nor_text() -> None:
             assert markup is not cut, (answer, cut, pieces.text)
 
 
+def test_half_an_opening_marker_the_length_limit_cuts_is_not_shown() -> None:
+    """`<to` at the end of an answer max_tokens cut (a forced call's first tokens) is half a marker: not text. Ended
+    by the model, the same end is its text."""
+    for cut, shown in ((True, "Sure.\n"), (False, "Sure.\n<to")):
+        stream = HermesFormat().calls(TOOLS)
+        pieces = stream.push("Sure.\n<to")
+        pieces.add(stream.flush(cut))
+        assert (pieces.text, pieces.calls) == (shown, [])
+    for cut, shown in ((True, ""), (False, "get_wea")):  # GLM: a first line that could still be a tool's name
+        glm = Glm4Format(BOUNDARY).calls(TOOLS)
+        pieces = glm.push("get_wea")
+        pieces.add(glm.flush(cut))
+        assert (pieces.text, pieces.calls) == (shown, [])
+
+
 def test_a_call_nested_deeper_than_json_goes_is_text() -> None:
     """A model's call nested past the JSON parser's depth is no call and no failure: its text, as any malformed one."""
     deep = '{"name": "get_weather", "arguments": {"city": ' + "[" * 5000 + "]" * 5000 + "}}"

@@ -79,7 +79,7 @@ async def json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
             refused.force_close()
         return refused
     except BackendError as exc:
-        return error_response(request, exc.status, exc.message, headers=exc.headers)
+        return error_response(request, exc.status, exc.message, exc.param, headers=exc.headers)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

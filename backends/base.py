@@ -53,9 +53,12 @@ class BackendError(Exception):
     """The request cannot be served, with the status and headers the client should get (the queue is full: 429;
     the model is loading or the engine stopped: 503; an upstream's own refusal)."""
 
-    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, status: int, message: str, headers: dict[str, str] | None = None, param: str | None = None
+    ) -> None:
         super().__init__(message)
         self.status, self.message, self.headers = status, message, headers
+        self.param = param  # the request field it is about (an upstream's 400 may name one)
 
 
 @dataclass(frozen=True)

@@ -579,7 +579,7 @@ class UpstreamBackend:
         client its own key is wrong), any other 4xx as 502 (a 404 is a wrong --upstream or --upstream-model, not a
         wrong door), any 5xx as 502 (503 as 503: it is loading or overloaded)."""
         async with response:
-            message = await refusal_message(response, self._secrets)
+            message, param = await refusal_message(response, self._secrets)
         status = response.status
         if status in (401, 403):
             log.warning("the upstream %s refused this server's credentials (%d): %s", self.url, status, message)
@@ -587,8 +587,8 @@ class UpstreamBackend:
         if status == 429:
             retry = clean(response.headers.get("Retry-After", "1"), 40, self._secrets) or "1"
             return BackendError(429, f"the upstream is busy: {message}", {"Retry-After": retry})
-        if status in CLIENTS_FAULT:
-            return BackendError(status, f"the upstream refused the request: {message}")
+        if status in CLIENTS_FAULT:  # about the client's request: the field it blames too
+            return BackendError(status, f"the upstream refused the request: {message}", param=param)
         if 400 <= status < 500:
             log.warning(REJECTED, self.url, status, message)
             return BackendError(502, f"the upstream as configured rejected the request ({status}): {message}")

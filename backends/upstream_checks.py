@@ -380,19 +380,28 @@ async def read_head(content: aiohttp.StreamReader, limit: int) -> bytes:
     return b"".join(parts)
 
 
-async def refusal_message(response: aiohttp.ClientResponse, secrets: Secrets) -> str:
+async def refusal_message(response: aiohttp.ClientResponse, secrets: Secrets) -> tuple[str, str | None]:
     """What an upstream's refusal says, cleaned: its JSON error's message, else its text; never an HTML page (a
     proxy's error page tells the client nothing and can show the upstream's internals), nor the `secrets` (a server
-    may quote the key it refused)."""
+    may quote the key it refused). And the field its JSON error blames (OpenAI's `param`), when it names one."""
     fallback = clean(response.reason or "", secrets=secrets) or "no reason given"
     try:
         text = (await read_head(response.content, REFUSAL_BYTES)).decode("utf-8", "replace")
     except (aiohttp.ClientError, TimeoutError):
-        return fallback
+        return fallback, None
     try:
-        return error_text(json.loads(text), secrets) or fallback
+        body = json.loads(text)
     except (ValueError, RecursionError):
-        pass
+        body = None
+    if body is not None:
+        return error_text(body, secrets) or fallback, error_param(body, secrets)
     if "html" in response.content_type or text.lstrip().startswith("<"):
-        return fallback
-    return clean(text, secrets=secrets) or fallback
+        return fallback, None
+    return clean(text, secrets=secrets) or fallback, None
+
+
+def error_param(body: Any, secrets: Secrets = NO_SECRETS) -> str | None:
+    """The request field an OpenAI-shaped error blames (`error.param`), cleaned and short; None when it names none."""
+    error = body.get("error") if isinstance(body, dict) else None
+    param = error.get("param") if isinstance(error, dict) else None
+    return (clean(param, 100, secrets) or None) if isinstance(param, str) else None

@@ -202,6 +202,7 @@ def test_the_same_tokens_directly_and_through_an_upstream_server(tiny_server: Li
         )
     status, refused = proxy.post_status("/detokenize", {"tokens": [99_999]})
     assert status == 400 and "'tokens'" in refused["error"]["message"], refused
+    assert refused["error"]["param"] == "tokens"  # the upstream's 400 blames the field, and so does ours
 
 
 def test_both_routes_are_published() -> None:

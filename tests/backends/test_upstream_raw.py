@@ -183,3 +183,12 @@ async def test_an_upstream_without_a_usable_tokenize_is_a_clear_error(
     with pytest.raises(BackendError) as caught:
         await backend.tokenize(raw_job("abc"))
     assert caught.value.status == status and says in caught.value.message
+
+
+async def test_an_upstream_400_names_the_field_it_blames(backend_of: Any) -> None:
+    refusal = {"error": {"message": "'tokens' holds 99999", "type": "invalid_request_error", "param": "tokens"}}
+    backend = await backend_of(Recorder([], {"/detokenize": (400, refusal)}))
+    with pytest.raises(BackendError) as caught:
+        await backend.detokenize((99999,))
+    assert (caught.value.status, caught.value.param) == (400, "tokens")
+    assert caught.value.message == "the upstream refused the request: 'tokens' holds 99999"

@@ -8,6 +8,7 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
 from dataclasses import replace
+from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
@@ -41,13 +42,25 @@ log = logging.getLogger(__name__)
 
 
 async def models(request: web.Request) -> web.Response:
-    """GET /v1/models."""
-    created = int(request.app[BACKEND].started_at)
+    """GET /v1/models, in a shape both OpenAI's and Anthropic's SDKs read (their `models.list()`): OpenAI's list, each
+    entry also with Anthropic's `type`, `display_name` and `created_at`, and Anthropic's page fields."""
+    started = request.app[BACKEND].started_at
+    created_at = datetime.fromtimestamp(started, UTC).isoformat().replace("+00:00", "Z")
+    names = served_names(request.app)
     data = [
-        {"id": name, "object": "model", "created": created, "owned_by": "chatglm-stream"}
-        for name in served_names(request.app)
+        {
+            "id": name,
+            "object": "model",
+            "created": int(started),
+            "owned_by": "chatglm-stream",
+            "type": "model",
+            "display_name": name,
+            "created_at": created_at,
+        }
+        for name in names
     ]
-    return web.json_response({"object": "list", "data": data})
+    page = {"has_more": False, "first_id": names[0] if names else None, "last_id": names[-1] if names else None}
+    return web.json_response({"object": "list", "data": data, **page})
 
 
 async def start(request: web.Request, req: CompletionRequest) -> tuple[list[Stream], str] | web.Response:

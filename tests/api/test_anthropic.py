@@ -257,6 +257,16 @@ async def test_the_api_key_as_x_api_key(make_client: MakeClient) -> None:
         assert (await good.messages.count_tokens(model="m", messages=[{"role": "user", "content": ASK}])).input_tokens
 
 
+def test_the_model_list_reads_in_both_sdks(tiny_server: LiveServer) -> None:
+    """GET /v1/models answers in a shape the Anthropic SDK reads as its own, and the OpenAI SDK still as its own."""
+    import openai
+
+    (model,) = sdk(tiny_server).models.list().data
+    assert (model.type, model.display_name) == ("model", model.id) and model.created_at.year >= 2026
+    with openai.OpenAI(base_url=tiny_server.url + "/v1", api_key="unused") as client:
+        assert [m.id for m in client.models.list().data] == [model.id]
+
+
 USER: list[Any] = [{"role": "user", "content": ASK}]
 CALLED: list[Any] = [
     {"role": "user", "content": ASK},

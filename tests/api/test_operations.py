@@ -178,6 +178,20 @@ async def test_metrics_count_requests_tokens_and_latency(make_client: MakeClient
     assert "chat_requests_running 0.0" in text and "chat_requests_waiting 0.0" in text
 
 
+async def test_each_door_has_its_route_in_the_metrics(make_client: MakeClient) -> None:
+    client = await make_client(served_model_names=("tiny",))
+    for method, path, body in PROTECTED:
+        await (await client.request(method, path, json=body)).read()
+    await (await client.post("/api/chat", json={"model": "nope", "messages": []})).read()
+    text = await (await client.get("/metrics")).text()
+    for _, path, _ in PROTECTED:
+        if path != "/metrics":  # it answers before its own count
+            assert f'chat_requests_total{{route="{path}",status="200"}}' in text, path
+    assert 'chat_requests_total{route="/api/chat",status="404"} 1.0' in text
+    (generated,) = [line for line in text.splitlines() if line.startswith("chat_generation_tokens_total ")]
+    assert float(generated.split()[1]) > 0
+
+
 async def test_openapi_describes_every_route(make_client: MakeClient) -> None:
     client = await make_client()
     spec = await (await client.get("/openapi.json")).json()

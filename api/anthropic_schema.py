@@ -1,6 +1,6 @@
 """The wire of Anthropic Messages (`POST /v1/messages`, `POST /v1/messages/count_tokens`):
-its request bodies (pydantic models that check them and are published as they are),
-its answers' schemas and its /openapi.json paths.
+its request bodies (pydantic models that check them and are published as they are; the answers' schemas and the
+paths are in api/anthropic_answers.py).
 
 A checked body becomes an `AnthropicRequest`, in the backends' words: `system` first as a system message, then each
 message; the text blocks of one message (or of `system`, or of a tool result) join with "\\n" into one text, so a
@@ -19,7 +19,6 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 from pydantic_core import InitErrorDetails, PydanticCustomError
 from typing_extensions import TypedDict  # pydantic needs this TypedDict before Python 3.12
 
-from api.openapi_parts import errors, json_content, op, ref
 from api.tool_fields import FunctionName, ToolFields, arguments_text, tools_of
 from api.wire import INT_MAX, INTEGRAL, NO_EFFECT, STRICT, Says, Wire, validate
 from backends.base import InvalidField, Message, Sampling, Tool, ToolCall, ToolChoice
@@ -346,69 +345,7 @@ def parse_messages(body: dict[str, Any]) -> AnthropicRequest:
     return AnthropicRequest(wire.model, _conversation(wire), tools, choice, sampling, bool(wire.stream))
 
 
-# ---- /openapi.json -------------------------------------------------------------------------------------------------
-
 BODIES: dict[str, type[BaseModel]] = {  # request bodies under their /openapi.json names
     "AnthropicMessagesRequest": AnthropicMessagesBody,
     "AnthropicCountTokensRequest": AnthropicCountTokensBody,
-}
-
-_INT = {"type": "integer"}
-_STR = {"type": "string"}
-SCHEMAS: dict[str, Any] = {  # answers' schemas under their names
-    "AnthropicError": {
-        "type": "object",
-        "required": ["type", "error"],
-        "properties": {
-            "type": {"const": "error"},
-            "error": {"type": "object", "required": ["type", "message"], "properties": {"type": _STR, "message": _STR}},
-        },
-    },
-    "AnthropicMessage": {
-        "type": "object",
-        "properties": {
-            "id": _STR,
-            "type": {"const": "message"},
-            "role": {"const": "assistant"},
-            "model": {**_STR, "description": "The name the request sent"},
-            "content": {
-                "type": "array",
-                "items": {
-                    "oneOf": [
-                        {"type": "object", "properties": {"type": {"const": "text"}, "text": _STR}},
-                        {
-                            "type": "object",
-                            "properties": {
-                                "type": {"const": "tool_use"},
-                                "id": _STR,
-                                "name": _STR,
-                                "input": {"type": "object"},
-                            },
-                        },
-                    ]
-                },
-            },
-            "stop_reason": {"enum": ["end_turn", "max_tokens", "stop_sequence", "tool_use"]},
-            "stop_sequence": {"type": ["string", "null"]},
-            "usage": {"type": "object", "properties": {"input_tokens": _INT, "output_tokens": _INT}},
-        },
-    },
-    "AnthropicTokenCount": {"type": "object", "properties": {"input_tokens": _INT}},
-}
-
-_ERRORS = errors(400, 401, 404, 413, 429, 503, schema="AnthropicError")
-_MESSAGE = {
-    "description": "the message, or (stream: true) its events: message_start, content_block_start/delta/stop, "
-    "message_delta, message_stop, ping",
-    "content": {"application/json": {"schema": ref("AnthropicMessage")}, "text/event-stream": {}},
-}
-PATHS: dict[str, Any] = {  # /openapi.json paths
-    "/v1/messages": {"post": op("Anthropic Messages", {"200": _MESSAGE, **_ERRORS}, "AnthropicMessagesRequest")},
-    "/v1/messages/count_tokens": {
-        "post": op(
-            "Anthropic Messages: the prompt's tokens",
-            {"200": {"description": "the count", **json_content(ref("AnthropicTokenCount"))}, **_ERRORS},
-            "AnthropicCountTokensRequest",
-        )
-    },
 }

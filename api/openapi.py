@@ -7,12 +7,12 @@ import copy
 import functools
 from typing import Any
 
-from api import anthropic_schema, completions_schema, ollama_schema, tokens_schema
+from api import anthropic_answers, completions_schema, ollama_answers, tokens_schema
 from api.openapi_parts import REF, errors, json_content, op, ref
 from api.schema import REQUEST_BODIES
 
 # the doors beside the two first ones: each brings its bodies, its answers' schemas and its paths
-DOORS = (completions_schema, anthropic_schema, ollama_schema, tokens_schema)
+DOORS = (completions_schema, anthropic_answers, ollama_answers, tokens_schema)
 BODIES = {**REQUEST_BODIES, **{name: body for door in DOORS for name, body in door.BODIES.items()}}
 
 SCHEMAS: dict[str, Any] = {  # the answers' schemas; the request bodies' come from their pydantic models

@@ -22,6 +22,11 @@ class TokenTexts:
         # bytes of an answer's entries join to its text) and their name for a token
         added = getattr(tokenizer, "added_tokens_decoder", None) or {}
         self._special = {i: str(t.content) for i, t in added.items() if getattr(t, "special", False)}
+        if hasattr(tokenizer, "token_bytes"):  # a ChatGLM tokenizer: its special tokens are marked in its bytes
+            marked = enumerate(tokenizer.token_bytes())
+            self._special.update(
+                (i, raw[1:].decode("utf-8", "replace")) for i, raw in marked if raw.startswith(b"\xff")
+            )
         try:  # llguidance reads any Hugging Face fast tokenizer's vocabulary as bytes
             self._ll: Any = grammars_for(tokenizer, eos).tokenizer
         except Exception:  # a model's own tokenizer (ChatGLM-6B): its decoded text, whole characters only

@@ -102,6 +102,42 @@ class ChatGLMTokenizer:
             ids += [self.gmask_token_id, self.bos_token_id]
         return ids
 
+    def token_bytes(self) -> list[bytes]:
+        """Each id's bytes as a grammar library reads the vocabulary: the whitespace pieces the text they stand for
+        (`<n>` a newline, `<|tab|>` a tab, `<|blank_k|>` k spaces), `▁` a space, byte pieces their byte; image,
+        control and special tokens `\\xff` and their name (llguidance's mark for a special token)."""
+        out = [b"\xff" + f"<image_{i}>".encode() for i in range(self.offset)]
+        special = set(self.special.values())
+        for i in range(self.sp_size):
+            piece = self.sp.id_to_piece(i)
+            if i + self.offset in special or self.sp.is_control(i) or self.sp.is_unknown(i):
+                out.append(b"\xff" + piece.encode())
+            elif self.sp.is_byte(i):
+                out.append(bytes([int(piece[3:5], 16)]))
+            elif piece in (NEWLINE, TAB) or _BLANK_PIECE.fullmatch(piece):
+                out.append(postprocess(piece).encode())
+            else:
+                out.append(piece.replace("\u2581", " ").encode())
+        return out
+
+    def tokenize_bytes(self, text: bytes) -> list[int]:
+        """Ids of text in the middle of an answer: without `[gMASK] <sop>` and without the leading space
+        SentencePiece gives a text's first piece."""
+        decoded = text.decode("utf-8", errors="replace")
+        ids = self.encode(decoded, add_special_tokens=False)
+        if ids and not decoded.startswith(" ") and ids[0] >= self.offset:
+            first = self.sp.id_to_piece(ids[0] - self.offset)
+            if first.startswith("\u2581"):
+                rest = first[1:]
+                swap = self.sp.piece_to_id(rest) if rest else None
+                if swap is None:
+                    ids = ids[1:]
+                elif not self.sp.is_unknown(swap):
+                    ids[0] = swap + self.offset
+                else:
+                    ids = [self.sp.piece_to_id(f"<0x{b:02X}>") + self.offset for b in rest.encode()] + ids[1:]
+        return ids
+
     def __call__(self, text: str, add_special_tokens: bool = True) -> dict[str, list[int]]:
         return {"input_ids": self.encode(text, add_special_tokens)}
 

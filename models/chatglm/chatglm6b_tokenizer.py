@@ -13,6 +13,8 @@ from pathlib import Path
 
 import sentencepiece as spm
 
+from models.chatglm.glm_tokenizer import without_leading_space
+
 # the whitespace pre-mapping (6.3) and its reverse (6.5)
 NEWLINE, TAB = "<n>", "<|tab|>"
 MAX_BLANK = 80
@@ -124,19 +126,7 @@ class ChatGLMTokenizer:
         """Ids of text in the middle of an answer: without `[gMASK] <sop>` and without the leading space
         SentencePiece gives a text's first piece."""
         decoded = text.decode("utf-8", errors="replace")
-        ids = self.encode(decoded, add_special_tokens=False)
-        if ids and not decoded.startswith(" ") and ids[0] >= self.offset:
-            first = self.sp.id_to_piece(ids[0] - self.offset)
-            if first.startswith("\u2581"):
-                rest = first[1:]
-                swap = self.sp.piece_to_id(rest) if rest else None
-                if swap is None:
-                    ids = ids[1:]
-                elif not self.sp.is_unknown(swap):
-                    ids[0] = swap + self.offset
-                else:
-                    ids = [self.sp.piece_to_id(f"<0x{b:02X}>") + self.offset for b in rest.encode()] + ids[1:]
-        return ids
+        return without_leading_space(self.sp, self.encode(decoded, add_special_tokens=False), decoded, self.offset)
 
     def __call__(self, text: str, add_special_tokens: bool = True) -> dict[str, list[int]]:
         return {"input_ids": self.encode(text, add_special_tokens)}

@@ -36,6 +36,24 @@ def is_tiktoken_file(path: Path) -> bool:
     return bool(lines) and all(len(line.split()) == 2 and line.split()[1].isdigit() for line in lines if line)
 
 
+def without_leading_space(sp: spm.SentencePieceProcessor, ids: list[int], text: str, offset: int = 0) -> list[int]:
+    """SentencePiece ids of `text` (numbered from `offset`) as ids of text in the middle of an answer: SentencePiece
+    starts a text with a space (`▁`) the text does not have; its first piece loses it (the piece without it, or
+    that piece's bytes)."""
+    if not ids or text.startswith(" ") or ids[0] < offset:
+        return ids
+    first = sp.id_to_piece(ids[0] - offset)
+    if not first.startswith("\u2581"):
+        return ids
+    rest = first[1:]
+    swap = sp.piece_to_id(rest) if rest else None
+    if swap is None:
+        return ids[1:]
+    if not sp.is_unknown(swap):
+        return [swap + offset, *ids[1:]]
+    return [sp.piece_to_id(f"<0x{b:02X}>") + offset for b in rest.encode()] + ids[1:]
+
+
 class SentencePieceTokenizer:
     """ChatGLM2/3: SentencePiece ids, then `[MASK] [gMASK] [sMASK] sop eop` (and ChatGLM3's role tokens)."""
 
@@ -73,19 +91,7 @@ class SentencePieceTokenizer:
     def tokenize_bytes(self, text: bytes) -> list[int]:
         """Ids of text in the middle of an answer: without the leading space SentencePiece adds to a text."""
         decoded = text.decode("utf-8", errors="replace")
-        ids = list(self.sp.encode(decoded))
-        if ids and not decoded.startswith(" "):
-            first = self.sp.id_to_piece(ids[0])
-            if first.startswith("\u2581"):
-                rest = first[1:]
-                swap = self.sp.piece_to_id(rest) if rest else None
-                if swap is None:
-                    ids = ids[1:]
-                elif not self.sp.is_unknown(swap):
-                    ids[0] = swap
-                else:
-                    ids = [self.sp.piece_to_id(f"<0x{b:02X}>") for b in rest.encode()] + ids[1:]
-        return ids
+        return without_leading_space(self.sp, list(self.sp.encode(decoded)), decoded)
 
     def decode(
         self, ids: Sequence[int], skip_special_tokens: bool = False, clean_up_tokenization_spaces: bool = False

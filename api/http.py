@@ -12,7 +12,19 @@ from aiohttp import web
 from api.config import BACKEND, CONFIG, METRICS, PROMPTS, STATS
 from api.errors import Refusal, error_response, not_started
 from api.schema import parse_json
-from backends.base import Event, Failed, Finished, SamplingDefaults, Stream
+from backends.base import (
+    ChatJob,
+    Event,
+    Failed,
+    Finished,
+    Limits,
+    Message,
+    Sampling,
+    SamplingDefaults,
+    Stream,
+    Tool,
+    ToolChoice,
+)
 from sse import ClientGone
 
 log = logging.getLogger(__name__)
@@ -20,6 +32,27 @@ T = TypeVar("T")
 
 # OpenAI's own defaults, for models whose family brings none (the OpenAI doors and those that follow them)
 OPENAI_DEFAULTS = SamplingDefaults(temperature=1.0, top_p=1.0)
+
+
+def chat_job(
+    messages: tuple[Message, ...],
+    limits: Limits,
+    tools: tuple[Tool, ...] = (),
+    tool_choice: ToolChoice | None = None,
+    sampling: Sampling | None = None,
+    n: int = 1,
+) -> ChatJob:
+    """The job of an OpenAI conversation: the one builder of it, for /v1/chat/completions to generate from and for
+    /tokenize to count, so the ids /tokenize gives are the ids generated from."""
+    return ChatJob(
+        messages,
+        sampling or Sampling(),
+        OPENAI_DEFAULTS,
+        n=n,
+        limits=limits,
+        tools=tools,
+        tool_choice=tool_choice or ToolChoice(),
+    )
 
 
 async def off_loop(request: web.Request, work: Callable[[], T]) -> T:

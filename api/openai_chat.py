@@ -16,8 +16,8 @@ from aiohttp import web
 from api.config import BACKEND, CONFIG
 from api.errors import failure_response
 from api.http import (
-    OPENAI_DEFAULTS,
     answer_stream,
+    chat_job,
     choice_events,
     read_body,
     served_model,
@@ -27,7 +27,6 @@ from api.http import (
 from api.schema import CompletionRequest, parse_completion
 from backends.base import (
     CallDelta,
-    ChatJob,
     Delta,
     Event,
     Failed,
@@ -68,15 +67,7 @@ async def start(request: web.Request, req: CompletionRequest) -> tuple[list[Stre
     model = served_model(request, req.model)
     if isinstance(model, web.Response):
         return model
-    job = ChatJob(
-        req.messages,
-        req.sampling,
-        OPENAI_DEFAULTS,
-        n=req.n,
-        limits=request.app[CONFIG].limits,
-        tools=req.tools,
-        tool_choice=req.tool_choice,
-    )
+    job = chat_job(req.messages, request.app[CONFIG].limits, req.tools, req.tool_choice, req.sampling, req.n)
     return await request.app[BACKEND].open(job), model
 
 

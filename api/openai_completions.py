@@ -9,6 +9,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import aclosing
+from dataclasses import replace
 from typing import Any
 
 from aiohttp import web
@@ -16,7 +17,7 @@ from aiohttp import web
 from api.completions_schema import LegacyCompletionRequest, parse_legacy_completion
 from api.config import BACKEND, CONFIG
 from api.errors import failure_response
-from api.http import answer_stream, choice_events, read_body, served_model
+from api.http import answer_stream, choice_events, read_body, served_model, usage
 from backends.base import Delta, Event, Failed, Finished, KeepAlive, Stream
 from sse import EventStream, dumps
 
@@ -125,11 +126,7 @@ def total_usage(done: dict[int, Finished], n: int) -> dict[str, int] | None:
         return None
     prompt_tokens = sum({i // n: d.prompt_tokens for i, d in done.items()}.values())
     completion_tokens = sum(d.completion_tokens for d in done.values())
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-    }
+    return usage(replace(next(iter(done.values())), prompt_tokens=prompt_tokens, completion_tokens=completion_tokens))
 
 
 async def _complete(

@@ -8,9 +8,9 @@ from aiohttp import web
 
 from api.completions_schema import raw_job
 from api.config import BACKEND, CONFIG
-from api.http import OPENAI_DEFAULTS, off_loop, read_body, served_model
+from api.http import chat_job, off_loop, read_body, served_model
 from api.tokens_schema import TokenizeRequest, parse_detokenize, parse_tokenize
-from backends.base import ChatJob, Sampling
+from backends.base import ChatJob
 from sse import dumps
 
 
@@ -20,9 +20,7 @@ def job_of(request: web.Request, req: TokenizeRequest) -> ChatJob:
     limits = request.app[CONFIG].limits
     if req.prompt is not None:
         return raw_job(req.prompt, limits)
-    return ChatJob(
-        req.messages, Sampling(), OPENAI_DEFAULTS, limits=limits, tools=req.tools, tool_choice=req.tool_choice
-    )
+    return chat_job(req.messages, limits, req.tools, req.tool_choice)
 
 
 async def tokenize(request: web.Request) -> web.Response:

@@ -304,7 +304,10 @@ def _legacy_logprobs(logprobs: dict[str, Any]) -> tuple[TokenLogprob, ...]:
             top = {}
         if not isinstance(top, dict) or not all(_is_finite(v) for v in top.values()):
             raise MalformedChunk("a legacy top_logprobs entry is not an object of finite numbers")
-        alternatives = tuple(TopLogprob(_legacy_token(t)[0], float(v), _legacy_token(t)[1]) for t, v in top.items())
+        alternatives = tuple(
+            TopLogprob(text, float(v), raw)
+            for (text, raw), v in zip(map(_legacy_token, top), top.values(), strict=True)
+        )
         text, raw = _legacy_token(token)
         out.append(TokenLogprob(text, float(value), raw, alternatives))
     return tuple(out)

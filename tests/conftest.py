@@ -312,6 +312,14 @@ def tiny_server(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
 
 
 @pytest.fixture(scope="session")
+def tiny_upstream(tiny_server: LiveServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    """This server with no model of its own, serving tiny_server's through --upstream under the name "up"."""
+    args = ["--upstream", tiny_server.url + "/v1", "--served-model-name", "up"]
+    with running_server(args, tmp_path_factory.mktemp("logs") / "tiny_upstream.log") as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
 def bundled_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The bundled server's own GGUF cache: each session converts as a first start does; the user's stays untouched."""
     return tmp_path_factory.mktemp("cache")

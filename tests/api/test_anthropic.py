@@ -19,7 +19,7 @@ from api.anthropic_schema import parse_messages
 from api.config import BACKEND
 from models.loader import LoadedModel
 from tests.api.test_tools_hermes import W_CALL
-from tests.conftest import LiveServer, MakeClient, build_tiny_model, running_server
+from tests.conftest import LiveServer, MakeClient, build_tiny_model
 from tests.helpers import fuzz, parse_frames, wait_until
 from tests.training import hermes_model, taught
 
@@ -546,25 +546,17 @@ async def test_a_named_tool_choice_calls_that_tool(make_client: MakeClient, herm
 # ---- over an --upstream server -------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def front(tiny_server: LiveServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    """This server with no model of its own, in front of tiny_server."""
-    args = ["--upstream", tiny_server.url + "/v1", "--served-model-name", "up"]
-    with running_server(args, tmp_path_factory.mktemp("logs") / "front.log") as server:
-        yield server
-
-
-def test_through_an_upstream_the_answer_is_the_same(tiny_server: LiveServer, front: LiveServer) -> None:
-    direct, through = create(tiny_server), create(front)
+def test_through_an_upstream_the_answer_is_the_same(tiny_server: LiveServer, tiny_upstream: LiveServer) -> None:
+    direct, through = create(tiny_server), create(tiny_upstream)
     assert text_of(through) == text_of(direct) and through.stop_reason == direct.stop_reason
     assert through.model == "claude-any-name"
     assert through.usage.input_tokens == direct.usage.input_tokens
 
 
-def test_through_an_upstream_count_tokens_is_the_input_tokens(front: LiveServer) -> None:
+def test_through_an_upstream_count_tokens_is_the_input_tokens(tiny_upstream: LiveServer) -> None:
     messages: Any = [{"role": "user", "content": ASK}]
-    count = sdk(front).messages.count_tokens(model="any", messages=messages, system=SYSTEM)
-    assert count.input_tokens == create(front, messages=messages, system=SYSTEM).usage.input_tokens
+    count = sdk(tiny_upstream).messages.count_tokens(model="any", messages=messages, system=SYSTEM)
+    assert count.input_tokens == create(tiny_upstream, messages=messages, system=SYSTEM).usage.input_tokens
 
 
 def test_openapi_lists_the_door(tiny_server: LiveServer) -> None:

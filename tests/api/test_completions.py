@@ -6,8 +6,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-from collections.abc import Iterator
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -20,7 +18,7 @@ from api.openapi import build_spec
 from models.loader import LoadedModel
 from tests.api.test_operations import JSON_VALUES, RaisesOnMarker
 from tests.api.test_schema import branches
-from tests.conftest import LiveServer, MakeClient, running_server
+from tests.conftest import LiveServer, MakeClient
 from tests.helpers import fuzz, parse_frames, wait_until
 
 PROMPT = "The quick brown fox"
@@ -336,24 +334,19 @@ async def test_a_failure_mid_stream_is_an_error_chunk_then_done(make_client: Mak
 # ---- through an --upstream server in front of the live one ----------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def proxy(tiny_server: LiveServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    log: Path = tmp_path_factory.mktemp("logs") / "completions-proxy.log"
-    with running_server(["--upstream", tiny_server.url + "/v1", "--served-model-name", "up"], log) as server:
-        yield server
-
-
-def test_the_same_completion_directly_and_through_an_upstream_server(client: openai.OpenAI, proxy: LiveServer) -> None:
-    through = openai.OpenAI(base_url=proxy.url + "/v1", api_key="unused", max_retries=0)
-    direct = greedy(client, extra_body={"ignore_eos": True})
-    done = greedy(through, model="up", extra_body={"ignore_eos": True})
-    assert done.choices[0].text == direct.choices[0].text and done.usage == direct.usage
-    chunks = list(greedy(through, model="up", stream=True, extra_body={"ignore_eos": True}))
-    assert streamed_text(chunks) == {0: direct.choices[0].text}
-    full = direct.choices[0].text
-    stop = next(full[i : i + 2] for i in range(6, len(full) - 2) if full[i : i + 2].strip())
-    stopped = greedy(through, model="up", stop=stop, extra_body={"ignore_eos": True}).choices[0]
-    assert stopped.text == full[: full.index(stop)] and stopped.model_extra["stop_reason"] == stop
+def test_the_same_completion_directly_and_through_an_upstream_server(
+    client: openai.OpenAI, tiny_upstream: LiveServer
+) -> None:
+    with openai.OpenAI(base_url=tiny_upstream.url + "/v1", api_key="unused", max_retries=0) as through:
+        direct = greedy(client, extra_body={"ignore_eos": True})
+        done = greedy(through, model="up", extra_body={"ignore_eos": True})
+        assert done.choices[0].text == direct.choices[0].text and done.usage == direct.usage
+        chunks = list(greedy(through, model="up", stream=True, extra_body={"ignore_eos": True}))
+        assert streamed_text(chunks) == {0: direct.choices[0].text}
+        full = direct.choices[0].text
+        stop = next(full[i : i + 2] for i in range(6, len(full) - 2) if full[i : i + 2].strip())
+        stopped = greedy(through, model="up", stop=stop, extra_body={"ignore_eos": True}).choices[0]
+        assert stopped.text == full[: full.index(stop)] and stopped.model_extra["stop_reason"] == stop
 
 
 # ---- the published body (tests/api/test_schema.py checks the parser agrees with it on every number) -----------------

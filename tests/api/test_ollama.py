@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from api.config import BACKEND, LIFECYCLE
 from api.ollama_schema import parse_chat
 from models.loader import LoadedModel
-from tests.conftest import JSON, LiveServer, MakeClient, build_tiny_model, running_server
+from tests.conftest import JSON, LiveServer, MakeClient, build_tiny_model
 from tests.helpers import fuzz, wait_until
 from tests.training import hermes_model, taught
 
@@ -430,16 +430,8 @@ async def test_a_call_comes_as_ollamas_tool_calls(make_client: MakeClient, calle
 # ---- in front of an upstream ----------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def fronting(tiny_server: LiveServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    """A second live server with no model of its own, serving tiny_server's through --upstream."""
-    args = ["--upstream", tiny_server.url + "/v1", "--served-model-name", "up"]
-    with running_server(args, tmp_path_factory.mktemp("logs") / "ollama-upstream.log") as server:
-        yield server
-
-
-def test_through_an_upstream_the_answers_are_the_same(tiny_server: LiveServer, fronting: LiveServer) -> None:
-    with ollama.Client(host=tiny_server.url, timeout=60) as direct, ollama.Client(host=fronting.url) as proxied:
+def test_through_an_upstream_the_answers_are_the_same(tiny_server: LiveServer, tiny_upstream: LiveServer) -> None:
+    with ollama.Client(host=tiny_server.url, timeout=60) as direct, ollama.Client(host=tiny_upstream.url) as proxied:
         same_answers(direct, proxied)
 
 

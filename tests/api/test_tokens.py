@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ from models.loader import LoadedModel
 from sse import dumps
 from tests.api.test_operations import JSON_VALUES
 from tests.api.test_tools_hermes import TOOLS
-from tests.conftest import TINY_CONTEXT, LiveServer, MakeClient, build_tiny_model, running_server
+from tests.conftest import TINY_CONTEXT, LiveServer, MakeClient, build_tiny_model
 from tests.helpers import fuzz
 from tests.training import hermes_model
 
@@ -186,21 +186,16 @@ async def test_fuzzed_bodies_never_cause_a_5xx(make_client: MakeClient, path: st
 # ---- through an --upstream server in front of the live one ----------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def proxy(tiny_server: LiveServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    log: Path = tmp_path_factory.mktemp("logs") / "tokens-proxy.log"
-    with running_server(["--upstream", tiny_server.url + "/v1", "--served-model-name", "up"], log) as server:
-        yield server
-
-
-def test_the_same_tokens_directly_and_through_an_upstream_server(tiny_server: LiveServer, proxy: LiveServer) -> None:
+def test_the_same_tokens_directly_and_through_an_upstream_server(
+    tiny_server: LiveServer, tiny_upstream: LiveServer
+) -> None:
     for body in ({"prompt": PROMPT}, {"messages": MESSAGES}):
         direct = tiny_server.post("/tokenize", body)
-        assert proxy.post("/tokenize", {**body, "model": "up"}) == direct
-        assert proxy.post("/detokenize", {"tokens": direct["tokens"]}) == tiny_server.post(
+        assert tiny_upstream.post("/tokenize", {**body, "model": "up"}) == direct
+        assert tiny_upstream.post("/detokenize", {"tokens": direct["tokens"]}) == tiny_server.post(
             "/detokenize", {"tokens": direct["tokens"]}
         )
-    status, refused = proxy.post_status("/detokenize", {"tokens": [99_999]})
+    status, refused = tiny_upstream.post_status("/detokenize", {"tokens": [99_999]})
     assert status == 400 and "'tokens'" in refused["error"]["message"], refused
     assert refused["error"]["param"] == "tokens"  # the upstream's 400 blames the field, and so does ours
 

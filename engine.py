@@ -7,6 +7,7 @@ allows (a long prompt a chunk at a time, short ones together), then one decode s
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import queue
 import random
@@ -24,6 +25,7 @@ from generation.constraints import Matcher, apply_masks
 from generation.events import Delta, Failed, Finished, Outbox, RequestHandle, TokenLogprob
 from generation.logprobs import TokenTexts
 from generation.output import Output
+from generation.prefix_cache import PrefixCache, prefix_cache_for, restored, row_kv
 from generation.sampling import History, Sampled, SamplingParams, sample
 from generation.scheduler import PrefillClock, Scheduler
 from generation.threads import ThreadTuner
@@ -48,6 +50,9 @@ class EngineConfig:
     # CPU without AVX-512 takes about 2 ms a token for the bundled model, so 512 would pause the streams for a second)
     prefill_seconds: float = 0.7
     threads: int | None = None  # torch's compute threads; None: measured while serving (generation/threads.py)
+    # bytes of earlier requests' keys and values kept for prompts that start the same way, in MB; None: a quarter of
+    # the memory left after the weights and the batch's cache at full context; 0: no prefix cache
+    prefix_cache_mb: float | None = None
 
 
 class QueueFull(Exception):
@@ -56,6 +61,13 @@ class QueueFull(Exception):
 
 class EngineStopped(Exception):
     """The engine is not running."""
+
+
+@dataclass(frozen=True)
+class _ClearPrefixCache:
+    """A request to the worker to forget the prefix cache; `done` gets the bytes freed."""
+
+    done: concurrent.futures.Future[int]
 
 
 @dataclass
@@ -71,8 +83,10 @@ class _Sequence:
     submitted: float = field(default_factory=time.monotonic)
     queue_s: float = 0.0
     history: History | None = None  # set once prefilled
-    cache: Any = None  # the KV cache of a prompt prefilled in chunks, while it is
+    cache: Any = None  # the KV cache of a prompt prefilled in chunks (or after a prefix cache hit), while it is
     prefilled: int = 0  # prompt tokens in that cache
+    cached: int = 0  # prompt tokens the prefix cache held when the queue last reached it
+    hit: int = 0  # prompt tokens taken from the prefix cache, not prefilled
     matcher: Matcher | None = None  # its place in its constraint's grammar, when it has one
     pending: list[TokenLogprob] = field(default_factory=list)  # logprobs of tokens whose text is not out yet
 
@@ -89,7 +103,7 @@ class Engine:
         if self._model is not None:
             self.ready.set()
         self.config = config or EngineConfig()
-        self._inbox: queue.Queue[_Sequence | None] = queue.Queue()
+        self._inbox: queue.Queue[_Sequence | _ClearPrefixCache | None] = queue.Queue()
         self._sched: Scheduler[_Sequence] = Scheduler()  # waiting, running (row i of self._batch) and chunking
         self._batch = KVBatch()
         self._batchable = True  # until a prefill shows a cache that cannot be batched
@@ -101,6 +115,7 @@ class Engine:
         self._clock: PrefillClock | None = None  # a prompt token's measured cost; made once the model is loaded
         self._prefills = 0  # prefill calls so far (a decode step after one in the same engine step is not clean)
         self._texts: TokenTexts | None = None  # tokens' bytes for logprobs, made when first asked for
+        self.prefix: PrefixCache | None = None  # made once the model is loaded, where its cache can be extended
         # guarded by _lock, shared with the event loop: requests not yet ended, and those of them admitted
         self._lock = threading.Lock()
         self._open: dict[int, RequestHandle] = {}
@@ -208,6 +223,7 @@ class Engine:
             # the calibration's estimate until prefills are measured
             estimate = self.model.prefill_us_per_token / 1e6 or None
             self._clock = PrefillClock(self.model.attention_break_even, estimate)
+            self.prefix = prefix_cache_for(self.model, self.config.prefix_cache_mb, self.max_batch_size)
             with torch.inference_mode():
                 while not self._stopping.is_set():
                     try:
@@ -270,7 +286,11 @@ class Engine:
         try:
             item = self._inbox.get(block=block)
             while True:
-                if item is not None:
+                if isinstance(item, _ClearPrefixCache):
+                    freed = self.prefix.clear() if self.prefix is not None else 0
+                    if item.done.set_running_or_notify_cancel():  # False: the caller stopped waiting
+                        item.done.set_result(freed)
+                elif item is not None:
                     self._sched.waiting.append(item)
                 item = self._inbox.get_nowait()
         except queue.Empty:
@@ -283,7 +303,11 @@ class Engine:
         for seq in sched.drop_waiting(lambda seq: seq.handle.cancelled):
             self._end(seq.handle, cancelled)
         if sched.chunking is not None and sched.chunking.handle.cancelled:
-            self._end(sched.chunking.handle, cancelled)
+            seq = sched.chunking
+            self._end(seq.handle, cancelled)
+            self._flush()
+            if seq.cache is not None:  # its finished chunks stay for a prompt that starts the same way
+                self._remember(seq.prompt[: seq.prefilled], seq.cache, 0, seq.prefilled)
             sched.chunking = None  # its partial cache goes with it
         keep = [i for i, seq in enumerate(sched.running) if not seq.handle.cancelled]
         for seq in sched.running:
@@ -300,8 +324,54 @@ class Engine:
         self._flush()
 
     def _keep(self, rows: list[int]) -> None:
+        if self.prefix is not None and len(rows) < len(self._sched.running):
+            self._flush()  # the leavers' last events go out before their keys and values are copied
+            kept = set(rows)
+            for i, seq in enumerate(self._sched.running):
+                if i not in kept:  # what it fed the model: its prompt, then its answer but the last token
+                    fed = self._batch.positions[i]
+                    self._remember((seq.prompt + seq.tokens)[:fed], self._batch.cache, i, fed)
         self._batch.keep(rows)  # frees the KV cache of the rows that left
         self._sched.keep(rows)
+
+    # -- prefix cache
+
+    def clear_prefix_cache(self) -> concurrent.futures.Future[int]:
+        """Forget the prefix cache (on the worker, between two steps); the future gets the bytes freed."""
+        done: concurrent.futures.Future[int] = concurrent.futures.Future()
+        if not self.running:
+            done.set_result(0)
+        else:
+            self._inbox.put(_ClearPrefixCache(done))
+        return done
+
+    def _remember(self, tokens: list[int], cache: Any, row: int, fed: int) -> None:
+        """Keep the keys and values of the `fed` tokens a row of `cache` holds (its last `fed` columns)."""
+        assert self.prefix is not None
+        try:
+            first = cache.layers[0].keys.shape[2] - fed
+            self.prefix.put(tokens, row_kv(cache, row, first))
+        except Exception:  # the cache is an optimization: a failure here never touches a request
+            log.exception("could not keep a prompt's keys and values in the prefix cache")
+
+    def _look(self, seq: _Sequence) -> None:
+        """How much of a waiting prompt the prefix cache holds (at least its last token is prefilled: it gives the
+        logits of the first answer token)."""
+        if self.prefix is not None:
+            seq.cached = len(self.prefix.match(seq.prompt, len(seq.prompt) - 1)) * self.prefix.block
+
+    def _restore(self, seq: _Sequence) -> None:
+        """Start an admitted prompt's cache from the longest prefix the prefix cache holds, if any."""
+        if self.prefix is None:
+            return
+        try:
+            kv = self.prefix.take(seq.prompt, len(seq.prompt) - 1)
+            if kv is not None:
+                seq.cache = restored(self.model.model, self.model.fp32_attention, kv, len(seq.prompt))
+                seq.prefilled = seq.hit = kv.shape[3]
+        except Exception:
+            log.exception("could not restore request %s from the prefix cache; prefilling it all", seq.handle.id)
+            seq.cache, seq.prefilled, seq.hit = None, 0, 0
 
     # -- prefill
 
@@ -335,13 +405,21 @@ class Engine:
         budget = self._budget()
         if sched.chunking is not None and budget is not None:
             budget -= self._prefill_chunk(budget)
-        picked = sched.admit(budget, self.max_batch_size, self._batchable, self._admitted)
+        look = self._look if self.prefix is not None else None
+        picked = sched.admit(budget, self.max_batch_size, self._batchable, self._admitted, look)
         if picked.chunked is not None:
+            self._restore(picked.chunked)
             self._prefill_chunk(picked.room)
         if picked.whole:
             log.debug("admitting %d; %d run, %d wait", len(picked.whole), len(sched.running), len(sched.waiting))
-        for group in prefill_groups([seq.prompt for seq in picked.whole]):
-            self._prefill([picked.whole[i] for i in group])
+        for seq in picked.whole:
+            self._restore(seq)
+        fresh = [seq for seq in picked.whole if not seq.hit]
+        for seq in picked.whole:
+            if seq.hit:  # the rest of its prompt after the cached part, alone: each hit is of its own length
+                self._extend(seq, len(seq.prompt) - seq.prefilled)
+        for group in prefill_groups([seq.prompt for seq in fresh]):
+            self._prefill([fresh[i] for i in group])
 
     def _admitted(self, seq: _Sequence) -> bool:
         """Count a request as running (False if it was ended meanwhile)."""
@@ -357,6 +435,13 @@ class Engine:
         seq = self._sched.chunking
         assert seq is not None
         take = self._sched.next_chunk(budget, self._full_chunk(), self.model.attention_break_even)
+        if not self._extend(seq, take) or seq.prefilled == len(seq.prompt):
+            self._sched.chunking = None  # failed, or joined the batch
+        return take
+
+    def _extend(self, seq: _Sequence, take: int) -> bool:
+        """Prefill the next `take` tokens of a prompt after its cache; at the prompt's end it joins the batch.
+        False if the prefill failed (the request has ended)."""
         try:
             chunk, more = seq.prompt[seq.prefilled : seq.prefilled + take], len(seq.prompt) - seq.prefilled - take
             started = time.perf_counter()
@@ -366,16 +451,14 @@ class Engine:
         except Exception as exc:
             log.exception("prefill failed for request %s", seq.handle.id)
             self._end(seq.handle, Failed(f"generation failed: {exc}"))
-            self._sched.chunking = None
             self._flush()
-            return take
+            return False
         seq.prefilled += take
         if seq.prefilled == len(seq.prompt):
-            self._sched.chunking = None
             cache, seq.cache = seq.cache, None
             mask = torch.ones((1, len(seq.prompt)), dtype=torch.long, device=logits.device)
             self._join([seq], logits, cache, mask)
-        return take
+        return True
 
     def _prefill(self, seqs: list[_Sequence]) -> None:
         try:
@@ -407,6 +490,10 @@ class Engine:
         for seq in seqs:
             seq.history = History.of(seq.prompt, logits.shape[-1], seq.generator, logits.device)
         keep = self._sample_rows(seqs, logits)
+        if self.prefix is not None and len(keep) < len(seqs):  # answered by their first token: keep their prompts
+            self._flush()
+            for i in set(range(len(seqs))) - set(keep):
+                self._remember(seqs[i].prompt, cache, i, len(seqs[i].prompt))
         if keep:
             self._batch.add(select_rows(cache, keep), mask[keep], self.max_batch_size)
             self._sched.running.extend(seqs[i] for i in keep)
@@ -492,6 +579,8 @@ class Engine:
             return True
         if seq.output.called:  # whole calls went out: the client has tools to run, even when the length cut it after
             reason = "tool_calls"
-        done = Finished(reason, len(seq.prompt), len(seq.tokens), seq.queue_s, stop_sequence=emitted.stop)
+        done = Finished(
+            reason, len(seq.prompt), len(seq.tokens), seq.queue_s, stop_sequence=emitted.stop, cached_tokens=seq.hit
+        )
         self._end(seq.handle, done)
         return False

@@ -195,6 +195,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="seconds of prompt work between two decode steps: fewer tokens than --prefill-chunk where they take "
         "longer on this machine (measured while serving)",
     )
+    a(
+        "--prefix-cache-mb",
+        type=float,
+        help="memory for earlier requests' keys and values, reused by prompts that start the same way (a "
+        "conversation's history, a shared system prompt); default: a quarter of the memory left after the weights "
+        "and the batch's cache; 0: off",
+    )
     a("--threads", type=int, help="torch compute threads (default: measured while serving, at most the cores)")
     a("--queue-timeout", type=float, default=600.0, help="seconds a request may wait for a slot before 503")
     a("--api-key", default=os.environ.get(API_KEY_ENV), help=f"require this bearer key (or set ${API_KEY_ENV})")
@@ -314,6 +321,7 @@ def main(argv: list[str] | None = None) -> int:
             prefill_chunk=max(0, args.prefill_chunk),
             prefill_seconds=args.prefill_seconds,
             threads=args.threads,
+            prefix_cache_mb=args.prefix_cache_mb,
         )
         backend = engine = Engine(lambda: load_model(model_config), engine_config)
     app = create_app(config, backend)

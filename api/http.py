@@ -99,6 +99,16 @@ def usage(done: Finished) -> dict[str, int] | None:
     }
 
 
+def openai_usage(done: Finished) -> dict[str, Any] | None:
+    """OpenAI's usage: the counts, and the prompt tokens the prefix cache served (`prompt_tokens_details`) where the
+    backend said."""
+    if (counts := usage(done)) is None:
+        return None
+    if done.cached_tokens is None:
+        return counts
+    return {**counts, "prompt_tokens_details": {"cached_tokens": done.cached_tokens}}
+
+
 async def peeked(events: AsyncIterator[T]) -> tuple[T, AsyncIterator[T]]:
     """The first event, and an iterator that yields it again followed by the rest.
 

@@ -19,6 +19,7 @@ class RequestStats:
 
     started: float = field(default_factory=time.perf_counter)
     prompt_tokens: int = 0
+    cached_tokens: int = 0  # of the prompt tokens, those the prefix cache served
     completion_tokens: int = 0
     ttft: float | None = None
 
@@ -40,6 +41,12 @@ class Metrics:
         self.queue = histogram("chat_queue_time_seconds", "Time waiting for a batch slot")
         self.prompt_tokens = Counter("chat_prompt_tokens", "Prompt tokens processed", registry=r)
         self.generated_tokens = Counter("chat_generation_tokens", "Tokens generated", registry=r)
+        self.prefix_hits = Counter(
+            "chat_prefix_cache_hit_tokens", "Prompt tokens served from the prefix cache, not prefilled", registry=r
+        )
+        self.prefix_queries = Counter(
+            "chat_prefix_cache_query_tokens", "Prompt tokens looked up in the prefix cache", registry=r
+        )
         running = Gauge("chat_requests_running", "Requests generating now", registry=r)
         waiting = Gauge("chat_requests_waiting", "Requests waiting for a slot", registry=r)
         running.set_function(lambda: backend.counts[0])
@@ -64,6 +71,9 @@ class Metrics:
                 self.queue.observe(event.queue_s)
                 self.prompt_tokens.inc(event.prompt_tokens)
                 self.generated_tokens.inc(event.completion_tokens)
+                self.prefix_queries.inc(event.prompt_tokens)
+                self.prefix_hits.inc(event.cached_tokens or 0)
                 stats.prompt_tokens = event.prompt_tokens
+                stats.cached_tokens = event.cached_tokens or 0
                 stats.completion_tokens += event.completion_tokens
             yield event

@@ -72,12 +72,13 @@ def _account(request: web.Request, status: int) -> None:
         request.app[METRICS].e2e.observe(duration)
     ttft = f"{stats.ttft:.3f}" if stats.ttft is not None else "-"
     log.info(
-        "id=%s %s %s status=%s prompt=%d completion=%d ttft=%s duration=%.3f",
+        "id=%s %s %s status=%s prompt=%d cached=%d completion=%d ttft=%s duration=%.3f",
         request[REQUEST_ID],
         request.method,
         quote(request.path, safe=PATH_SAFE),
         status,
         stats.prompt_tokens,
+        stats.cached_tokens,
         stats.completion_tokens,
         ttft,
         duration,

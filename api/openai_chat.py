@@ -19,10 +19,10 @@ from api.http import (
     answer_stream,
     chat_job,
     choice_events,
+    openai_usage,
     read_body,
     served_model,
     served_names,
-    usage,
 )
 from api.schema import CompletionRequest, parse_completion
 from backends.base import (
@@ -174,11 +174,11 @@ async def _complete(
     return web.json_response(body, dumps=dumps)
 
 
-def total_usage(done: list[Finished]) -> dict[str, int] | None:
+def total_usage(done: list[Finished]) -> dict[str, Any] | None:
     """The choices' usage together: one prompt, every choice's tokens; None when the backend reported none."""
     if not done or not all(d.usage_known for d in done):
         return None
-    return usage(replace(done[0], completion_tokens=sum(d.completion_tokens for d in done)))
+    return openai_usage(replace(done[0], completion_tokens=sum(d.completion_tokens for d in done)))
 
 
 def _chunk(

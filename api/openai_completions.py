@@ -17,7 +17,7 @@ from aiohttp import web
 from api.completions_schema import LegacyCompletionRequest, parse_legacy_completion
 from api.config import BACKEND, CONFIG
 from api.errors import failure_response
-from api.http import answer_stream, choice_events, read_body, served_model, usage
+from api.http import answer_stream, choice_events, openai_usage, read_body, served_model
 from backends.base import Delta, Event, Failed, Finished, KeepAlive, Stream
 from sse import EventStream, dumps
 
@@ -119,14 +119,22 @@ def logprobs_part(delta: Delta, offsets: Offsets) -> dict[str, list[Any]]:
     }
 
 
-def total_usage(done: dict[int, Finished], n: int) -> dict[str, int] | None:
+def total_usage(done: dict[int, Finished], n: int) -> dict[str, Any] | None:
     """Usage of the whole request: each prompt's tokens once, every choice's tokens; None when the backend reported
     none."""
     if not done or not all(d.usage_known for d in done.values()):
         return None
-    prompt_tokens = sum({i // n: d.prompt_tokens for i, d in done.items()}.values())
-    completion_tokens = sum(d.completion_tokens for d in done.values())
-    return usage(replace(next(iter(done.values())), prompt_tokens=prompt_tokens, completion_tokens=completion_tokens))
+    first = [d for i, d in sorted(done.items()) if i % n == 0]  # each prompt's first choice: its prompt, once
+    return openai_usage(
+        replace(
+            next(iter(done.values())),
+            prompt_tokens=sum(d.prompt_tokens for d in first),
+            completion_tokens=sum(d.completion_tokens for d in done.values()),
+            cached_tokens=None
+            if any(d.cached_tokens is None for d in first)
+            else sum(d.cached_tokens or 0 for d in first),
+        )
+    )
 
 
 async def _complete(

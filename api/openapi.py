@@ -33,7 +33,14 @@ SCHEMAS: dict[str, Any] = {  # the answers' schemas; the request bodies' come fr
     },
     "Usage": {
         "type": "object",
-        "properties": {k: {"type": "integer"} for k in ("prompt_tokens", "completion_tokens", "total_tokens")},
+        "properties": {
+            **{k: {"type": "integer"} for k in ("prompt_tokens", "completion_tokens", "total_tokens")},
+            "prompt_tokens_details": {
+                "type": "object",
+                "description": "OpenAI doors: the prompt tokens served from the prefix cache instead of prefilled",
+                "properties": {"cached_tokens": {"type": "integer"}},
+            },
+        },
     },
     "ChatResponse": {
         "type": "object",

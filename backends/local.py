@@ -241,13 +241,20 @@ class LocalBackend:
             body.update(self.engine.tuner.describe())
         if lm.kernels is not None:
             body["kernels"] = lm.kernels
+        prefix = self.engine.prefix
+        body["prefix_cache"] = prefix.describe() if prefix is not None else None
         if memory := memory_report(list(lm.devices)):
             body["memory"] = memory
         return ("ok" if self.engine.running else "unavailable"), body
 
     async def clear(self) -> dict[str, Any]:
-        clear_caches(list(self.engine.model.devices))
-        return {}
+        devices = list(self.engine.model.devices)
+        try:  # the worker forgets the prefix cache between two steps; a long step is waited for, a stuck one not
+            freed = await asyncio.wait_for(asyncio.wrap_future(self.engine.clear_prefix_cache()), 30)
+        except TimeoutError:
+            freed = None
+        clear_caches(devices)
+        return {"prefix_cache_freed_bytes": freed}
 
     def _model(self) -> LoadedModel:
         try:

@@ -111,7 +111,7 @@ class _Call:
         for h in self.handles:
             h.deliver(Failed(message, kind))
 
-    def finish(self, reasons: dict[int, str], usage: tuple[int, int] | None) -> None:
+    def finish(self, reasons: dict[int, str], usage: tuple[int, int, int | None] | None) -> None:
         """End every choice as the upstream ended it; one it left without a finish reason broke off."""
         if self.ended:
             return
@@ -122,8 +122,16 @@ class _Call:
             elif usage is None:
                 h.deliver(Finished(reasons[i], 0, 0, usage_known=False, stop_sequence=self._stops.get(i)))
             else:  # the upstream counts all choices together: the first carries them
-                counts = (usage[0], usage[1] if i == 0 else 0)
-                h.deliver(Finished(reasons[i], *counts, stop_sequence=self._stops.get(i)))
+                prompt, completion, cached = usage
+                h.deliver(
+                    Finished(
+                        reasons[i],
+                        prompt,
+                        completion if i == 0 else 0,
+                        stop_sequence=self._stops.get(i),
+                        cached_tokens=cached,
+                    )
+                )
 
     async def pump(self) -> None:
         """Read the upstream's chunks into each choice's queue; end every choice exactly once, whatever happens."""
@@ -149,10 +157,10 @@ class _Call:
         else:
             self.finish(reasons, usage)
 
-    async def _read(self) -> tuple[dict[int, str], tuple[int, int] | None]:
+    async def _read(self) -> tuple[dict[int, str], tuple[int, int, int | None] | None]:
         """Deliver the text of each chunk as it comes, until `[DONE]` or the end; the finish reasons and usage."""
         reasons: dict[int, str] = {}
-        usage: tuple[int, int] | None = None
+        usage: tuple[int, int, int | None] | None = None
         async with self.response:
             try:
                 async for raw in self.response.content:

@@ -128,7 +128,7 @@ class Chunk:
     """One chat.completion.chunk, checked."""
 
     choices: tuple[ChoiceChunk, ...]
-    usage: tuple[int, int] | None  # (prompt, completion) tokens, of all choices together
+    usage: tuple[int, int, int | None] | None  # (prompt, completion, cached prompt) tokens, of all choices together
 
 
 def _kind(value: Any) -> str:
@@ -354,7 +354,7 @@ def _logprob_fields(entry: Any, what: str) -> tuple[str, float, tuple[int, ...]]
     return token, float(logprob), tuple(raw)
 
 
-def _usage(usage: Any) -> tuple[int, int] | None:
+def _usage(usage: Any) -> tuple[int, int, int | None] | None:
     if usage is None:  # vLLM sends `"usage": null` on every chunk but the last
         return None
     if not isinstance(usage, dict):
@@ -362,7 +362,10 @@ def _usage(usage: Any) -> tuple[int, int] | None:
     prompt, completion = usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
     if not (_is_count(prompt) and _is_count(completion)):
         raise MalformedChunk("usage has token counts that are not counts")
-    return prompt, completion
+    # the prompt tokens its own prefix cache served (vLLM, llama.cpp); None where it does not say
+    details = usage.get("prompt_tokens_details")
+    cached = details.get("cached_tokens") if isinstance(details, dict) else None
+    return prompt, completion, cached if isinstance(cached, int) and _is_count(cached) else None
 
 
 def model_names(body: Any) -> tuple[str, ...]:

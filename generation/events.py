@@ -51,6 +51,7 @@ class Finished:
     queue_s: float = 0.0  # time spent waiting for a batch slot
     usage_known: bool = True  # False: an upstream that reports no usage (the counts are 0, not invented)
     stop_sequence: str | None = None  # the request's stop string that ended the answer (reason "stop")
+    cached_tokens: int | None = 0  # prompt tokens taken from a prefix cache, not prefilled; None: an upstream's unsaid
 
 
 @dataclass(frozen=True)

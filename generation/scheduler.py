@@ -20,6 +20,7 @@ MIN_CHUNK = 16  # tokens: fewer per step would spend more on the step than on th
 class Queued(Protocol):
     prompt: list[int]
     prefilled: int  # prompt tokens already in its cache (chunked prefill)
+    cached: int  # prompt tokens the prefix cache holds (looked up when the queue reaches it): not to prefill
     submitted: float  # time.monotonic() when it was queued
 
 
@@ -82,10 +83,18 @@ class Scheduler(Generic[S]):
     def slots_taken(self, new: list[S]) -> int:
         return len(self.running) + len(new) + (self.chunking is not None)
 
-    def admit(self, budget: int | None, max_rows: int, batchable: bool, take: Callable[[S], bool]) -> Admission[S]:
+    def admit(
+        self,
+        budget: int | None,
+        max_rows: int,
+        batchable: bool,
+        take: Callable[[S], bool],
+        look: Callable[[S], None] | None = None,
+    ) -> Admission[S]:
         """Take waiting requests into the batch while `budget` prompt tokens (None: no limit) and `max_rows` rows
         allow; `batchable` False: one request at a time. `take(seq)` counts a request as running and says False if
-        it ended meanwhile (it leaves the queue all the same)."""
+        it ended meanwhile (it leaves the queue all the same). `look(seq)` updates `seq.cached` before its prompt is
+        weighed: only the tokens the prefix cache does not hold count against the budget."""
         picked: Admission[S] = Admission()
         taken: set[int] = set()
         used = 0
@@ -97,7 +106,10 @@ class Scheduler(Generic[S]):
             room = None if budget is None else budget - used  # prompt tokens this step may still prefill
             if room is not None and room <= 0:
                 break  # the rest of the queue waits for the next step's budget
-            long = room is not None and len(seq.prompt) > room
+            if look is not None:
+                look(seq)
+            need = len(seq.prompt) - seq.cached
+            long = room is not None and need > room
             if long and (picked.whole or self.chunking is not None):
                 continue  # it starts in a step with room for it; shorter prompts behind it need not wait
             taken.add(id(seq))
@@ -108,7 +120,7 @@ class Scheduler(Generic[S]):
                 self.chunking = seq
                 break
             picked.whole.append(seq)
-            used += len(seq.prompt)
+            used += need
         if taken:
             self.waiting = deque(seq for seq in self.waiting if id(seq) not in taken)
         return picked

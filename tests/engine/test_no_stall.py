@@ -267,7 +267,8 @@ async def test_slow_prefill_takes_smaller_chunks(make_client: MakeClient, long_l
     recorder = Recorder(long_lm.model, per_token=0.001)  # a millisecond a token, as on a slow CPU
     # attention as cheap as the rest (the recorder's cost does not grow deeper in): chunks keep their size
     slow = dataclasses.replace(long_lm, model=recorder, lean_decode=False, attention_break_even=1 << 20)
-    client = await make_client(slow, prefill_chunk=256, prefill_seconds=0.12)
+    # no prefix cache: the same prompt again is prefilled again, in the chunks this test is about
+    client = await make_client(slow, prefill_chunk=256, prefill_seconds=0.12, prefix_cache_mb=0)
     alone = await client.post("/chat", json={"query": LONG_PROMPT, "max_tokens": 2})
     assert alone.status == 200
     whole = [n for _, n in recorder.calls if n > 1]

@@ -12,6 +12,7 @@ from generation.scheduler import MIN_CHUNK, PrefillClock, Scheduler, chunk_size
 class Seq:
     prompt: list[int]
     prefilled: int = 0
+    cached: int = 0
     submitted: float = 0.0
     name: str = field(default="")
 
@@ -33,6 +34,20 @@ def test_short_prompts_are_admitted_together_within_the_budget() -> None:
     assert names(picked.whole) == ["s0", "s1", "s3"]
     assert picked.chunked is None
     assert names(list(sched.waiting)) == ["s2"]
+
+
+def test_only_the_tokens_the_prefix_cache_lacks_count_against_the_budget() -> None:
+    sched = queue(100, 2000, 300)
+    hits = {"s1": 1980}  # a long conversation whose history is cached: 20 tokens left to prefill
+
+    def look(seq: Seq) -> None:
+        seq.cached = hits.get(seq.name, 0)
+
+    picked = sched.admit(budget=512, max_rows=8, batchable=True, take=lambda s: True, look=look)
+    assert names(picked.whole) == ["s0", "s1", "s2"] and picked.chunked is None
+    # without the cache the long one starts its own chunks in a later step
+    sched = queue(100, 2000, 300)
+    assert names(sched.admit(budget=512, max_rows=8, batchable=True, take=lambda s: True).whole) == ["s0", "s2"]
 
 
 def test_a_long_prompt_starts_its_chunks_only_in_a_step_that_admits_nothing_else() -> None:

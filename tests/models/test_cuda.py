@@ -10,7 +10,7 @@ import torch
 
 from generation.prepare import load_model
 from models.loader import ModelConfig
-from tests.conftest import LiveServer, start_server, stop_server
+from tests.conftest import LiveServer, MakeClient, build_tiny_model, start_server, stop_server
 from tests.glm import GOLDEN, golden, write_bin_checkpoint
 
 pytestmark = pytest.mark.skipif(
@@ -58,7 +58,24 @@ def test_clear_on_the_gpu_keeps_answers_coming(gpu_server: LiveServer) -> None:
     health = gpu_server.get("/health")
     assert health["device"] == "cuda:0" and health["weight_bytes"] > 0
     first = gpu_server.post("/chat", {"query": "你好", "temperature": 0, "max_tokens": 8})
-    assert gpu_server.get("/clear") == {"success": True}
+    assert gpu_server.get("/clear") == {"success": True, "prefix_cache_freed_bytes": 0}  # ChatGLM-6B: no prefix cache
     assert (
         gpu_server.post("/chat", {"query": "你好", "temperature": 0, "max_tokens": 8})["response"] == first["response"]
     )
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+async def test_the_prefix_cache_on_the_gpu(dtype: str, make_client: MakeClient, tmp_path: Path) -> None:
+    """Its blocks live on the GPU beside the cache they came from; in float32 answers are the same as without it."""
+    from tests.engine.test_prefix_cache import cached, converse
+
+    lm = load_model(ModelConfig(path=build_tiny_model(tmp_path), device="0", dtype=dtype))
+    without = await converse(await make_client(lm, prefix_cache_mb=0), "Hello there!")
+    client = await make_client(lm, prefix_cache_mb=64)
+    rounds = await converse(client, "Hello there!")
+    assert all(cached(usage) > 0 for _, usage, _ in rounds[1:])
+    if dtype == "float32":
+        assert [a for a, _, _ in rounds] == [a for a, _, _ in without]
+    else:  # half precision: a chunk's sums differ in the last bits from a whole prompt's; the first round has no hit
+        assert rounds[0][0] == without[0][0] and all(a for a, _, _ in rounds)
+    assert (await (await client.get("/health")).json())["prefix_cache"]["bytes"] > 0

@@ -1,0 +1,216 @@
+"""The prefix cache: keys and values of tokens computed for earlier requests, kept for later ones whose prompt starts
+with the same tokens, so that only the rest of a prompt is prefilled (a conversation resends its whole history every
+round; a system prompt is shared by every conversation).
+
+Kept in blocks of `BLOCK` tokens. A block is named by its parent block and its own token ids, so a chain of blocks
+from the prompt's start names a prefix: the same ids at the same positions, nothing else (the name holds the ids
+themselves, not a hash of them, so two prefixes never share a block by collision). One prefix cache belongs to one
+engine, hence to one model and dtype. Chains rather than a radix tree over tokens: the batch's cache is one contiguous
+buffer per layer (generation/kv_cache.py), not pages, so a hit is copied out of the store anyway; a dict of blocks
+finds a prompt's longest cached prefix with one lookup per block and forgets the least recently used block without a
+tree to rebalance, and a tree's token granularity would save at most `BLOCK - 1` tokens of prefill.
+
+Blocks are copied in when a request leaves the batch (its prompt and its answer: a conversation's next round starts
+with both) and when a prompt cancelled mid-prefill is dropped (its finished chunks); they are copied out into a new
+request's own cache. A running request never holds a block, so evicting one can never hurt a request; the store stays
+within its byte budget by forgetting the least recently used blocks, a block's descendants before it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from itertools import count
+from typing import Any
+
+import torch
+from transformers.cache_utils import DynamicCache
+
+from generation.kv_cache import new_cache
+from generation.prepare import kv_bytes_per_token
+from models.devices import free_memory
+from models.loader import LoadedModel
+
+log = logging.getLogger(__name__)
+
+BLOCK = 32  # tokens per block: a hit is a whole number of blocks
+
+Key = tuple[int, tuple[int, ...]]  # (parent block's id, 0 for a prompt's first block; the block's token ids)
+KeysValues = torch.Tensor  # [2, L, H, T, D]: keys then values of T tokens in every layer
+
+
+@dataclass(eq=False)
+class Block:
+    """The keys and values of one block of tokens, after its parent's."""
+
+    id: int
+    key: Key
+    kv: KeysValues  # [2, L, H, BLOCK, D]
+    children: int = 0  # blocks cached after this one (it is forgotten only after them)
+
+    @property
+    def nbytes(self) -> int:
+        return self.kv.numel() * self.kv.element_size()
+
+
+class PrefixCache:
+    """Blocks of computed keys and values by token prefix, least recently used first, within `budget` bytes.
+    Used by the engine's worker thread only (the counters may be read from anywhere)."""
+
+    def __init__(self, budget: int, block: int = BLOCK) -> None:
+        self.budget = budget
+        self.block = block
+        self._blocks: OrderedDict[Key, Block] = OrderedDict()  # least recently used first
+        self._by_id: dict[int, Block] = {}
+        self._ids = count(1)
+        self.bytes = 0
+        self.hit_tokens = 0  # prompt tokens served from the cache
+        self.query_tokens = 0  # prompt tokens of the requests that looked
+
+    def __len__(self) -> int:
+        return len(self._blocks)
+
+    def match(self, tokens: Sequence[int], limit: int) -> list[Block]:
+        """The blocks of the longest cached prefix of `tokens` no longer than `limit` tokens (read only)."""
+        found: list[Block] = []
+        parent = 0
+        for start in range(0, limit - self.block + 1, self.block):
+            block = self._blocks.get((parent, tuple(tokens[start : start + self.block])))
+            if block is None:
+                break
+            found.append(block)
+            parent = block.id
+        return found
+
+    def take(self, tokens: Sequence[int], limit: int) -> KeysValues | None:
+        """Keys and values [2, L, H, n, D] of the longest cached prefix of `tokens` (n ≤ `limit`, a whole number of
+        blocks), a copy the caller owns; None on a miss. Counts the lookup and marks the blocks used."""
+        blocks = self.match(tokens, limit)
+        self.query_tokens += len(tokens)
+        self.hit_tokens += len(blocks) * self.block
+        if not blocks:
+            return None
+        self._touch(blocks)
+        return torch.cat([b.kv for b in blocks], dim=3)
+
+    def put(self, tokens: Sequence[int], kv_of: Callable[[int, int], KeysValues]) -> int:
+        """Keep the whole blocks of `tokens`, whose keys and values from token `start` to `end` `kv_of(start, end)`
+        gives [2, L, H, end - start, D]: the blocks not held yet are copied in, as far as the budget allows after
+        forgetting others. Returns the tokens added."""
+        end = len(tokens) // self.block * self.block
+        chain = self.match(tokens, end)
+        self._touch(chain)  # the prefix the new blocks hang on is the last thing to forget
+        start = len(chain) * self.block
+        if start == end:
+            return 0
+        kv = kv_of(start, end)
+        keep = {b.id for b in chain}
+        parent = chain[-1] if chain else None
+        added = 0
+        for offset in range(0, end - start, self.block):
+            piece = kv[:, :, :, offset : offset + self.block].clone()
+            if not self._make_room(piece.numel() * piece.element_size(), keep):
+                break
+            at = start + offset
+            block = Block(next(self._ids), (parent.id if parent else 0, tuple(tokens[at : at + self.block])), piece)
+            self._blocks[block.key] = block
+            self._by_id[block.id] = block
+            self.bytes += block.nbytes
+            if parent is not None:
+                parent.children += 1
+            keep.add(block.id)
+            chain.append(block)
+            parent = block
+            added += self.block
+        self._touch(chain)
+        return added
+
+    def clear(self) -> int:
+        """Forget every block; returns the bytes freed."""
+        freed = self.bytes
+        self._blocks.clear()
+        self._by_id.clear()
+        self.bytes = 0
+        return freed
+
+    def describe(self) -> dict[str, int]:
+        return {
+            "budget_bytes": self.budget,
+            "bytes": self.bytes,
+            "blocks": len(self._blocks),
+            "block_tokens": self.block,
+            "hit_tokens": self.hit_tokens,
+            "query_tokens": self.query_tokens,
+        }
+
+    def _touch(self, chain: list[Block]) -> None:
+        # the chain's first block ends up the most recent: a block is always forgotten before its parent
+        for block in reversed(chain):
+            self._blocks.move_to_end(block.key)
+
+    def _make_room(self, nbytes: int, keep: set[int]) -> bool:
+        """Forget least recently used leaf blocks (not in `keep`) until `nbytes` more fit; False if they cannot."""
+        if nbytes > self.budget:
+            return False
+        while self.bytes + nbytes > self.budget:
+            victim = next((b for b in self._blocks.values() if not b.children and b.id not in keep), None)
+            if victim is None:
+                return False
+            del self._blocks[victim.key]
+            del self._by_id[victim.id]
+            self.bytes -= victim.nbytes
+            if (parent := self._by_id.get(victim.key[0])) is not None:
+                parent.children -= 1
+        return True
+
+
+def row_kv(cache: Any, row: int, first: int) -> Callable[[int, int], KeysValues]:
+    """`kv_of` for `PrefixCache.put` over one row of a cache [B, H, T, D] per layer whose token 0 is column `first`
+    (rows are left-padded)."""
+
+    def kv_of(start: int, end: int) -> KeysValues:
+        layers = cache.layers
+        k0 = layers[0].keys
+        out: torch.Tensor = k0.new_empty((2, len(layers), k0.shape[1], end - start, k0.shape[3]))
+        for i, layer in enumerate(layers):
+            out[0, i] = layer.keys[row, :, first + start : first + end]
+            out[1, i] = layer.values[row, :, first + start : first + end]
+        return out
+
+    return kv_of
+
+
+def restored(model: Any, fp32: bool, kv: KeysValues, reserve: int) -> Any:
+    """A one-row cache holding the keys and values `kv` [2, L, H, n, D] of a prompt's first n tokens, with room for
+    `reserve` tokens (the whole prompt), ready for the rest of the prompt to extend it."""
+    cache = new_cache(model, fp32, reserve) or DynamicCache(config=model.config)
+    for i in range(kv.shape[1]):
+        cache.update(kv[0, i].unsqueeze(0), kv[1, i].unsqueeze(0), i)
+    return cache
+
+
+def prefix_cache_for(lm: LoadedModel, mb: float | None, max_batch_size: int) -> PrefixCache | None:
+    """The prefix cache a loaded model gets: `mb` megabytes (None: `default_budget`; 0: none), and only where a
+    prompt can be prefilled after a cache (ChatGLM-6B's prompt attends to itself both ways, so a new round changes
+    the old tokens' keys and values)."""
+    if not lm.chunked_prefill or mb == 0:
+        log.info("prefix cache: off (%s)", "turned off" if lm.chunked_prefill else "this model cannot extend a cache")
+        return None
+    if mb is not None:
+        budget = int(mb * 2**20)
+    else:
+        per_token = kv_bytes_per_token(
+            lm.model.config, torch.float32 if lm.fp32_attention else getattr(torch, lm.dtype)
+        )
+        batch_cache = per_token * lm.context_length * max_batch_size
+        budget = default_budget(free_memory(list(lm.devices) or [lm.device]), batch_cache)
+    log.info("prefix cache: up to %.0f MB (--prefix-cache-mb)", budget / 2**20)
+    return PrefixCache(budget) if budget > 0 else None
+
+
+def default_budget(free: int, batch_cache: int) -> int:
+    """Bytes the prefix cache may take by default: a quarter of the memory left after the weights (already out of
+    `free`) and the running batch's cache at full context (`batch_cache`)."""
+    return max(0, free - batch_cache) // 4

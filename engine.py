@@ -86,7 +86,7 @@ class _Sequence:
     cache: Any = None  # the KV cache of a prompt prefilled in chunks (or after a prefix cache hit), while it is
     prefilled: int = 0  # prompt tokens in that cache
     cached: int = 0  # prompt tokens the prefix cache held when the queue last reached it
-    hit: int = 0  # prompt tokens taken from the prefix cache, not prefilled
+    hit: int | None = None  # prompt tokens taken from the prefix cache, not prefilled; None: no prefix cache looked
     matcher: Matcher | None = None  # its place in its constraint's grammar, when it has one
     pending: list[TokenLogprob] = field(default_factory=list)  # logprobs of tokens whose text is not out yet
 
@@ -223,7 +223,10 @@ class Engine:
             # the calibration's estimate until prefills are measured
             estimate = self.model.prefill_us_per_token / 1e6 or None
             self._clock = PrefillClock(self.model.attention_break_even, estimate)
-            self.prefix = prefix_cache_for(self.model, self.config.prefix_cache_mb, self.max_batch_size)
+            try:  # an optimization: a model it cannot size is served without one
+                self.prefix = prefix_cache_for(self.model, self.config.prefix_cache_mb, self.max_batch_size)
+            except Exception:
+                log.exception("prefix cache: off (it could not be set up for this model)")
             with torch.inference_mode():
                 while not self._stopping.is_set():
                     try:
@@ -236,6 +239,7 @@ class Engine:
             log.exception("engine worker crashed")
         finally:
             self._stopping.set()
+            self._answer_clears()
             with self._lock:
                 handles = list(self._open.values())
             for handle in handles:
@@ -308,7 +312,7 @@ class Engine:
             self._flush()
             if seq.cache is not None:  # its finished chunks stay for a prompt that starts the same way
                 self._remember(seq.prompt[: seq.prefilled], seq.cache, 0, seq.prefilled)
-            sched.chunking = None  # its partial cache goes with it
+            sched.chunking = None
         keep = [i for i, seq in enumerate(sched.running) if not seq.handle.cancelled]
         for seq in sched.running:
             if seq.handle.cancelled:
@@ -324,13 +328,7 @@ class Engine:
         self._flush()
 
     def _keep(self, rows: list[int]) -> None:
-        if self.prefix is not None and len(rows) < len(self._sched.running):
-            self._flush()  # the leavers' last events go out before their keys and values are copied
-            kept = set(rows)
-            for i, seq in enumerate(self._sched.running):
-                if i not in kept:  # what it fed the model: its prompt, then its answer but the last token
-                    fed = self._batch.positions[i]
-                    self._remember((seq.prompt + seq.tokens)[:fed], self._batch.cache, i, fed)
+        self._remember_leavers(rows)
         self._batch.keep(rows)  # frees the KV cache of the rows that left
         self._sched.keep(rows)
 
@@ -339,39 +337,79 @@ class Engine:
     def clear_prefix_cache(self) -> concurrent.futures.Future[int]:
         """Forget the prefix cache (on the worker, between two steps); the future gets the bytes freed."""
         done: concurrent.futures.Future[int] = concurrent.futures.Future()
-        if not self.running:
+        if not self.running or self.prefix is None:
             done.set_result(0)
         else:
             self._inbox.put(_ClearPrefixCache(done))
         return done
 
+    def _answer_clears(self) -> None:
+        """The worker is stopping: clears still queued get their answer now (nothing was freed)."""
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(item, _ClearPrefixCache) and item.done.set_running_or_notify_cancel():
+                item.done.set_result(0)
+
+    def _prefix_failed(self, what: str) -> None:
+        """The prefix cache broke (a model whose cache it cannot read, memory): off for the rest of the run, as it is
+        an optimization; the requests go on without it."""
+        log.exception("prefix cache: off from now on: %s failed", what)
+        self.prefix = None
+
+    def _remember_leavers(self, rows: list[int]) -> None:
+        """Keep the keys and values of the running requests not in `rows`, which leave the batch: what each fed the
+        model, its prompt and then its answer but the last token."""
+        if self.prefix is None or len(rows) == len(self._sched.running):
+            return
+        self._flush()  # the leavers' last events go out before their keys and values are copied
+        kept = set(rows)
+        for i, seq in enumerate(self._sched.running):
+            if i not in kept:
+                fed = self._batch.positions[i]
+                self._remember((seq.prompt + seq.tokens)[:fed], self._batch.cache, i, fed)
+
     def _remember(self, tokens: list[int], cache: Any, row: int, fed: int) -> None:
         """Keep the keys and values of the `fed` tokens a row of `cache` holds (its last `fed` columns)."""
-        assert self.prefix is not None
-        try:
-            first = cache.layers[0].keys.shape[2] - fed
-            self.prefix.put(tokens, row_kv(cache, row, first))
-        except Exception:  # the cache is an optimization: a failure here never touches a request
-            log.exception("could not keep a prompt's keys and values in the prefix cache")
-
-    def _look(self, seq: _Sequence) -> None:
-        """How much of a waiting prompt the prefix cache holds (at least its last token is prefilled: it gives the
-        logits of the first answer token)."""
-        if self.prefix is not None:
-            seq.cached = len(self.prefix.match(seq.prompt, len(seq.prompt) - 1)) * self.prefix.block
-
-    def _restore(self, seq: _Sequence) -> None:
-        """Start an admitted prompt's cache from the longest prefix the prefix cache holds, if any."""
         if self.prefix is None:
             return
         try:
-            kv = self.prefix.take(seq.prompt, len(seq.prompt) - 1)
-            if kv is not None:
-                seq.cache = restored(self.model.model, self.model.fp32_attention, kv, len(seq.prompt))
-                seq.prefilled = seq.hit = kv.shape[3]
+            first = cache.layers[0].keys.shape[2] - fed
+            self.prefix.put(tokens, row_kv(cache, row, first))
+        except Exception:  # never touches a request
+            self._prefix_failed("keeping a request's keys and values")
+
+    def _set_cached(self, seq: _Sequence) -> None:
+        """Set how much of a waiting prompt the prefix cache holds (at least its last token is prefilled: it gives
+        the logits of the first answer token)."""
+        if self.prefix is not None:
+            seq.cached = len(self.prefix.match(seq.prompt, len(seq.prompt) - 1)) * self.prefix.block
+
+    def _restore(self, seq: _Sequence) -> bool:
+        """Start an admitted prompt's cache from the longest prefix the prefix cache holds, if any. False if that
+        failed where the scheduler counted on a hit (the cache is off now; the prompt must be weighed again)."""
+        if self.prefix is None:
+            return not seq.cached
+        try:
+            blocks = self.prefix.take(seq.prompt, len(seq.prompt) - 1)
+            seq.hit = len(blocks) * self.prefix.block
+            if blocks:
+                seq.cache = restored(self.model.model, self.model.fp32_attention, blocks, len(seq.prompt))
+                seq.prefilled = seq.hit
+            self.prefix.counted(len(seq.prompt), seq.hit)
+            return True
         except Exception:
-            log.exception("could not restore request %s from the prefix cache; prefilling it all", seq.handle.id)
-            seq.cache, seq.prefilled, seq.hit = None, 0, 0
+            self._prefix_failed(f"restoring request {seq.handle.id}")
+            seq.cache, seq.prefilled, seq.hit, seq.cached = None, 0, None, 0
+            return False
+
+    def _requeue(self, seq: _Sequence) -> None:
+        """Put an admitted request back at the head of the queue (it was not prefilled)."""
+        with self._lock:  # a stop may have ended it meanwhile (`_end_everything`)
+            self._live.pop(seq.handle.id, None)
+        self._sched.waiting.appendleft(seq)
 
     # -- prefill
 
@@ -405,19 +443,26 @@ class Engine:
         budget = self._budget()
         if sched.chunking is not None and budget is not None:
             budget -= self._prefill_chunk(budget)
-        look = self._look if self.prefix is not None else None
-        picked = sched.admit(budget, self.max_batch_size, self._batchable, self._admitted, look)
-        if picked.chunked is not None:
-            self._restore(picked.chunked)
-            self._prefill_chunk(picked.room)
+        look = self._set_cached if self.prefix is not None else None
+        picked = sched.admit(
+            budget, self.max_batch_size, self._batchable, self._admitted, look, self.model.attention_break_even
+        )
         if picked.whole:
             log.debug("admitting %d; %d run, %d wait", len(picked.whole), len(sched.running), len(sched.waiting))
+        # every hit is restored before any forward pass: what the scheduler weighed is what gets prefilled
+        whole = []
         for seq in picked.whole:
-            self._restore(seq)
-        fresh = [seq for seq in picked.whole if not seq.hit]
-        for seq in picked.whole:
+            if self._restore(seq):
+                whole.append(seq)
+            else:
+                self._requeue(seq)
+        if picked.chunked is not None:
+            self._restore(picked.chunked)  # a failure here costs nothing: the chunks are weighed as they go
+            self._prefill_chunk(picked.room)
+        for seq in whole:
             if seq.hit:  # the rest of its prompt after the cached part, alone: each hit is of its own length
                 self._extend(seq, len(seq.prompt) - seq.prefilled)
+        fresh = [seq for seq in whole if not seq.hit]
         for group in prefill_groups([seq.prompt for seq in fresh]):
             self._prefill([fresh[i] for i in group])
 
@@ -478,9 +523,7 @@ class Engine:
         if not self._batchable and len(seqs) > 1:
             # this model's cache cannot be batched after all: the first goes alone, the rest wait their turn
             for seq in reversed(seqs[1:]):
-                with self._lock:  # a stop may have ended it meanwhile (`_end_everything`)
-                    self._live.pop(seq.handle.id, None)
-                self._sched.waiting.appendleft(seq)
+                self._requeue(seq)
             self._prefill(seqs[:1])
             return
         self._join(seqs, logits, cache, mask)
@@ -492,8 +535,10 @@ class Engine:
         keep = self._sample_rows(seqs, logits)
         if self.prefix is not None and len(keep) < len(seqs):  # answered by their first token: keep their prompts
             self._flush()
-            for i in set(range(len(seqs))) - set(keep):
-                self._remember(seqs[i].prompt, cache, i, len(seqs[i].prompt))
+            kept = set(keep)
+            for i, seq in enumerate(seqs):
+                if i not in kept:
+                    self._remember(seq.prompt, cache, i, len(seq.prompt))
         if keep:
             self._batch.add(select_rows(cache, keep), mask[keep], self.max_batch_size)
             self._sched.running.extend(seqs[i] for i in keep)

@@ -254,6 +254,7 @@ def local_flags(args: argparse.Namespace) -> list[str]:
         "--save-native": args.save_native is not None,
         "--tool-call-parser": args.tool_call_parser is not None,
         "--threads": args.threads is not None,
+        "--prefix-cache-mb": args.prefix_cache_mb is not None,
     }
     return [flag for flag, set_ in given.items() if set_]
 
@@ -273,6 +274,8 @@ def main(argv: list[str] | None = None) -> int:
             raise StartupError(f"--prefill-seconds {args.prefill_seconds:g}: expected more than 0")
         if args.read_timeout <= 0:
             raise StartupError(f"--read-timeout {args.read_timeout:g}: expected more than 0")
+        if args.prefix_cache_mb is not None and args.prefix_cache_mb < 0:
+            raise StartupError(f"--prefix-cache-mb {args.prefix_cache_mb:g}: expected 0 (off) or more")
         if args.upstream and (flags := local_flags(args)):
             raise StartupError(f"--upstream serves from another engine: {', '.join(flags)} belong to a local model")
         if args.upstream and (problem := url_problem(args.upstream)) is not None:

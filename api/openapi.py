@@ -112,8 +112,8 @@ def build_spec(model_names: tuple[str, ...]) -> dict[str, Any]:
             "/chat": {"post": op("ChatGLM chat", {**answer, **chatglm_errors}, "ChatRequest")},
             "/stream": {"post": op("ChatGLM stream", {**stream, **chatglm_errors}, "ChatRequest")},
             "/clear": {
-                "get": op("Release cached accelerator memory", {**done, **errors(401)}),
-                "post": op("Release cached accelerator memory", {**done, **errors(401)}),
+                "get": op("Empty the prefix cache, release cached accelerator memory", {**done, **errors(401)}),
+                "post": op("Empty the prefix cache, release cached accelerator memory", {**done, **errors(401)}),
             },
             "/v1/models": {"get": op("Served models", {"200": {"description": "list"}, **errors(401)})},
             "/v1/chat/completions": {

@@ -16,8 +16,8 @@ STATIC = Path(__file__).resolve().parent.parent / "static"
 
 
 async def clear(request: web.Request) -> web.Response:
-    """GET|POST /clear: release cached accelerator memory on every device the model uses; requests in flight keep
-    theirs."""
+    """GET|POST /clear: empty the prefix cache and release cached accelerator memory on every device the model uses;
+    requests in flight keep theirs."""
     return web.json_response({"success": True, **await request.app[BACKEND].clear()})
 
 

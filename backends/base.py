@@ -170,7 +170,7 @@ class Backend(Protocol):
         """/health's status ("ok", "loading", "failed", "unavailable") and what it reports besides."""
 
     async def clear(self) -> dict[str, Any]:
-        """/clear: release cached accelerator memory; extra fields for the answer."""
+        """/clear: empty the prefix cache, release cached accelerator memory; extra fields for the answer."""
 
     async def open(self, job: ChatJob) -> list[Stream]:
         """Start a job's choices. Raises InvalidField or BackendError."""

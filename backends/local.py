@@ -23,6 +23,8 @@ from models.loader import LoadedModel
 
 log = logging.getLogger(__name__)
 
+CLEAR_WAIT_S = 30.0  # /clear waits this long for the worker to finish its step (a long prefill chunk takes seconds)
+
 
 def plan(lm: LoadedModel, job: ChatJob) -> tuple[list[int], SamplingParams]:
     """Prompt ids and sampling settings of a job. Runs off the event loop: its cost grows with the conversation.
@@ -250,7 +252,7 @@ class LocalBackend:
     async def clear(self) -> dict[str, Any]:
         devices = list(self.engine.model.devices)
         try:  # the worker forgets the prefix cache between two steps; a long step is waited for, a stuck one not
-            freed = await asyncio.wait_for(asyncio.wrap_future(self.engine.clear_prefix_cache()), 30)
+            freed = await asyncio.wait_for(asyncio.wrap_future(self.engine.clear_prefix_cache()), CLEAR_WAIT_S)
         except TimeoutError:
             freed = None
         clear_caches(devices)

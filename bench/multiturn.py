@@ -172,6 +172,7 @@ def main() -> None:
     p.add_argument("--at-once", type=int, nargs="+", default=[1, 8])
     p.add_argument("--against-llama-server", type=Path, help="also measure this llama-server binary on the same GGUF")
     p.add_argument("--distinct", action="store_true", help="also: 16 distinct streams, cache on and off")
+    p.add_argument("--ours-only", action="store_true", help="only our server with its defaults (no cache-off run)")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = p.parse_args()
     report: dict[str, Any] = {"command": " ".join(sys.argv), "cpu": cpu_report()}
@@ -193,10 +194,9 @@ def main() -> None:
         report["url"] = asyncio.run(body(args.url, args.model or served_model(args.url)))
     else:
         ours = ["--model", str(args.model_path)] if args.model_path else []
-        servers: dict[str, tuple[list[str], list[str] | None]] = {
-            "ours": (ours, None),
-            "ours_no_prefix_cache": ([*ours, "--prefix-cache-mb", "0"], None),
-        }
+        servers: dict[str, tuple[list[str], list[str] | None]] = {"ours": (ours, None)}
+        if not args.ours_only:
+            servers["ours_no_prefix_cache"] = ([*ours, "--prefix-cache-mb", "0"], None)
         if args.against_llama_server:
             from models.loader import bundled_model_path
 

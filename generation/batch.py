@@ -164,6 +164,7 @@ def prefill_chunk(lm: LoadedModel, ids: list[int], cache: Any, more: int = 0) ->
     held: dict[Any, torch.Tensor] | None = getattr(cache, HELD, None) or lm.prefill_copy
     if cache is None:
         cache = new_cache(lm.model, lm.fp32_attention, reserve=len(ids) + more)
+    if not hasattr(cache, HELD):  # the prompt's first piece (after nothing, or after a prefix cache hit)
         need = dense_bytes(lm.model) if more and lm.prefill_copy is None else 0
         held = {} if need and need <= free_memory(list(lm.devices) or [lm.device]) // 4 else lm.prefill_copy
     with dense_held(held):

@@ -36,9 +36,10 @@ from models.loader import LoadedModel
 log = logging.getLogger(__name__)
 
 BLOCK = 32  # tokens per block: a hit is a whole number of blocks
+GROUP = 16  # blocks copied out of a row at a time: the copy's transient memory stays small whatever the row's length
 
 Key = tuple[int, tuple[int, ...]]  # (parent block's id, 0 for a prompt's first block; the block's token ids)
-KeysValues = torch.Tensor  # [2, L, H, T, D]: keys then values of T tokens in every layer
+KeysValues = tuple[torch.Tensor, torch.Tensor]  # keys [L, H, T, Dk] and values [L, H, T, Dv] of T tokens, all layers
 
 
 @dataclass(eq=False)
@@ -47,12 +48,13 @@ class Block:
 
     id: int
     key: Key
-    kv: KeysValues  # [2, L, H, BLOCK, D]
+    keys: torch.Tensor  # [L, H, BLOCK, Dk]
+    values: torch.Tensor  # [L, H, BLOCK, Dv]
     children: int = 0  # blocks cached after this one (it is forgotten only after them)
 
     @property
     def nbytes(self) -> int:
-        return self.kv.numel() * self.kv.element_size()
+        return sum(t.numel() * t.element_size() for t in (self.keys, self.values))
 
 
 class PrefixCache:
@@ -84,46 +86,43 @@ class PrefixCache:
             parent = block.id
         return found
 
-    def take(self, tokens: Sequence[int], limit: int) -> KeysValues | None:
-        """Keys and values [2, L, H, n, D] of the longest cached prefix of `tokens` (n ≤ `limit`, a whole number of
-        blocks), a copy the caller owns; None on a miss. Counts the lookup and marks the blocks used."""
+    def take(self, tokens: Sequence[int], limit: int) -> list[Block]:
+        """The blocks of the longest cached prefix of `tokens` no longer than `limit` tokens, marked used. Their
+        tensors are the store's: copy them (`restored`), never write into them."""
         blocks = self.match(tokens, limit)
-        self.query_tokens += len(tokens)
-        self.hit_tokens += len(blocks) * self.block
-        if not blocks:
-            return None
         self._touch(blocks)
-        return torch.cat([b.kv for b in blocks], dim=3)
+        return blocks
+
+    def counted(self, prompt: int, hit: int) -> None:
+        """A prompt of `prompt` tokens looked, and `hit` of them were served."""
+        self.query_tokens += prompt
+        self.hit_tokens += hit
 
     def put(self, tokens: Sequence[int], kv_of: Callable[[int, int], KeysValues]) -> int:
         """Keep the whole blocks of `tokens`, whose keys and values from token `start` to `end` `kv_of(start, end)`
-        gives [2, L, H, end - start, D]: the blocks not held yet are copied in, as far as the budget allows after
-        forgetting others. Returns the tokens added."""
+        gives: the blocks not held yet are copied in, as far as the budget allows after forgetting others. Returns
+        the tokens added."""
         end = len(tokens) // self.block * self.block
         chain = self.match(tokens, end)
         self._touch(chain)  # the prefix the new blocks hang on is the last thing to forget
-        start = len(chain) * self.block
-        if start == end:
-            return 0
-        kv = kv_of(start, end)
         keep = {b.id for b in chain}
-        parent = chain[-1] if chain else None
         added = 0
-        for offset in range(0, end - start, self.block):
-            piece = kv[:, :, :, offset : offset + self.block].clone()
-            if not self._make_room(piece.numel() * piece.element_size(), keep):
-                break
-            at = start + offset
-            block = Block(next(self._ids), (parent.id if parent else 0, tuple(tokens[at : at + self.block])), piece)
-            self._blocks[block.key] = block
-            self._by_id[block.id] = block
-            self.bytes += block.nbytes
-            if parent is not None:
-                parent.children += 1
-            keep.add(block.id)
-            chain.append(block)
-            parent = block
-            added += self.block
+        for group in range(len(chain) * self.block, end, GROUP * self.block):
+            keys, values = kv_of(group, min(end, group + GROUP * self.block))
+            for offset in range(0, keys.shape[2], self.block):
+                at = group + offset
+                # a copy of its own, so the group's copy is freed once its blocks are taken
+                k = keys[:, :, offset : offset + self.block].clone()
+                v = values[:, :, offset : offset + self.block].clone()
+                if not self._make_room(k.numel() * k.element_size() + v.numel() * v.element_size(), keep):
+                    self._touch(chain)
+                    return added
+                key = (chain[-1].id if chain else 0, tuple(tokens[at : at + self.block]))
+                block = Block(next(self._ids), key, k, v)
+                self._add(block, chain[-1] if chain else None)
+                chain.append(block)
+                keep.add(block.id)
+                added += self.block
         self._touch(chain)
         return added
 
@@ -145,13 +144,21 @@ class PrefixCache:
             "query_tokens": self.query_tokens,
         }
 
+    def _add(self, block: Block, parent: Block | None) -> None:
+        self._blocks[block.key] = block
+        self._by_id[block.id] = block
+        self.bytes += block.nbytes
+        if parent is not None:
+            parent.children += 1
+
     def _touch(self, chain: list[Block]) -> None:
         # the chain's first block ends up the most recent: a block is always forgotten before its parent
         for block in reversed(chain):
             self._blocks.move_to_end(block.key)
 
     def _make_room(self, nbytes: int, keep: set[int]) -> bool:
-        """Forget least recently used leaf blocks (not in `keep`) until `nbytes` more fit; False if they cannot."""
+        """Forget least recently used leaf blocks (not in `keep`) until `nbytes` more fit; False if they cannot. The
+        least recently used block is nearly always a leaf (`_touch`): the scan past parents is short."""
         if nbytes > self.budget:
             return False
         while self.bytes + nbytes > self.budget:
@@ -172,42 +179,54 @@ def row_kv(cache: Any, row: int, first: int) -> Callable[[int, int], KeysValues]
 
     def kv_of(start: int, end: int) -> KeysValues:
         layers = cache.layers
-        k0 = layers[0].keys
-        out: torch.Tensor = k0.new_empty((2, len(layers), k0.shape[1], end - start, k0.shape[3]))
-        for i, layer in enumerate(layers):
-            out[0, i] = layer.keys[row, :, first + start : first + end]
-            out[1, i] = layer.values[row, :, first + start : first + end]
-        return out
+        out = []
+        for name in ("keys", "values"):
+            like: torch.Tensor = getattr(layers[0], name)
+            t = like.new_empty((len(layers), like.shape[1], end - start, like.shape[3]))
+            for i, layer in enumerate(layers):
+                t[i] = getattr(layer, name)[row, :, first + start : first + end]
+            out.append(t)
+        return out[0], out[1]
 
     return kv_of
 
 
-def restored(model: Any, fp32: bool, kv: KeysValues, reserve: int) -> Any:
-    """A one-row cache holding the keys and values `kv` [2, L, H, n, D] of a prompt's first n tokens, with room for
+def restored(model: Any, fp32: bool, blocks: list[Block], reserve: int) -> Any:
+    """A one-row cache holding the keys and values of a prompt's first tokens (`blocks`, copied), with room for
     `reserve` tokens (the whole prompt), ready for the rest of the prompt to extend it."""
     cache = new_cache(model, fp32, reserve) or DynamicCache(config=model.config)
-    for i in range(kv.shape[1]):
-        cache.update(kv[0, i].unsqueeze(0), kv[1, i].unsqueeze(0), i)
+    for i in range(blocks[0].keys.shape[0]):  # a layer at a time: the transient copy is one layer's
+        keys = torch.cat([b.keys[i] for b in blocks], dim=1).unsqueeze(0)  # [1, H, n, Dk]
+        values = torch.cat([b.values[i] for b in blocks], dim=1).unsqueeze(0)
+        cache.update(keys, values, i)
     return cache
 
 
 def prefix_cache_for(lm: LoadedModel, mb: float | None, max_batch_size: int) -> PrefixCache | None:
     """The prefix cache a loaded model gets: `mb` megabytes (None: `default_budget`; 0: none), and only where a
     prompt can be prefilled after a cache (ChatGLM-6B's prompt attends to itself both ways, so a new round changes
-    the old tokens' keys and values)."""
-    if not lm.chunked_prefill or mb == 0:
-        log.info("prefix cache: off (%s)", "turned off" if lm.chunked_prefill else "this model cannot extend a cache")
+    the old tokens' keys and values) and the model is on one device (blocks are kept beside the batch's cache)."""
+    why = None
+    if mb == 0:
+        why = "turned off"
+    elif not lm.chunked_prefill:
+        why = "this model cannot extend a cache"
+    elif len(lm.devices) > 1:
+        why = "the model is spread over several devices"
+    if why is not None:
+        log.info("prefix cache: off (%s)", why)
         return None
     if mb is not None:
         budget = int(mb * 2**20)
     else:
-        per_token = kv_bytes_per_token(
-            lm.model.config, torch.float32 if lm.fp32_attention else getattr(torch, lm.dtype)
-        )
-        batch_cache = per_token * lm.context_length * max_batch_size
-        budget = default_budget(free_memory(list(lm.devices) or [lm.device]), batch_cache)
+        dtype = torch.float32 if lm.fp32_attention else getattr(torch, lm.dtype)
+        batch_cache = kv_bytes_per_token(lm.model.config, dtype) * lm.context_length * max_batch_size
+        budget = default_budget(free_memory([lm.device]), batch_cache)
+        if budget <= 0:
+            log.info("prefix cache: off (no memory left after the batch's cache; --prefix-cache-mb sets it)")
+            return None
     log.info("prefix cache: up to %.0f MB (--prefix-cache-mb)", budget / 2**20)
-    return PrefixCache(budget) if budget > 0 else None
+    return PrefixCache(budget)
 
 
 def default_budget(free: int, batch_cache: int) -> int:

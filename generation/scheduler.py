@@ -35,6 +35,12 @@ def chunk_size(full: int, offset: int, break_even: int) -> int:
     return max(MIN_CHUNK, min(full, round(full * break_even / (break_even + offset))))
 
 
+def prefill_weight(tokens: int, offset: int, break_even: int) -> int:
+    """Tokens at a prompt's start that cost what `tokens` tokens `offset` deep cost (the inverse of `chunk_size`): the
+    rest of a prompt whose start the prefix cache holds attends to all of that start too."""
+    return -(-tokens * (break_even + offset) // break_even)
+
+
 class PrefillClock:
     """The measured cost of a prompt token on this device, and the chunk that fits a time budget."""
 
@@ -90,11 +96,14 @@ class Scheduler(Generic[S]):
         batchable: bool,
         take: Callable[[S], bool],
         look: Callable[[S], None] | None = None,
+        break_even: int = 1,
     ) -> Admission[S]:
         """Take waiting requests into the batch while `budget` prompt tokens (None: no limit) and `max_rows` rows
         allow; `batchable` False: one request at a time. `take(seq)` counts a request as running and says False if
         it ended meanwhile (it leaves the queue all the same). `look(seq)` updates `seq.cached` before its prompt is
-        weighed: only the tokens the prefix cache does not hold count against the budget."""
+        weighed: only the tokens the prefix cache does not hold are prefilled, each weighing more the deeper it sits
+        (`prefill_weight` with the model's `break_even`), so a long cached history cannot pass the budget in one
+        piece."""
         picked: Admission[S] = Admission()
         taken: set[int] = set()
         used = 0
@@ -109,6 +118,8 @@ class Scheduler(Generic[S]):
             if look is not None:
                 look(seq)
             need = len(seq.prompt) - seq.cached
+            if seq.cached:
+                need = prefill_weight(need, seq.cached, break_even)
             long = room is not None and need > room
             if long and (picked.whole or self.chunking is not None):
                 continue  # it starts in a step with room for it; shorter prompts behind it need not wait

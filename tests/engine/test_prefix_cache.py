@@ -88,7 +88,7 @@ async def test_a_conversation_reuses_its_history_and_answers_the_same(
     client = await make_client(prefix_cache_mb=64, prefill_chunk=prefill_chunk)
     rounds = await converse(client, "Hello there!")
     assert [a for a, _, _ in rounds] == [a for a, _, _ in without]
-    assert all(cached(u) == 0 for _, u, _ in without)
+    assert all("prompt_tokens_details" not in u for _, u, _ in without)  # no prefix cache: nothing said
     assert cached(rounds[0][1]) == 0  # nothing to reuse yet
     for (_, _, before), (_, usage, ids) in itertools.pairwise(rounds):
         # at least the whole blocks of the last round's prompt; it also holds the last answer
@@ -234,3 +234,42 @@ async def test_chatglm3_and_glm4_reuse_a_conversation(
     rounds = await converse(await make_client(lm, prefix_cache_mb=64), "你好，今天天气很好。")
     assert [a for a, _, _ in rounds] == [a for a, _, _ in without]
     assert cached(rounds[-1][1]) > 0
+
+
+async def test_a_request_cancelled_while_decoding_leaves_what_it_fed(
+    make_client: MakeClient, slow_lm: LoadedModel
+) -> None:
+    client = await make_client(slow_lm, prefix_cache_mb=64)
+    backend = client.app[BACKEND]
+    assert isinstance(backend, LocalBackend) and backend.engine.prefix is not None
+    prefix, engine = backend.engine.prefix, backend.engine
+    messages = [SYSTEM, {"role": "user", "content": "Tell me everything about the sea and its tides."}]
+    body = {"model": await served(client), "messages": messages, "max_tokens": 200, "ignore_eos": True, "stream": True}
+    resp = await client.post("/v1/chat/completions", json=body)
+    await resp.content.readuntil(b"\n\n")  # decoding
+    resp.close()
+    await wait_until(lambda: engine.counts == (0, 0) and len(prefix) > 0)
+    prompt = len(await prompt_ids(client, messages))
+    assert len(prefix) * BLOCK >= prompt // BLOCK * BLOCK  # at least its prompt's whole blocks
+
+
+async def test_a_broken_prefix_cache_turns_itself_off_and_answers_go_on(
+    make_client: MakeClient, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import engine as engine_module
+
+    messages = [SYSTEM, {"role": "user", "content": "Hello there, how are you today?"}]
+    expected, _ = await ask(await make_client(prefix_cache_mb=0), messages)
+    client = await make_client(prefix_cache_mb=64)
+    await ask(client, messages)
+
+    def broken(*args: object) -> None:
+        raise RuntimeError("cannot restore")
+
+    monkeypatch.setattr(engine_module, "restored", broken)
+    with caplog.at_level(logging.ERROR, logger="engine"):
+        answer, usage = await ask(client, messages)  # a hit, whose restore fails: prefilled whole instead
+    assert answer == expected and "prompt_tokens_details" not in usage
+    assert "prefix cache: off from now on" in caplog.text
+    assert (await (await client.get("/health")).json())["prefix_cache"] is None
+    assert (await ask(client, messages))[0] == expected

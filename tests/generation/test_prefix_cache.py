@@ -9,29 +9,40 @@ import random
 
 import torch
 
-from generation.prefix_cache import PrefixCache
+from generation.batch import KVBatch, decode_step, prefill
+from generation.prefix_cache import Block, KeysValues, PrefixCache, row_kv
+from models.loader import LoadedModel
 
-LAYERS, HEADS, DIM = 2, 1, 2
+LAYERS, HEADS, DIM, VALUE_DIM = 2, 1, 2, 3  # values of another head size than keys, as some models have
 BLOCK = 4
 
 
-def kv(tokens: list[int]) -> torch.Tensor:
-    """Keys and values [2, L, H, T, D] that say which token at which position they belong to."""
-    out = torch.zeros((2, LAYERS, HEADS, len(tokens), DIM))
+def kv(tokens: list[int]) -> KeysValues:
+    """Keys [L, H, T, D] and values [L, H, T, Dv] that say which token at which position they belong to."""
+    keys, values = torch.zeros((LAYERS, HEADS, len(tokens), DIM)), torch.zeros((LAYERS, HEADS, len(tokens), VALUE_DIM))
     for pos, token in enumerate(tokens):
-        out[0, :, :, pos, 0] = token
-        out[0, :, :, pos, 1] = pos
-        out[1, :, :, pos, 0] = -token
-        out[1, :, :, pos, 1] = -pos
-    return out
+        keys[:, :, pos, 0], keys[:, :, pos, 1] = token, pos
+        values[:, :, pos, 0], values[:, :, pos, 1] = -token, -pos
+    return keys, values
 
 
 def put(cache: PrefixCache, tokens: list[int]) -> int:
-    full = kv(tokens)
-    return cache.put(tokens, lambda start, end: full[:, :, :, start:end])
+    keys, values = kv(tokens)
+    return cache.put(tokens, lambda start, end: (keys[:, :, start:end], values[:, :, start:end]))
 
 
-BLOCK_BYTES = kv([0] * BLOCK).numel() * 4
+def joined(blocks: list[Block]) -> KeysValues | None:
+    """What a hit restores: its blocks' keys and values end to end."""
+    if not blocks:
+        return None
+    return torch.cat([b.keys for b in blocks], dim=2), torch.cat([b.values for b in blocks], dim=2)
+
+
+def same(got: KeysValues | None, want: KeysValues) -> bool:
+    return got is not None and torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+BLOCK_BYTES = 4 * BLOCK * LAYERS * HEADS * (DIM + VALUE_DIM)
 
 
 def test_a_prompt_finds_its_longest_cached_prefix_in_whole_blocks() -> None:
@@ -39,34 +50,30 @@ def test_a_prompt_finds_its_longest_cached_prefix_in_whole_blocks() -> None:
     history = list(range(100, 111))  # 11 tokens: two whole blocks kept, the last 3 tokens not
     assert put(cache, history) == 8
     prompt = [*history, 7, 7, 7, 7, 7]
-    got = cache.take(prompt, len(prompt) - 1)
-    assert got is not None and torch.equal(got, kv(prompt[:8]))
+    assert same(joined(cache.take(prompt, len(prompt) - 1)), kv(prompt[:8]))
     # a branch after the first block: only that block
     branch = [*history[:5], 1, 2, 3, 4]
-    got = cache.take(branch, len(branch) - 1)
-    assert got is not None and torch.equal(got, kv(branch[:4]))
+    assert same(joined(cache.take(branch, len(branch) - 1)), kv(branch[:4]))
     # the limit keeps the prompt's last token out of the hit: it must be prefilled for its logits
-    got = cache.take(history[:8], 7)
-    assert got is not None and got.shape[3] == 4
-    assert (cache.hit_tokens, cache.query_tokens) == (16, len(prompt) + len(branch) + 8)
+    assert len(cache.take(history[:8], 7)) == 1
 
 
 def test_the_same_ids_at_other_positions_are_not_a_hit() -> None:
     cache = PrefixCache(budget=1 << 20, block=BLOCK)
     put(cache, [1, 2, 3, 4, 5, 6, 7, 8])
-    assert cache.take([5, 6, 7, 8, 9], 4) is None  # the second block's ids, but as a first block
-    assert cache.take([9, 2, 3, 4, 5, 6, 7, 8, 0], 8) is None  # a different first block: nothing after it counts
+    assert cache.take([5, 6, 7, 8, 9], 4) == []  # the second block's ids, but as a first block
+    assert cache.take([9, 2, 3, 4, 5, 6, 7, 8, 0], 8) == []  # a different first block: nothing after it counts
 
 
 def test_blocks_held_already_are_not_copied_again() -> None:
     cache = PrefixCache(budget=1 << 20, block=BLOCK)
     calls: list[tuple[int, int]] = []
     tokens = list(range(12))
-    full = kv(tokens)
+    keys, values = kv(tokens)
 
-    def kv_of(start: int, end: int) -> torch.Tensor:
+    def kv_of(start: int, end: int) -> KeysValues:
         calls.append((start, end))
-        return full[:, :, :, start:end]
+        return keys[:, :, start:end], values[:, :, start:end]
 
     assert cache.put(tokens[:8], kv_of) == 8
     assert cache.put(tokens, kv_of) == 4  # only the third block is new
@@ -83,7 +90,7 @@ def test_the_least_recently_used_blocks_go_first_and_never_a_parent_before_its_c
     put(cache, b)  # one block over: a's last block goes (its least recently used leaf)
     assert cache.bytes <= cache.budget and len(cache) == 4
     assert len(cache.match(a, 12)) == 2 and len(cache.match(b, 8)) == 2
-    assert cache.take(a, 8) is not None  # a is used again: now b is the older one
+    assert cache.take(a, 8)  # a is used again: now b is the older one
     put(cache, [3] * 4)
     assert len(cache.match(b, 8)) == 1 and len(cache.match(a, 8)) == 2
 
@@ -94,7 +101,7 @@ def test_a_block_over_the_whole_budget_is_not_kept_and_clear_forgets_everything(
     cache = PrefixCache(budget=1 << 20, block=BLOCK)
     put(cache, [1] * 8)
     assert cache.clear() == 2 * BLOCK_BYTES
-    assert len(cache) == 0 and cache.bytes == 0 and cache.take([1] * 9, 8) is None
+    assert len(cache) == 0 and cache.bytes == 0 and cache.take([1] * 9, 8) == []
 
 
 def test_under_a_small_budget_every_hit_is_exactly_what_was_put() -> None:
@@ -103,19 +110,47 @@ def test_under_a_small_budget_every_hit_is_exactly_what_was_put() -> None:
     rng = random.Random(7)
     cache = PrefixCache(budget=10 * BLOCK_BYTES, block=BLOCK)
     seen: list[list[int]] = []
+    hits = 0
     for _ in range(400):
         if seen and rng.random() < 0.7:
             base = rng.choice(seen)
             tokens = base[: rng.randrange(len(base) + 1)] + [rng.randrange(4) for _ in range(rng.randrange(1, 10))]
         else:
             tokens = [rng.randrange(4) for _ in range(rng.randrange(1, 20))]
-        got = cache.take(tokens, len(tokens) - 1)
-        if got is not None:
-            assert got.shape[3] % BLOCK == 0 and got.shape[3] <= len(tokens) - 1
-            assert torch.equal(got, kv(tokens[: got.shape[3]]))
+        blocks = cache.take(tokens, len(tokens) - 1)
+        hits += bool(blocks)
+        assert len(blocks) * BLOCK <= len(tokens) - 1
+        if blocks:
+            assert same(joined(blocks), kv(tokens[: len(blocks) * BLOCK]))
         put(cache, tokens)
         seen.append(tokens)
-        assert cache.bytes <= cache.budget
-        ids = {block.id for block in cache._blocks.values()}
-        assert all(block.key[0] in ids or block.key[0] == 0 for block in cache._blocks.values())
-    assert cache.hit_tokens > 0
+        held = list(cache._blocks.values())
+        assert cache.bytes == sum(b.nbytes for b in held) <= cache.budget
+        ids = {block.id for block in held}
+        assert all(block.key[0] in ids or block.key[0] == 0 for block in held)  # no block outlives its parent
+        assert all(b.children == sum(c.key[0] == b.id for c in held) for b in held)
+    assert hits > 20
+
+
+def test_a_batch_rows_kept_keys_and_values_are_a_fresh_prefill_of_what_it_fed(tiny_lm: LoadedModel) -> None:
+    """Rows of different lengths, left-padded in one batch, a few decode steps on: the columns `row_kv` takes for a
+    row are the keys and values a prompt of exactly the tokens that row fed would get alone."""
+    prompts = [list(range(5, 45)), list(range(50, 120))]
+    with torch.inference_mode():
+        logits, cache, mask = prefill(tiny_lm, prompts)
+        batch = KVBatch()
+        batch.add(cache, mask, 4)
+        fed = [list(p) for p in prompts]
+        tokens = [int(t) for t in logits.argmax(-1)]
+        for _ in range(3):
+            for so_far, token in zip(fed, tokens, strict=True):
+                so_far.append(token)
+            tokens = [int(t) for t in decode_step(tiny_lm, batch, tokens).argmax(-1)]
+        width = batch.cache.layers[0].keys.shape[2]
+        for row, tokens_fed in enumerate(fed):
+            assert batch.positions[row] == len(tokens_fed)
+            keys, values = row_kv(batch.cache, row, width - len(tokens_fed))(0, len(tokens_fed))
+            _, alone, _ = prefill(tiny_lm, [tokens_fed])
+            want_k = torch.stack([layer.keys[0] for layer in alone.layers])
+            want_v = torch.stack([layer.values[0] for layer in alone.layers])
+            assert torch.allclose(keys, want_k, atol=1e-5) and torch.allclose(values, want_v, atol=1e-5)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from generation.scheduler import MIN_CHUNK, PrefillClock, Scheduler, chunk_size
+from generation.scheduler import MIN_CHUNK, PrefillClock, Scheduler, chunk_size, prefill_weight
 
 
 @dataclass
@@ -43,11 +43,25 @@ def test_only_the_tokens_the_prefix_cache_lacks_count_against_the_budget() -> No
     def look(seq: Seq) -> None:
         seq.cached = hits.get(seq.name, 0)
 
-    picked = sched.admit(budget=512, max_rows=8, batchable=True, take=lambda s: True, look=look)
+    picked = sched.admit(budget=512, max_rows=8, batchable=True, take=lambda s: True, look=look, break_even=2048)
     assert names(picked.whole) == ["s0", "s1", "s2"] and picked.chunked is None
     # without the cache the long one starts its own chunks in a later step
     sched = queue(100, 2000, 300)
     assert names(sched.admit(budget=512, max_rows=8, batchable=True, take=lambda s: True).whole) == ["s0", "s2"]
+
+
+def test_a_new_turn_deep_in_a_cached_history_weighs_what_its_attention_costs() -> None:
+    """500 new tokens after 30000 cached ones each attend to all of them: about 15 times what 500 tokens at a
+    prompt's start cost, so they are prefilled in chunks that shrink with the depth, not at once."""
+    assert prefill_weight(500, 30000, 2048) == 7825 and prefill_weight(500, 0, 2048) == 500
+    sched = queue(30500)
+    sched.waiting[0].cached = 30000
+    picked = sched.admit(
+        budget=512, max_rows=8, batchable=True, take=lambda s: True, look=lambda s: None, break_even=2048
+    )
+    assert picked.chunked is not None and picked.whole == []
+    picked.chunked.prefilled = 30000  # restored from the cache
+    assert sched.next_chunk(512, 512, 2048) == chunk_size(512, 30000, 2048) < 40
 
 
 def test_a_long_prompt_starts_its_chunks_only_in_a_step_that_admits_nothing_else() -> None:

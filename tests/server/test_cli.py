@@ -41,6 +41,8 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
         (["--upstream", "http://127.0.0.1:9/v1", "--threads", "2"], "--threads belong to a local model"),
         (["--upstream", "http://ada:Zm9v/YmFy@127.0.0.1:9/v1"], "--upstream: the upstream URL has an @"),
         (["--read-timeout", "0"], "--read-timeout 0: expected more than 0"),
+        (["--prefix-cache-mb", "-1"], "--prefix-cache-mb -1: expected 0 (off) or more"),
+        (["--upstream", "http://127.0.0.1:9/v1", "--prefix-cache-mb", "64"], "--prefix-cache-mb belong to a local"),
     ],
     ids=[
         "missing",
@@ -53,6 +55,8 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
         "upstream",
         "upstream-url",
         "read-timeout",
+        "prefix-cache-mb",
+        "prefix-cache-upstream",
     ],
 )
 def test_start_up_errors_are_clear(args: list[str], message: str, tiny_dir: Path) -> None:

@@ -25,7 +25,7 @@ from generation.constraints import Matcher, apply_masks
 from generation.events import Delta, Failed, Finished, Outbox, RequestHandle, TokenLogprob
 from generation.logprobs import TokenTexts
 from generation.output import Output
-from generation.prefix_cache import PrefixCache, prefix_cache_for, restored, row_kv
+from generation.prefix_cache import PrefixCache, prefix_cache_for, restored, row_kv, tokens_in
 from generation.sampling import History, Sampled, SamplingParams, sample
 from generation.scheduler import PrefillClock, Scheduler
 from generation.threads import ThreadTuner
@@ -385,16 +385,17 @@ class Engine:
         """Set how much of a waiting prompt the prefix cache holds (at least its last token is prefilled: it gives
         the logits of the first answer token)."""
         if self.prefix is not None:
-            seq.cached = len(self.prefix.match(seq.prompt, len(seq.prompt) - 1)) * self.prefix.block
+            seq.cached = tokens_in(self.prefix.match(seq.prompt, len(seq.prompt) - 1))
 
     def _restore(self, seq: _Sequence) -> bool:
         """Start an admitted prompt's cache from the longest prefix the prefix cache holds, if any. False if that
         failed where the scheduler counted on a hit (the cache is off now; the prompt must be weighed again)."""
-        if self.prefix is None:
-            return not seq.cached
+        if self.prefix is None:  # turned off since it was weighed: weighed again, in full
+            counted_on, seq.cached = seq.cached, 0
+            return not counted_on
         try:
             blocks = self.prefix.take(seq.prompt, len(seq.prompt) - 1)
-            seq.hit = len(blocks) * self.prefix.block
+            seq.hit = tokens_in(blocks)
             if blocks:
                 seq.cache = restored(self.model.model, self.model.fp32_attention, blocks, len(seq.prompt))
                 seq.prefilled = seq.hit

@@ -19,7 +19,7 @@ within its byte budget by forgetting the least recently used blocks, a block's d
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import count
@@ -53,6 +53,11 @@ class Block:
     children: int = 0  # blocks cached after this one (it is forgotten only after them)
 
     @property
+    def size(self) -> int:
+        """Its tokens: `BLOCK`, fewer for a tail (the end of a prompt that filled no whole block)."""
+        return len(self.key[1])
+
+    @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.keys, self.values))
 
@@ -66,6 +71,7 @@ class PrefixCache:
         self.block = block
         self._blocks: OrderedDict[Key, Block] = OrderedDict()  # least recently used first
         self._by_id: dict[int, Block] = {}
+        self._tails: dict[int, Counter[int]] = {}  # a block's id: the sizes of the tails kept after it
         self._ids = count(1)
         self.bytes = 0
         self.hit_tokens = 0  # prompt tokens served from the cache
@@ -74,8 +80,9 @@ class PrefixCache:
     def __len__(self) -> int:
         return len(self._blocks)
 
-    def match(self, tokens: Sequence[int], limit: int) -> list[Block]:
-        """The blocks of the longest cached prefix of `tokens` no longer than `limit` tokens (read only)."""
+    def match(self, tokens: Sequence[int], limit: int, tail: bool = True) -> list[Block]:
+        """The blocks of the longest cached prefix of `tokens` no longer than `limit` tokens (read only): whole
+        blocks, then (`tail`) the longest tail after the last of them that the tokens go on with."""
         found: list[Block] = []
         parent = 0
         for start in range(0, limit - self.block + 1, self.block):
@@ -84,6 +91,11 @@ class PrefixCache:
                 break
             found.append(block)
             parent = block.id
+        start = len(found) * self.block
+        for size in sorted(self._tails.get(parent, ()), reverse=True) if tail else ():
+            if start + size <= limit and (block := self._blocks.get((parent, tuple(tokens[start : start + size])))):
+                found.append(block)
+                break
         return found
 
     def take(self, tokens: Sequence[int], limit: int) -> list[Block]:
@@ -103,7 +115,7 @@ class PrefixCache:
         gives: the blocks not held yet are copied in, as far as the budget allows after forgetting others. Returns
         the tokens added."""
         end = len(tokens) // self.block * self.block
-        chain = self.match(tokens, end)
+        chain = self.match(tokens, end, tail=False)
         self._touch(chain)  # the prefix the new blocks hang on is the last thing to forget
         keep = {b.id for b in chain}
         added = 0
@@ -123,14 +135,38 @@ class PrefixCache:
                 chain.append(block)
                 keep.add(block.id)
                 added += self.block
+        added += self._put_tail(tokens, end, chain, kv_of, keep)
         self._touch(chain)
         return added
+
+    def _put_tail(
+        self,
+        tokens: Sequence[int],
+        end: int,
+        chain: list[Block],
+        kv_of: Callable[[int, int], KeysValues],
+        keep: set[int],
+    ) -> int:
+        """Keep the tokens after the last whole block as a tail: the next round of a conversation starts with them
+        (its last answer's end), and a prompt ends on one as often as not. A tail is a leaf: nothing hangs after it."""
+        key = (chain[-1].id if chain else 0, tuple(tokens[end:]))
+        if end == len(tokens) or key in self._blocks:
+            return 0
+        keys, values = kv_of(end, len(tokens))
+        if not self._make_room(keys.numel() * keys.element_size() + values.numel() * values.element_size(), keep):
+            return 0
+        block = Block(next(self._ids), key, keys, values)
+        self._add(block, chain[-1] if chain else None)
+        self._tails.setdefault(key[0], Counter())[block.size] += 1
+        chain.append(block)
+        return block.size
 
     def clear(self) -> int:
         """Forget every block; returns the bytes freed."""
         freed = self.bytes
         self._blocks.clear()
         self._by_id.clear()
+        self._tails.clear()
         self.bytes = 0
         return freed
 
@@ -168,6 +204,13 @@ class PrefixCache:
             del self._blocks[victim.key]
             del self._by_id[victim.id]
             self.bytes -= victim.nbytes
+            if victim.size < self.block:
+                sizes = self._tails[victim.key[0]]
+                sizes[victim.size] -= 1
+                if not sizes[victim.size]:
+                    del sizes[victim.size]
+                    if not sizes:
+                        del self._tails[victim.key[0]]
             if (parent := self._by_id.get(victim.key[0])) is not None:
                 parent.children -= 1
         return True
@@ -189,6 +232,11 @@ def row_kv(cache: Any, row: int, first: int) -> Callable[[int, int], KeysValues]
         return out[0], out[1]
 
     return kv_of
+
+
+def tokens_in(blocks: list[Block]) -> int:
+    """The tokens a chain of blocks holds."""
+    return sum(b.size for b in blocks)
 
 
 def restored(model: Any, fp32: bool, blocks: list[Block], reserve: int) -> Any:

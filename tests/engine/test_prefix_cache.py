@@ -93,7 +93,7 @@ async def test_a_conversation_reuses_its_history_and_answers_the_same(
     for (_, _, before), (_, usage, ids) in itertools.pairwise(rounds):
         # at least the whole blocks of the last round's prompt; it also holds the last answer
         assert cached(usage) >= shared_blocks(before, ids) > 0
-        assert cached(usage) % BLOCK == 0 and cached(usage) < usage["prompt_tokens"]
+        assert cached(usage) < usage["prompt_tokens"]
     # the same question again: all of it but the last block's tail
     messages = [SYSTEM, {"role": "user", "content": "Hello there!"}]
     answer, usage = await ask(client, messages)

@@ -6,11 +6,12 @@ block returned for the wrong ids or at the wrong place shows."""
 from __future__ import annotations
 
 import random
+from collections import Counter
 
 import torch
 
 from generation.batch import KVBatch, decode_step, prefill
-from generation.prefix_cache import Block, KeysValues, PrefixCache, row_kv
+from generation.prefix_cache import Block, KeysValues, PrefixCache, row_kv, tokens_in
 from models.loader import LoadedModel
 
 LAYERS, HEADS, DIM, VALUE_DIM = 2, 1, 2, 3  # values of another head size than keys, as some models have
@@ -47,10 +48,13 @@ BLOCK_BYTES = 4 * BLOCK * LAYERS * HEADS * (DIM + VALUE_DIM)
 
 def test_a_prompt_finds_its_longest_cached_prefix_in_whole_blocks() -> None:
     cache = PrefixCache(budget=1 << 20, block=BLOCK)
-    history = list(range(100, 111))  # 11 tokens: two whole blocks kept, the last 3 tokens not
-    assert put(cache, history) == 8
-    prompt = [*history, 7, 7, 7, 7, 7]
-    assert same(joined(cache.take(prompt, len(prompt) - 1)), kv(prompt[:8]))
+    history = list(range(100, 111))  # 11 tokens: two whole blocks, and the last 3 as a tail
+    assert put(cache, history) == 11
+    prompt = [*history, 7, 7, 7, 7, 7]  # the next round: all of the history
+    assert same(joined(cache.take(prompt, len(prompt) - 1)), kv(prompt[:11]))
+    assert same(joined(cache.take(history, 10)), kv(history[:8]))  # the tail would pass the limit
+    other = [*history[:9], 5, 5, 5]  # another ending of the last block: only the whole blocks
+    assert same(joined(cache.take(other, len(other) - 1)), kv(other[:8]))
     # a branch after the first block: only that block
     branch = [*history[:5], 1, 2, 3, 4]
     assert same(joined(cache.take(branch, len(branch) - 1)), kv(branch[:4]))
@@ -119,9 +123,9 @@ def test_under_a_small_budget_every_hit_is_exactly_what_was_put() -> None:
             tokens = [rng.randrange(4) for _ in range(rng.randrange(1, 20))]
         blocks = cache.take(tokens, len(tokens) - 1)
         hits += bool(blocks)
-        assert len(blocks) * BLOCK <= len(tokens) - 1
+        assert tokens_in(blocks) <= len(tokens) - 1
         if blocks:
-            assert same(joined(blocks), kv(tokens[: len(blocks) * BLOCK]))
+            assert same(joined(blocks), kv(tokens[: tokens_in(blocks)]))
         put(cache, tokens)
         seen.append(tokens)
         held = list(cache._blocks.values())
@@ -129,6 +133,10 @@ def test_under_a_small_budget_every_hit_is_exactly_what_was_put() -> None:
         ids = {block.id for block in held}
         assert all(block.key[0] in ids or block.key[0] == 0 for block in held)  # no block outlives its parent
         assert all(b.children == sum(c.key[0] == b.id for c in held) for b in held)
+        tails = Counter((b.key[0], b.size) for b in held if b.size < BLOCK)
+        assert tails == Counter(
+            {(parent, size): n for parent, sizes in cache._tails.items() for size, n in sizes.items()}
+        )
     assert hits > 20
 
 

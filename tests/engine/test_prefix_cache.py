@@ -273,3 +273,16 @@ async def test_a_broken_prefix_cache_turns_itself_off_and_answers_go_on(
     assert "prefix cache: off from now on" in caplog.text
     assert (await (await client.get("/health")).json())["prefix_cache"] is None
     assert (await ask(client, messages))[0] == expected
+
+
+async def test_a_cache_in_the_models_own_dtype_is_restored_too(make_client: MakeClient, tiny_lm: LoadedModel) -> None:
+    """Where attention is not moved to float32 (a GPU: the cache layers are transformers' own, in the model's dtype),
+    a hit restores into transformers' cache layers; here on the CPU in float32, so answers must be the same."""
+    import dataclasses
+
+    lm = dataclasses.replace(tiny_lm, fp32_attention=False, lean_decode=False)
+    without = await converse(await make_client(lm, prefix_cache_mb=0), "Hello there!")
+    client = await make_client(lm, prefix_cache_mb=64)
+    rounds = await converse(client, "Hello there!")
+    assert [a for a, _, _ in rounds] == [a for a, _, _ in without]
+    assert all(cached(usage) > 0 for _, usage, _ in rounds[1:])

@@ -126,18 +126,32 @@ class PrefixCache:
                 # a copy of its own, so the group's copy is freed once its blocks are taken
                 k = keys[:, :, offset : offset + self.block].clone()
                 v = values[:, :, offset : offset + self.block].clone()
-                if not self._make_room(k.numel() * k.element_size() + v.numel() * v.element_size(), keep):
+                if not self._append(chain, keep, tokens[at : at + self.block], k, v):
                     self._touch(chain)
                     return added
-                key = (chain[-1].id if chain else 0, tuple(tokens[at : at + self.block]))
-                block = Block(next(self._ids), key, k, v)
-                self._add(block, chain[-1] if chain else None)
-                chain.append(block)
-                keep.add(block.id)
                 added += self.block
         added += self._put_tail(tokens, end, chain, kv_of, keep)
         self._touch(chain)
         return added
+
+    def _append(
+        self, chain: list[Block], keep: set[int], tokens: Sequence[int], keys: torch.Tensor, values: torch.Tensor
+    ) -> bool:
+        """Keep `tokens`' keys and values as a block after the chain's last, if the budget makes room for it."""
+        parent = chain[-1] if chain else None
+        block = Block(next(self._ids), (parent.id if parent else 0, tuple(tokens)), keys, values)
+        if not self._make_room(block.nbytes, keep):
+            return False
+        self._blocks[block.key] = block
+        self._by_id[block.id] = block
+        self.bytes += block.nbytes
+        if parent is not None:
+            parent.children += 1
+        if block.size < self.block:
+            self._tails.setdefault(block.key[0], Counter())[block.size] += 1
+        chain.append(block)
+        keep.add(block.id)
+        return True
 
     def _put_tail(
         self,
@@ -149,17 +163,10 @@ class PrefixCache:
     ) -> int:
         """Keep the tokens after the last whole block as a tail: the next round of a conversation starts with them
         (its last answer's end), and a prompt ends on one as often as not. A tail is a leaf: nothing hangs after it."""
-        key = (chain[-1].id if chain else 0, tuple(tokens[end:]))
-        if end == len(tokens) or key in self._blocks:
+        if end == len(tokens) or (chain[-1].id if chain else 0, tuple(tokens[end:])) in self._blocks:
             return 0
         keys, values = kv_of(end, len(tokens))
-        if not self._make_room(keys.numel() * keys.element_size() + values.numel() * values.element_size(), keep):
-            return 0
-        block = Block(next(self._ids), key, keys, values)
-        self._add(block, chain[-1] if chain else None)
-        self._tails.setdefault(key[0], Counter())[block.size] += 1
-        chain.append(block)
-        return block.size
+        return len(tokens) - end if self._append(chain, keep, tokens[end:], keys, values) else 0
 
     def clear(self) -> int:
         """Forget every block; returns the bytes freed."""
@@ -179,13 +186,6 @@ class PrefixCache:
             "hit_tokens": self.hit_tokens,
             "query_tokens": self.query_tokens,
         }
-
-    def _add(self, block: Block, parent: Block | None) -> None:
-        self._blocks[block.key] = block
-        self._by_id[block.id] = block
-        self.bytes += block.nbytes
-        if parent is not None:
-            parent.children += 1
 
     def _touch(self, chain: list[Block]) -> None:
         # the chain's first block ends up the most recent: a block is always forgotten before its parent

@@ -24,6 +24,7 @@ from generation.batch import KVBatch, batchable, decode_step, prefill, prefill_c
 from generation.constraints import Matcher, apply_masks
 from generation.events import Delta, Failed, Finished, Outbox, RequestHandle, TokenLogprob
 from generation.logprobs import TokenTexts
+from generation.loop_guard import LoopGuard
 from generation.output import Output
 from generation.prefix_cache import PrefixCache, prefix_cache_for, restored, row_kv, tokens_in
 from generation.sampling import History, Sampled, SamplingParams, sample
@@ -53,6 +54,9 @@ class EngineConfig:
     # bytes of earlier requests' keys and values kept for prompts that start the same way, in MB; None: a quarter of
     # the memory left after the weights and the batch's cache at full context; 0: no prefix cache
     prefix_cache_mb: float | None = None
+    # constrained answers: lower the tokens that would repeat a span of the answer once more, so that a small model
+    # ends its JSON instead of looping until max_tokens (generation/loop_guard.py); None: off
+    loop_guard: LoopGuard | None = field(default_factory=LoopGuard)
 
 
 class QueueFull(Exception):
@@ -572,6 +576,12 @@ class Engine:
             try:
                 matchers = [m for i in constrained if (m := seqs[i].matcher) is not None]
                 apply_masks(logits, constrained, matchers)
+                if (guard := self.config.loop_guard) is not None:
+                    for i, matcher in zip(constrained, matchers, strict=True):
+                        if penalties := matcher.repeat_penalties(guard):
+                            ids = torch.tensor(list(penalties), device=logits.device)
+                            amounts = torch.tensor(list(penalties.values()), dtype=logits.dtype, device=logits.device)
+                            logits[i, ids] -= amounts
             except Exception as exc:  # one call for all constrained rows: the fault cannot be pinned on one
                 log.exception("constraint masks failed")
                 for i in constrained:

@@ -202,6 +202,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "conversation's history, a shared system prompt); default: a quarter of the memory left after the weights "
         "and the batch's cache; 0: off",
     )
+    a(
+        "--loop-guard",
+        choices=("on", "off"),
+        help="structured output: lower the tokens that would repeat a span of the answer once more, so that a "
+        "small model ends its JSON instead of looping until max_tokens (default: on)",
+    )
     a("--threads", type=int, help="torch compute threads (default: measured while serving, at most the cores)")
     a("--queue-timeout", type=float, default=600.0, help="seconds a request may wait for a slot before 503")
     a("--api-key", default=os.environ.get(API_KEY_ENV), help=f"require this bearer key (or set ${API_KEY_ENV})")
@@ -255,6 +261,7 @@ def local_flags(args: argparse.Namespace) -> list[str]:
         "--tool-call-parser": args.tool_call_parser is not None,
         "--threads": args.threads is not None,
         "--prefix-cache-mb": args.prefix_cache_mb is not None,
+        "--loop-guard": args.loop_guard is not None,
     }
     return [flag for flag, set_ in given.items() if set_]
 
@@ -315,6 +322,7 @@ def main(argv: list[str] | None = None) -> int:
         backend = UpstreamBackend(UpstreamConfig(args.upstream, args.upstream_api_key, args.upstream_model))
     else:  # loads on the worker: /health says 503 meanwhile
         from engine import Engine, EngineConfig
+        from generation.loop_guard import LoopGuard
         from generation.prepare import load_model
 
         engine_config = EngineConfig(
@@ -325,6 +333,7 @@ def main(argv: list[str] | None = None) -> int:
             prefill_seconds=args.prefill_seconds,
             threads=args.threads,
             prefix_cache_mb=args.prefix_cache_mb,
+            loop_guard=None if args.loop_guard == "off" else LoopGuard(),
         )
         backend = engine = Engine(lambda: load_model(model_config), engine_config)
     app = create_app(config, backend)

@@ -43,6 +43,8 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
         (["--read-timeout", "0"], "--read-timeout 0: expected more than 0"),
         (["--prefix-cache-mb", "-1"], "--prefix-cache-mb -1: expected 0 (off) or more"),
         (["--upstream", "http://127.0.0.1:9/v1", "--prefix-cache-mb", "64"], "--prefix-cache-mb belong to a local"),
+        (["--upstream", "http://127.0.0.1:9/v1", "--loop-guard", "off"], "--loop-guard belong to a local"),
+        (["--loop-guard", "maybe"], "invalid choice: 'maybe'"),
     ],
     ids=[
         "missing",
@@ -57,6 +59,8 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
         "read-timeout",
         "prefix-cache-mb",
         "prefix-cache-upstream",
+        "loop-guard-upstream",
+        "loop-guard",
     ],
 )
 def test_start_up_errors_are_clear(args: list[str], message: str, tiny_dir: Path) -> None:

@@ -1,0 +1,100 @@
+"""The loop guard on a model taught to loop: held to a schema with an open array, it writes `7,` for ever and its
+answer is cut by max_tokens; with the guard (the default) the same model closes the array and its JSON validates.
+A regex answer is not guarded: repetition may be what it asks for."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+
+from engine import Engine, EngineConfig
+from generation.constraints import grammars_for
+from generation.events import Delta, Failed, Finished
+from generation.prepare import load_model
+from generation.sampling import SamplingParams
+from generation.structured import Constraint
+from models.loader import LoadedModel, ModelConfig
+from tests.training import learned, teach
+
+SCHEMA = {"type": "object", "properties": {"xs": {"type": "array", "items": {"type": "integer"}}}, "required": ["xs"]}
+LOOP = '{"xs":[' + "7," * 40
+
+
+@pytest.fixture(scope="module")
+def looping(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[LoadedModel, list[int]]:
+    """A tiny model of its own (the shared one stays untrained) that answers "numbers" with LOOP, and that prompt."""
+    folder = tmp_path_factory.mktemp("looping")
+    shutil.copytree(tiny_dir, folder, dirs_exist_ok=True)
+    lm = load_model(ModelConfig(path=folder, device="cpu", dtype="float32", quantize=16))
+    prompt = lm.tokenizer.encode("numbers:", add_special_tokens=False)
+    end = min(lm.eos_token_ids)  # taught to end there, so `learned` can compare; the grammar never lets it
+    examples = [(prompt, [*lm.tokenizer.encode(LOOP, add_special_tokens=False), end])]
+    for _ in range(8):
+        teach(lm.model, examples, 40)
+        if learned(lm.model, examples, set(lm.eos_token_ids)):
+            return lm, prompt
+    pytest.fail("the tiny model did not learn to loop")
+
+
+def answer(lm: LoadedModel, prompt: list[int], params: SamplingParams, config: EngineConfig) -> tuple[str, str]:
+    """The text and finish reason of one request on an engine of its own."""
+
+    async def go() -> tuple[str, str]:
+        engine = Engine(lm, config)
+        engine.start()
+        try:
+            text, reason = "", ""
+            async for event in engine.submit(prompt, params).events(keepalive=60):
+                if isinstance(event, Delta):
+                    text += event.text
+                elif isinstance(event, Finished):
+                    reason = event.reason
+                elif isinstance(event, Failed):
+                    pytest.fail(event.message)
+            return text, reason
+        finally:
+            engine.stop(5)
+
+    return asyncio.run(go())
+
+
+def constrained(lm: LoadedModel, kind: str, source: str, max_tokens: int) -> SamplingParams:
+    """Greedy, held to a constraint."""
+    grammars = grammars_for(lm.tokenizer, tuple(sorted(lm.eos_token_ids)))
+    constraint = grammars.compile(Constraint(kind, source, "response_format"))  # type: ignore[arg-type]
+    return SamplingParams(max_tokens, 0.0, constraint=constraint)
+
+
+def test_without_the_guard_the_taught_loop_runs_until_max_tokens(looping: tuple[LoadedModel, list[int]]) -> None:
+    lm, prompt = looping
+    text, reason = answer(
+        lm, prompt, constrained(lm, "json_schema", json.dumps(SCHEMA), 60), EngineConfig(loop_guard=None)
+    )
+    assert reason == "length" and text.startswith('{"xs":[7,7,7,7,7,')
+    with pytest.raises(ValueError):
+        json.loads(text)
+
+
+def test_with_the_guard_the_same_model_closes_its_json(looping: tuple[LoadedModel, list[int]]) -> None:
+    """(Greedy: sampled, this over-taught model varies its digits, `77`, `-7`, and slips past a guard that lowers the
+    token it repeated; the bundled model's sampled answers are measured in bench/README.md.)"""
+    lm, prompt = looping
+    params = constrained(lm, "json_schema", json.dumps(SCHEMA), 60)
+    text, reason = answer(lm, prompt, params, EngineConfig())
+    assert reason == "stop", text
+    document: dict[str, Any] = json.loads(text)
+    jsonschema.validate(document, SCHEMA)
+    assert document["xs"][:3] == [7, 7, 7]  # the model's own answer, until it would go round again
+
+
+def test_a_regex_answer_may_repeat(looping: tuple[LoadedModel, list[int]]) -> None:
+    lm, prompt = looping
+    regex = r'\{"xs":\[(7,)*'  # as long as the budget lets it
+    text, reason = answer(lm, prompt, constrained(lm, "regex", regex, 30), EngineConfig())
+    assert reason == "length" and text == LOOP[: len(text)] and text.count("7,") >= 10

@@ -1,0 +1,76 @@
+"""Objects that name their properties get only those, unless the schema says otherwise; every answer stays valid
+against the schema as the user wrote it."""
+
+from __future__ import annotations
+
+import copy
+import json
+from typing import Any
+
+import jsonschema
+import pytest
+
+from generation.constraints import grammars_for
+from generation.schema_closing import closed
+from generation.structured import Constraint
+from models.loader import LoadedModel
+
+POINT = {"type": "object", "properties": {"x": {"type": "number"}}, "required": ["x"]}
+
+
+def test_every_object_that_names_its_properties_is_closed() -> None:
+    schema = {
+        "$defs": {"point": POINT},
+        "type": "object",
+        "properties": {
+            "name": {"type": "string"},
+            "points": {"type": "array", "items": {"$ref": "#/$defs/point"}},
+            "either": {"anyOf": [POINT, {"type": "null"}]},
+            "pair": {"type": "array", "prefixItems": [POINT, POINT]},
+        },
+    }
+    before = copy.deepcopy(schema)
+    out = closed(schema)
+    assert schema == before  # the request's own schema is not changed
+    assert out["additionalProperties"] is False
+    assert out["$defs"]["point"]["additionalProperties"] is False
+    assert out["properties"]["either"]["anyOf"][0]["additionalProperties"] is False
+    assert out["properties"]["pair"]["prefixItems"][1]["additionalProperties"] is False
+    assert "additionalProperties" not in out["properties"]["name"]  # not an object with properties
+    # a property named like a keyword is a name, not a keyword
+    named = closed({"type": "object", "properties": {"properties": POINT}})
+    assert named["properties"]["properties"]["additionalProperties"] is False
+
+
+@pytest.mark.parametrize(
+    "schema",
+    [
+        {"type": "object"},  # any object: nothing named, nothing to close
+        {"type": "object", "properties": {"a": {}}, "additionalProperties": True},
+        {"type": "object", "properties": {"a": {}}, "additionalProperties": {"type": "integer"}},
+        {"type": "object", "properties": {"a": {}}, "patternProperties": {"^x-": {}}},
+        {"allOf": [POINT, {"properties": {"y": {"type": "number"}}}]},  # closing one part would forbid the other's
+        {"$defs": {"p": POINT}, "$ref": "#/$defs/p", "properties": {"y": {}}},
+    ],
+    ids=["any-object", "open", "typed-extras", "pattern", "all-of", "ref-beside-properties"],
+)
+def test_what_the_schema_says_of_other_properties_is_kept(schema: dict[str, Any]) -> None:
+    assert closed(schema) == schema
+
+
+def accepts(lm: LoadedModel, schema: dict[str, Any], document: str) -> bool:
+    """Whether the compiled constraint lets an answer be exactly `document`."""
+    grammars = grammars_for(lm.tokenizer, tuple(sorted(lm.eos_token_ids)))
+    matcher = grammars.compile(Constraint("json_schema", json.dumps(schema), "response_format")).matcher()
+    ids = lm.tokenizer.encode(document, add_special_tokens=False)
+    return bool(matcher.ll.try_consume_tokens(ids) == len(ids) and matcher.ll.is_accepting())
+
+
+def test_the_answer_holds_only_the_named_properties(tiny_lm: LoadedModel) -> None:
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "array", "items": POINT}}}
+    assert accepts(tiny_lm, schema, '{"a":1,"b":[{"x":2}]}')
+    jsonschema.validate({"a": 1, "zz": 2}, schema)  # JSON Schema would allow these ...
+    assert not accepts(tiny_lm, schema, '{"a":1,"zz":2}')  # ... the answer does not get them
+    assert not accepts(tiny_lm, schema, '{"a":1,"b":[{"x":2,"y":3}]}')
+    opened = {**schema, "additionalProperties": True}
+    assert accepts(tiny_lm, opened, '{"a":1,"zz":2}')  # where the schema asks for them, they may come

@@ -54,9 +54,10 @@ class EngineConfig:
     # bytes of earlier requests' keys and values kept for prompts that start the same way, in MB; None: a quarter of
     # the memory left after the weights and the batch's cache at full context; 0: no prefix cache
     prefix_cache_mb: float | None = None
-    # constrained answers: lower the tokens that would repeat a span of the answer once more, so that a small model
-    # ends its JSON instead of looping until max_tokens (generation/loop_guard.py); None: off
-    loop_guard: LoopGuard | None = field(default_factory=LoopGuard)
+    # JSON answers: lower the tokens that would repeat a span of the answer once more, so that a small model ends its
+    # JSON instead of looping until max_tokens (generation/loop_guard.py); None (the default): off, as it also ends
+    # lists that repeat on purpose (ten numbers, records that differ only in their numbers) early
+    loop_guard: LoopGuard | None = None
 
 
 class QueueFull(Exception):
@@ -577,11 +578,14 @@ class Engine:
                 matchers = [m for i in constrained if (m := seqs[i].matcher) is not None]
                 apply_masks(logits, constrained, matchers)
                 if (guard := self.config.loop_guard) is not None:
-                    for i, matcher in zip(constrained, matchers, strict=True):
-                        if penalties := matcher.repeat_penalties(guard):
-                            ids = torch.tensor(list(penalties), device=logits.device)
-                            amounts = torch.tensor(list(penalties.values()), dtype=logits.dtype, device=logits.device)
-                            logits[i, ids] -= amounts
+                    found = [
+                        (i, token, amount)
+                        for i, matcher in zip(constrained, matchers, strict=True)
+                        for token, amount in matcher.repeat_penalties(guard).items()
+                    ]
+                    if found:  # one indexed update for the batch (one copy to a GPU, not one per row)
+                        rows, ids, amounts = zip(*found, strict=True)
+                        logits[list(rows), list(ids)] -= torch.tensor(amounts, dtype=logits.dtype, device=logits.device)
             except Exception as exc:  # one call for all constrained rows: the fault cannot be pinned on one
                 log.exception("constraint masks failed")
                 for i in constrained:

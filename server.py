@@ -205,8 +205,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a(
         "--loop-guard",
         choices=("on", "off"),
-        help="structured output: lower the tokens that would repeat a span of the answer once more, so that a "
-        "small model ends its JSON instead of looping until max_tokens (default: on)",
+        help="structured output: lower the tokens that would repeat a span of a JSON answer once more, so that a "
+        "small model ends its JSON instead of looping until max_tokens; it also ends lists that repeat on purpose "
+        "early (default: off)",
     )
     a("--threads", type=int, help="torch compute threads (default: measured while serving, at most the cores)")
     a("--queue-timeout", type=float, default=600.0, help="seconds a request may wait for a slot before 503")
@@ -333,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
             prefill_seconds=args.prefill_seconds,
             threads=args.threads,
             prefix_cache_mb=args.prefix_cache_mb,
-            loop_guard=None if args.loop_guard == "off" else LoopGuard(),
+            loop_guard=LoopGuard() if args.loop_guard == "on" else None,
         )
         backend = engine = Engine(lambda: load_model(model_config), engine_config)
     app = create_app(config, backend)

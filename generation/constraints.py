@@ -21,7 +21,7 @@ import llguidance.torch
 import numpy as np
 import torch
 
-from generation.loop_guard import LoopGuard, repeat_penalties, token_classes
+from generation.loop_guard import LoopGuard, repeat_penalties
 from generation.schema_closing import closed
 from generation.structured import Constraint
 
@@ -59,10 +59,10 @@ def grammar_of(constraint: Constraint) -> str:
 class Matcher:
     """One sequence's place in its grammar, and the answer so far (for the loop guard)."""
 
-    def __init__(self, matcher: llguidance.LLMatcher, vocab: int, classes: np.ndarray | None) -> None:
+    def __init__(self, matcher: llguidance.LLMatcher, vocab: int, guarded: bool) -> None:
         self.ll = matcher
         self.vocab = vocab  # the tokenizer's tokens, the width of its masks
-        self._classes = classes  # [V] each token's symbol for the loop guard; None: not guarded
+        self._guarded = guarded  # a JSON answer: the loop guard may look at it
         self.tokens: list[int] = []
 
     def consume(self, token: int) -> None:
@@ -71,11 +71,9 @@ class Matcher:
 
     def repeat_penalties(self, guard: LoopGuard) -> dict[int, float]:
         """What the loop guard takes off each token that would repeat a span of this answer once more."""
-        if self._classes is None or len(self.tokens) < guard.allowed:
+        if not self._guarded or len(self.tokens) < guard.allowed:
             return {}
-        tokens = np.asarray(self.tokens[-guard.window :], dtype=np.int64)
-        # (an id past the tokenizer's, a model's padding, is never allowed by the mask; clipped rather than trusted)
-        return repeat_penalties(self._classes[np.minimum(tokens, len(self._classes) - 1)], tokens, guard)
+        return repeat_penalties(np.asarray(self.tokens[-guard.window :], dtype=np.int64), guard)
 
     @property
     def done(self) -> bool:
@@ -90,15 +88,15 @@ class Matcher:
 class CompiledConstraint:
     """A constraint compiled for one tokenizer; `matcher()` is a fresh one for each sequence (a cheap copy)."""
 
-    def __init__(self, template: llguidance.LLMatcher, vocab: int, classes: np.ndarray | None) -> None:
+    def __init__(self, template: llguidance.LLMatcher, vocab: int, guarded: bool) -> None:
         self._template = template
         self._vocab = vocab
-        self._classes = classes
+        self._guarded = guarded
         self._lock = threading.Lock()  # copied from the prompt threads and the engine's
 
     def matcher(self) -> Matcher:
         with self._lock:
-            return Matcher(self._template.deep_copy(), self._vocab, self._classes)
+            return Matcher(self._template.deep_copy(), self._vocab, self._guarded)
 
 
 class Grammars:
@@ -108,8 +106,6 @@ class Grammars:
         # the model's own end tokens (a chat model's end of turn), where the tokenizer's default may be another
         self.tokenizer = ll_tokenizer(tokenizer, eos)
         self._cache: OrderedDict[Constraint, CompiledConstraint] = OrderedDict()
-        pieces = [self.tokenizer.decode_bytes([i]) for i in range(self.tokenizer.vocab_size)]
-        self.classes = token_classes(pieces)  # [V] each token's symbol for the loop guard
         self._lock = threading.Lock()
 
     def compile(self, constraint: Constraint) -> CompiledConstraint:
@@ -142,7 +138,7 @@ class Grammars:
             raise ConstraintError(constraint.param, f"'{constraint.param}' cannot be used: {template.get_error()}")
         # JSON must come to an end; a regex or grammar may ask for repetition, so only JSON answers are guarded
         guarded = constraint.kind in ("json_schema", "json_object")
-        return CompiledConstraint(template, self.tokenizer.vocab_size, self.classes if guarded else None)
+        return CompiledConstraint(template, self.tokenizer.vocab_size, guarded)
 
 
 class _Vocabulary:

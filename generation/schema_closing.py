@@ -4,22 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-# keywords whose value is a map of names to schemas, a list of schemas, or one schema
+# keywords whose value is a map of names to schemas, a list of schemas, or one schema. Never `not` or `if`: closing
+# an object there would widen what counts as valid, not narrow it (llguidance refuses both today anyway)
 _MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
 _LISTS = ("anyOf", "oneOf", "allOf", "prefixItems", "items")
-_ONES = (
-    "items",
-    "additionalProperties",
-    "additionalItems",
-    "unevaluatedProperties",
-    "unevaluatedItems",
-    "not",
-    "contains",
-    "propertyNames",
-    "if",
-    "then",
-    "else",
-)
+_ONES = ("items", "additionalProperties", "additionalItems", "unevaluatedProperties", "unevaluatedItems", "contains")
 _OPEN_BY_CHOICE = ("additionalProperties", "patternProperties", "unevaluatedProperties")
 
 
@@ -27,8 +16,12 @@ def closed(schema: Any) -> Any:
     """`schema` with `additionalProperties: false` on every object that names its properties and says nothing of
     others. JSON Schema allows any other property there, and a small model fills that freedom with invented keys
     until `max_tokens`; llama.cpp's grammars and xgrammar's strict mode (vLLM's default) generate only the named
-    properties too. Every answer stays valid against the schema as written. A schema that merges subschemas
-    (`allOf`, or `$ref` beside `properties`) is left as written: closing one part would forbid the other's keys."""
+    properties too. Every answer stays valid against the schema as written.
+
+    Left as written: a schema where an object's keys come from more than one place (`allOf`, `anyOf`, `oneOf` or
+    `$ref` beside `properties` or `required`, the usual discriminated union), where closing one part would forbid
+    the other's keys; and an object whose `required`, `minProperties` or `dependentRequired` asks for keys it does
+    not name."""
     if _merges(schema):
         return schema
     return _close(schema)
@@ -49,11 +42,25 @@ def _subschemas(node: dict[str, Any]) -> list[Any]:
 
 
 def _merges(node: Any) -> bool:
+    """Whether some object of the schema takes its keys from more than one place."""
     if not isinstance(node, dict):
         return False
-    if "allOf" in node or ("$ref" in node and "properties" in node):
+    if "allOf" in node:
+        return True
+    names_keys = "properties" in node or "required" in node
+    if names_keys and any(k in node for k in ("anyOf", "oneOf", "$ref")):
         return True
     return any(_merges(child) for child in _subschemas(node))
+
+
+def _wants_unnamed(node: dict[str, Any], named: dict[str, Any]) -> bool:
+    """Whether the object asks for keys beyond those it names (closing it would make it unsatisfiable)."""
+    required = node.get("required", [])
+    if isinstance(required, list) and any(name not in named for name in required):
+        return True
+    if isinstance(node.get("minProperties"), int) and node["minProperties"] > len(named):
+        return True
+    return "dependentRequired" in node
 
 
 def _close(node: Any) -> Any:
@@ -69,6 +76,8 @@ def _close(node: Any) -> Any:
     for key in _ONES:
         if isinstance(value := node.get(key), dict):
             out[key] = _close(value)
-    if isinstance(node.get("properties"), dict) and node["properties"] and not any(k in node for k in _OPEN_BY_CHOICE):
-        out["additionalProperties"] = False
+    named = node.get("properties")
+    if isinstance(named, dict) and named and not any(k in node for k in _OPEN_BY_CHOICE):
+        if not _wants_unnamed(node, named):
+            out["additionalProperties"] = False
     return out

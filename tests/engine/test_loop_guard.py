@@ -1,12 +1,14 @@
 """The loop guard on a model taught to loop: held to a schema with an open array, it writes `7,` for ever and its
-answer is cut by max_tokens; with the guard (the default) the same model closes the array and its JSON validates.
-A regex answer is not guarded: repetition may be what it asks for."""
+answer is cut by max_tokens (the default, no guard); with `--loop-guard on` the same model closes the array and its
+JSON validates, and a free row beside it answers as alone. A regex answer is not guarded: repetition may be what it
+asks for."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -16,13 +18,16 @@ import pytest
 from engine import Engine, EngineConfig
 from generation.constraints import grammars_for
 from generation.events import Delta, Failed, Finished
+from generation.loop_guard import LoopGuard
 from generation.prepare import load_model
 from generation.sampling import SamplingParams
 from generation.structured import Constraint
 from models.loader import LoadedModel, ModelConfig
 from tests.training import learned, teach
 
-SCHEMA = {"type": "object", "properties": {"xs": {"type": "array", "items": {"type": "integer"}}}, "required": ["xs"]}
+# an open array of sevens: after each 7 the model chooses between "," (once more) and "]" (done); a free integer
+# would let this over-taught model slip past the guard by writing 77, 97, … (word-for-word spans only are repeats)
+SCHEMA = {"type": "object", "properties": {"xs": {"type": "array", "items": {"const": 7}}}, "required": ["xs"]}
 LOOP = '{"xs":[' + "7," * 40
 
 
@@ -42,26 +47,40 @@ def looping(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[L
     pytest.fail("the tiny model did not learn to loop")
 
 
-def answer(lm: LoadedModel, prompt: list[int], params: SamplingParams, config: EngineConfig) -> tuple[str, str]:
-    """The text and finish reason of one request on an engine of its own."""
+def answers(
+    lm: LoadedModel, prompt: list[int], jobs: list[SamplingParams], config: EngineConfig
+) -> list[tuple[str, str]]:
+    """The text and finish reason of each job, all submitted at once to one engine (one batch)."""
 
-    async def go() -> tuple[str, str]:
+    async def go() -> list[tuple[str, str]]:
         engine = Engine(lm, config)
         engine.start()
         try:
-            text, reason = "", ""
-            async for event in engine.submit(prompt, params).events(keepalive=60):
-                if isinstance(event, Delta):
-                    text += event.text
-                elif isinstance(event, Finished):
-                    reason = event.reason
-                elif isinstance(event, Failed):
-                    pytest.fail(event.message)
-            return text, reason
+            handles = [engine.submit(prompt, job) for job in jobs]
+            results = []
+            for handle in handles:
+                text, reason = "", ""
+                async for event in handle.events(keepalive=60):
+                    if isinstance(event, Delta):
+                        text += event.text
+                    elif isinstance(event, Finished):
+                        reason = event.reason
+                    elif isinstance(event, Failed):
+                        pytest.fail(event.message)
+                results.append((text, reason))
+            return results
         finally:
             engine.stop(5)
 
     return asyncio.run(go())
+
+
+def answer(lm: LoadedModel, prompt: list[int], params: SamplingParams, config: EngineConfig) -> tuple[str, str]:
+    (result,) = answers(lm, prompt, [params], config)
+    return result
+
+
+GUARDED = EngineConfig(loop_guard=LoopGuard())
 
 
 def constrained(lm: LoadedModel, kind: str, source: str, max_tokens: int) -> SamplingParams:
@@ -81,12 +100,17 @@ def test_without_the_guard_the_taught_loop_runs_until_max_tokens(looping: tuple[
         json.loads(text)
 
 
-def test_with_the_guard_the_same_model_closes_its_json(looping: tuple[LoadedModel, list[int]]) -> None:
-    """(Greedy: sampled, this over-taught model varies its digits, `77`, `-7`, and slips past a guard that lowers the
-    token it repeated; the bundled model's sampled answers are measured in bench/README.md.)"""
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+def test_with_the_guard_the_same_model_closes_its_json(
+    looping: tuple[LoadedModel, list[int]], temperature: float
+) -> None:
     lm, prompt = looping
-    params = constrained(lm, "json_schema", json.dumps(SCHEMA), 60)
-    text, reason = answer(lm, prompt, params, EngineConfig())
+    free = SamplingParams(20, 0.0, ignore_eos=True)
+    (alone,) = answers(lm, prompt, [free], EngineConfig())
+    job = replace(constrained(lm, "json_schema", json.dumps(SCHEMA), 60), temperature=temperature, seed=3)
+    guarded, beside = answers(lm, prompt, [job, free], GUARDED)
+    assert beside == alone  # the penalties land on the guarded row only
+    text, reason = guarded
     assert reason == "stop", text
     document: dict[str, Any] = json.loads(text)
     jsonschema.validate(document, SCHEMA)
@@ -96,5 +120,5 @@ def test_with_the_guard_the_same_model_closes_its_json(looping: tuple[LoadedMode
 def test_a_regex_answer_may_repeat(looping: tuple[LoadedModel, list[int]]) -> None:
     lm, prompt = looping
     regex = r'\{"xs":\[(7,)*'  # as long as the budget lets it
-    text, reason = answer(lm, prompt, constrained(lm, "regex", regex, 30), EngineConfig())
+    text, reason = answer(lm, prompt, constrained(lm, "regex", regex, 30), GUARDED)
     assert reason == "length" and text == LOOP[: len(text)] and text.count("7,") >= 10

@@ -51,17 +51,41 @@ def test_every_object_that_names_its_properties_is_closed() -> None:
         {"type": "object", "properties": {"a": {}}, "patternProperties": {"^x-": {}}},
         {"allOf": [POINT, {"properties": {"y": {"type": "number"}}}]},  # closing one part would forbid the other's
         {"$defs": {"p": POINT}, "$ref": "#/$defs/p", "properties": {"y": {}}},
+        {  # a discriminated union: the branch's keys and the parent's are one object
+            "properties": {"kind": {"type": "string"}},
+            "required": ["kind", "x"],
+            "oneOf": [{"properties": {"x": {"type": "number"}}, "required": ["x"]}],
+        },
+        {"properties": {"a": {}}, "anyOf": [{"$ref": "#/$defs/ext"}], "$defs": {"ext": POINT}},
+        {"type": "object", "properties": {"name": {}}, "required": ["name", "id"]},  # "id" is asked for, not named
+        {"type": "object", "properties": {"a": {}}, "required": ["a"], "minProperties": 2},
     ],
-    ids=["any-object", "open", "typed-extras", "pattern", "all-of", "ref-beside-properties"],
+    ids=[
+        "any-object",
+        "open",
+        "typed-extras",
+        "pattern",
+        "all-of",
+        "ref-beside-properties",
+        "one-of-beside-properties",
+        "any-of-ref-beside-properties",
+        "required-unnamed",
+        "min-properties",
+    ],
 )
-def test_what_the_schema_says_of_other_properties_is_kept(schema: dict[str, Any]) -> None:
+def test_what_the_schema_says_of_other_properties_is_kept(schema: dict[str, Any], tiny_lm: LoadedModel) -> None:
     assert closed(schema) == schema
+    compiles(tiny_lm, schema)  # still a schema the server takes
+
+
+def compiles(lm: LoadedModel, schema: dict[str, Any]) -> Any:
+    grammars = grammars_for(lm.tokenizer, tuple(sorted(lm.eos_token_ids)))
+    return grammars.compile(Constraint("json_schema", json.dumps(schema), "response_format"))
 
 
 def accepts(lm: LoadedModel, schema: dict[str, Any], document: str) -> bool:
     """Whether the compiled constraint lets an answer be exactly `document`."""
-    grammars = grammars_for(lm.tokenizer, tuple(sorted(lm.eos_token_ids)))
-    matcher = grammars.compile(Constraint("json_schema", json.dumps(schema), "response_format")).matcher()
+    matcher = compiles(lm, schema).matcher()
     ids = lm.tokenizer.encode(document, add_special_tokens=False)
     return bool(matcher.ll.try_consume_tokens(ids) == len(ids) and matcher.ll.is_accepting())
 
@@ -74,3 +98,13 @@ def test_the_answer_holds_only_the_named_properties(tiny_lm: LoadedModel) -> Non
     assert not accepts(tiny_lm, schema, '{"a":1,"b":[{"x":2,"y":3}]}')
     opened = {**schema, "additionalProperties": True}
     assert accepts(tiny_lm, opened, '{"a":1,"zz":2}')  # where the schema asks for them, they may come
+
+
+def test_a_discriminated_union_still_takes_its_own_answers(tiny_lm: LoadedModel) -> None:
+    union = {
+        "type": "object",
+        "properties": {"kind": {"const": "circle"}},
+        "required": ["kind", "r"],
+        "oneOf": [{"properties": {"r": {"type": "number"}}, "required": ["r"]}],
+    }
+    assert accepts(tiny_lm, union, '{"kind":"circle","r":2}')

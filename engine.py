@@ -583,7 +583,7 @@ class Engine:
                         for i, matcher in zip(constrained, matchers, strict=True)
                         for token, amount in matcher.repeat_penalties(guard).items()
                     ]
-                    if found:  # one indexed update for the batch (one copy to a GPU, not one per row)
+                    if found:  # one indexed update for the whole batch, not one per row
                         rows, ids, amounts = zip(*found, strict=True)
                         logits[list(rows), list(ids)] -= torch.tensor(amounts, dtype=logits.dtype, device=logits.device)
             except Exception as exc:  # one call for all constrained rows: the fault cannot be pinned on one

@@ -20,8 +20,8 @@ def closed(schema: Any) -> Any:
 
     Left as written: a schema where an object's keys come from more than one place (`allOf`, `anyOf`, `oneOf` or
     `$ref` beside `properties` or `required`, the usual discriminated union), where closing one part would forbid
-    the other's keys; and an object whose `required`, `minProperties` or `dependentRequired` asks for keys it does
-    not name."""
+    the other's keys; and an object whose `required`, `minProperties`, `dependentRequired`, `const` or `enum` asks for
+    keys it does not name."""
     if _merges(schema):
         return schema
     return _close(schema)
@@ -42,7 +42,11 @@ def _subschemas(node: dict[str, Any]) -> list[Any]:
 
 
 def _merges(node: Any) -> bool:
-    """Whether some object of the schema takes its keys from more than one place."""
+    """Whether some object of the schema takes its keys from more than one place. Every value is searched, not only
+    the keywords this module closes under: a `$ref` may point anywhere (`#/components/schemas/…`), and a false
+    alarm only leaves the schema as written."""
+    if isinstance(node, list):
+        return any(_merges(item) for item in node)
     if not isinstance(node, dict):
         return False
     if "allOf" in node:
@@ -50,7 +54,7 @@ def _merges(node: Any) -> bool:
     names_keys = "properties" in node or "required" in node
     if names_keys and any(k in node for k in ("anyOf", "oneOf", "$ref")):
         return True
-    return any(_merges(child) for child in _subschemas(node))
+    return any(_merges(value) for value in node.values())
 
 
 def _wants_unnamed(node: dict[str, Any], named: dict[str, Any]) -> bool:
@@ -60,7 +64,8 @@ def _wants_unnamed(node: dict[str, Any], named: dict[str, Any]) -> bool:
         return True
     if isinstance(node.get("minProperties"), int) and node["minProperties"] > len(named):
         return True
-    return "dependentRequired" in node
+    # a `const` or `enum` object may carry keys the object does not name
+    return any(k in node for k in ("dependentRequired", "const", "enum"))
 
 
 def _close(node: Any) -> Any:

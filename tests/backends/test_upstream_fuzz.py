@@ -1,8 +1,9 @@
 """An upstream that sends anything at all: hypothesis writes the event streams (garbage lines, JSON of every type,
 errors of every shape, chunks with fields of the wrong type, good chunks before a bad one), a real aiohttp server
-replays them, and the proxy in front of it must answer every door within a second: a stream that ends, with an error
+replays them, and the proxy in front of it must answer every door without hanging: a stream that ends, with an error
 frame when the upstream broke, or a 502, never a hang and never a 500. Where the answer ends at a line (`[DONE]`, a
-bad one), the upstream keeps the stream open after its lines: only a proxy that stops there answers in time."""
+bad one), the upstream keeps the stream open after its lines for as long as the proxy listens: only a proxy that
+stops there answers at all. (A few seconds tell a hang; one second was missed once by a busy CI machine.)"""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from server import create_app
 from tests.backends.test_upstream import FakeUpstream, chunk, one_line
 from tests.helpers import delta_frames, parse_frames
 
+HANG_S = 5.0  # an answer this late is a proxy waiting for an upstream that holds its stream open for ever
 Item = tuple[str, Any]  # (kind, value): what one line of the upstream's stream is, for the expectation
 
 SCALARS = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=12))
@@ -163,8 +165,8 @@ def expected(items: list[Item]) -> Expected | None:
     return Expected(text, reason, counts if reason else None)
 
 
-async def within_a_second(client: TestClient[Any, Any], path: str, body: dict[str, Any]) -> tuple[int, bytes]:
-    async with asyncio.timeout(1.0):  # a hang fails the example
+async def without_hanging(client: TestClient[Any, Any], path: str, body: dict[str, Any]) -> tuple[int, bytes]:
+    async with asyncio.timeout(HANG_S):  # a hang fails the example
         resp = await client.post(path, json=body)
         return resp.status, await resp.read()
 
@@ -230,10 +232,10 @@ async def through_the_proxy(items: list[Item]) -> None:
         try:
             backend = UpstreamBackend(UpstreamConfig(f"http://127.0.0.1:{upstream.port}/v1"))
             async with TestClient(TestServer(create_app(ServerConfig(), backend))) as client:
-                check_chatglm_stream(*await within_a_second(client, "/stream", {"query": "hi"}), want)
+                check_chatglm_stream(*await without_hanging(client, "/stream", {"query": "hi"}), want)
                 openai = {"messages": [{"role": "user", "content": "hi"}], "stream": True}
-                check_openai_stream(*await within_a_second(client, "/v1/chat/completions", openai), want)
-                check_chat(*await within_a_second(client, "/chat", {"query": "hi"}), want)
+                check_openai_stream(*await without_hanging(client, "/v1/chat/completions", openai), want)
+                check_chat(*await without_hanging(client, "/chat", {"query": "hi"}), want)
         finally:  # a handler the proxy never let go of ends here, not 60 s into the upstream's shutdown
             fake.released.set()
 
@@ -246,5 +248,5 @@ async def through_the_proxy(items: list[Item]) -> None:
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large],
 )
 @given(st.one_of(well_formed_then_bad(), st.lists(ITEMS, max_size=8)))
-def test_whatever_the_upstream_sends_every_door_answers_within_a_second(items: list[Item]) -> None:
+def test_whatever_the_upstream_sends_every_door_answers_without_hanging(items: list[Item]) -> None:
     asyncio.run(through_the_proxy(items))

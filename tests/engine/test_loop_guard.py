@@ -93,7 +93,10 @@ def constrained(lm: LoadedModel, kind: str, source: str, max_tokens: int) -> Sam
 def test_without_the_guard_the_taught_loop_runs_until_max_tokens(looping: tuple[LoadedModel, list[int]]) -> None:
     lm, prompt = looping
     text, reason = answer(
-        lm, prompt, constrained(lm, "json_schema", json.dumps(SCHEMA), 60), EngineConfig(loop_guard=None)
+        lm,
+        prompt,
+        constrained(lm, "json_schema", json.dumps(SCHEMA), 60),
+        EngineConfig(),  # the default: off
     )
     assert reason == "length" and text.startswith('{"xs":[7,7,7,7,7,')
     with pytest.raises(ValueError):

@@ -59,6 +59,14 @@ def test_every_object_that_names_its_properties_is_closed() -> None:
         {"properties": {"a": {}}, "anyOf": [{"$ref": "#/$defs/ext"}], "$defs": {"ext": POINT}},
         {"type": "object", "properties": {"name": {}}, "required": ["name", "id"]},  # "id" is asked for, not named
         {"type": "object", "properties": {"a": {}}, "required": ["a"], "minProperties": 2},
+        {  # a union under a key no keyword names, reached by `$ref` (OpenAPI's components)
+            "$defs": {"base": POINT},
+            "components": {
+                "x": {"properties": {"kind": {}}, "required": ["kind"], "oneOf": [{"$ref": "#/$defs/base"}]}
+            },
+            "$ref": "#/components/x",
+        },
+        {"type": "object", "properties": {"a": {}}, "const": {"a": 1, "b": 2}},
     ],
     ids=[
         "any-object",
@@ -71,6 +79,8 @@ def test_every_object_that_names_its_properties_is_closed() -> None:
         "any-of-ref-beside-properties",
         "required-unnamed",
         "min-properties",
+        "union-under-components",
+        "const-object",
     ],
 )
 def test_what_the_schema_says_of_other_properties_is_kept(schema: dict[str, Any], tiny_lm: LoadedModel) -> None:

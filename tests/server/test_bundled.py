@@ -82,8 +82,9 @@ async def test_greedy_answers_do_not_depend_on_batching(bundled_fp32: LoadedMode
     assert peak >= 2  # they were decoded together, not one after another
 
 
-# schemas of bench/schemas.json whose answers always finished in bench/structured_bench.py's runs; on the others the
-# 135M model can repeat inside an unbounded array or string until max_tokens ("length"; bench/README.md)
+# schemas of bench/schemas.json whose greedy answers finished in bench/structured_bench.py's runs when prefilled
+# with nothing cached (below); on the others the 135M model can repeat inside an unbounded array or string until
+# max_tokens ("length"; bench/README.md)
 FINISHING = {"person_flat", "weather_report", "sentiment", "nullable_names", "chinese_grocery", "emoji_reaction"}
 SCHEMA_SET = [e for e in json.loads((ROOT / "bench" / "schemas.json").read_text()) if e["name"] in FINISHING]
 

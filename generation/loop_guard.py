@@ -1,13 +1,13 @@
 """A JSON answer kept from going round in circles until `max_tokens` (`--loop-guard on`; off by default).
 
 A grammar holds each token to the schema but cannot make a small model stop: given an open array, a recursive node or
-a string, the bundled 135M model can repeat itself word for word (the same ingredients again and again, a VAT id of
-`1234567890` over and over, `茹茹茹…`) until the answer is cut and no longer parses (bench/README.md, "Structured
-output"). So a constrained row's logits are lowered for each token that would carry on a span the answer has already
-written: the longer the repeated span, the larger the penalty (`multiplier * base ** (length - allowed)`, the "DRY"
-rule of llama.cpp's sampler), so an exact loop is left within a few tokens while the one-or-two-token echoes every
-JSON document has (`","`, `":`) cost nothing. The mask comes first: a token the grammar needs is still the only one
-it allows, and the answer stays valid whatever the penalty does.
+a string, the bundled 135M model can repeat itself word for word (`茹茹茹…`, ever deeper `children` under names it
+used before, a VAT id of `1234567890` over and over) until the answer is cut and no longer parses (bench/README.md,
+"Structured output"). So a constrained row's logits are lowered for each token that would carry on a span the
+answer has already written: the longer the repeated span, the larger the penalty (`multiplier * base ** (length -
+allowed)`, the "DRY" rule of llama.cpp's sampler), so an exact loop is left within a few tokens while the
+one-or-two-token echoes every JSON document has (`","`, `":`) cost nothing. The mask comes first: a token the
+grammar needs is still the only one it allows, and the answer stays valid whatever the penalty does.
 
 Spans are compared token by token, word for word. Counting digits as one symbol also caught counting loops
 (`{"x":1,"y":1},{"x":2,"y":2},…`) but cut lists that count on purpose (ten numbers asked for, five given); bytes

@@ -24,7 +24,7 @@ from generation.batch import KVBatch, batchable, decode_step, prefill, prefill_c
 from generation.constraints import Matcher, apply_masks
 from generation.events import Delta, Failed, Finished, Outbox, RequestHandle, TokenLogprob
 from generation.logprobs import TokenTexts
-from generation.loop_guard import LoopGuard
+from generation.loop_guard import LoopGuard, repeat_penalties
 from generation.output import Output
 from generation.prefix_cache import PrefixCache, prefix_cache_for, restored, row_kv, tokens_in
 from generation.sampling import History, Sampled, SamplingParams, sample
@@ -581,7 +581,8 @@ class Engine:
                     found = [
                         (i, token, amount)
                         for i, matcher in zip(constrained, matchers, strict=True)
-                        for token, amount in matcher.repeat_penalties(guard).items()
+                        if matcher.guarded
+                        for token, amount in repeat_penalties(seqs[i].tokens, guard).items()
                     ]
                     if found:  # one indexed update for the whole batch, not one per row
                         rows, ids, amounts = zip(*found, strict=True)

@@ -21,7 +21,6 @@ import llguidance.torch
 import numpy as np
 import torch
 
-from generation.loop_guard import LoopGuard, repeat_penalties
 from generation.schema_closing import closed
 from generation.structured import Constraint
 
@@ -57,23 +56,15 @@ def grammar_of(constraint: Constraint) -> str:
 
 
 class Matcher:
-    """One sequence's place in its grammar, and the answer so far (for the loop guard)."""
+    """One sequence's place in its grammar."""
 
     def __init__(self, matcher: llguidance.LLMatcher, vocab: int, guarded: bool) -> None:
         self.ll = matcher
         self.vocab = vocab  # the tokenizer's tokens, the width of its masks
-        self._guarded = guarded  # a JSON answer: the loop guard may look at it
-        self.tokens: list[int] = []
+        self.guarded = guarded  # a JSON answer: the loop guard may lower its repeats
 
     def consume(self, token: int) -> None:
         self.ll.consume_token(token)
-        self.tokens.append(token)
-
-    def repeat_penalties(self, guard: LoopGuard) -> dict[int, float]:
-        """What the loop guard takes off each token that would repeat a span of this answer once more."""
-        if not self._guarded or len(self.tokens) < guard.allowed:
-            return {}
-        return repeat_penalties(np.asarray(self.tokens[-guard.window :], dtype=np.int64), guard)
 
     @property
     def done(self) -> bool:

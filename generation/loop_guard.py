@@ -19,6 +19,7 @@ asked for (docs/design.md)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,16 +38,17 @@ class LoopGuard:
     window: int = 512
 
 
-def repeat_penalties(tokens: np.ndarray, guard: LoopGuard) -> dict[int, float]:
-    """token id → how much its logit is lowered, for an answer of `tokens` [T].
+def repeat_penalties(answer: Sequence[int], guard: LoopGuard) -> dict[int, float]:
+    """token id → how much its logit is lowered, for an answer of `answer`'s tokens (its last `window` looked at).
 
     Every earlier place where the answer's last tokens occurred before is a candidate; the token that followed there
     would repeat the span once more. The candidates are narrowed one token further back at a time, so each pass is
     one vectorised comparison and the loop ends as soon as no earlier span matches."""
-    n = len(tokens)
     found: dict[int, float] = {}
-    if n < max(guard.allowed, 2):
+    if len(answer) < max(guard.allowed, 2):
         return found
+    tokens = np.asarray(answer[-guard.window :], dtype=np.int64)  # [T]
+    n = len(tokens)
     ends = np.flatnonzero(tokens[:-1] == tokens[-1])  # [K] earlier positions of the last token
     length = 1
     while ends.size and length <= guard.longest:

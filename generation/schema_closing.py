@@ -27,20 +27,6 @@ def closed(schema: Any) -> Any:
     return _close(schema)
 
 
-def _subschemas(node: dict[str, Any]) -> list[Any]:
-    found: list[Any] = []
-    for key in _MAPS:
-        if isinstance(value := node.get(key), dict):
-            found.extend(value.values())
-    for key in _LISTS:
-        if isinstance(value := node.get(key), list):
-            found.extend(value)
-    for key in _ONES:
-        if isinstance(value := node.get(key), dict):
-            found.append(value)
-    return found
-
-
 def _merges(node: Any) -> bool:
     """Whether some object of the schema takes its keys from more than one place. Every value is searched, not only
     the keywords this module closes under: a `$ref` may point anywhere (`#/components/schemas/…`), and a false

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import numpy as np
-
 from generation.loop_guard import LoopGuard, repeat_penalties
 
 GUARD = LoopGuard(multiplier=1.0, base=2.0, allowed=3)
 
 
 def penalties(tokens: list[int], guard: LoopGuard = GUARD) -> dict[int, float]:
-    return repeat_penalties(np.asarray(tokens, dtype=np.int64), guard)
+    return repeat_penalties(tokens, guard)
 
 
 def test_the_token_that_carries_a_loop_on_loses_more_the_longer_the_loop() -> None:

@@ -10,7 +10,7 @@ of that shape, through the same `QuantizedLinear` code that serves:
 - the weight format: 4, 8 or 16 bits, each at least the checkpoint's own (a GGUF file's level is where the search
   starts, never lowered: requantizing loses what the file kept; `--quantize` fixes it);
 - the dtype the kernel is fed at one row and at a decode batch (float32 or bf16, the input cast around the call;
-  `--dtype` fixes it);
+  `--dtype` fixes it), and for the LM head also int8 inputs through FBGEMM's int8 GEMM (models/int8_inputs.py);
 - for a prefill chunk's many rows, the kernel or a copy dequantized for the call, in float32 or bf16.
 
 What is timed is what a decode step multiplies in one call (a unit): a layer, or a layer's q/k/v and its gate/up
@@ -38,12 +38,12 @@ from torch import nn
 
 from models.devices import cpu_identity
 from models.llama_layout import projection_groups
-from models.quantize import GROUP_SIZES, QuantizedLinear
+from models.quantize import GROUP_SIZES, INT8_INPUTS, QuantizedLinear
 from models.timing import dense_copy, sample_layers, time_layers
 
 log = logging.getLogger(__name__)
 
-VERSION = 4  # of what is measured and how; a new one measures again
+VERSION = 5  # of what is measured and how; a new one measures again
 DECODE_ROWS = (1, 16)  # a lone stream and a decode batch
 PREFILL_ROWS = 256  # a prefill chunk's rows (from quantize.DENSE_ROWS on, a dequantized copy may serve them)
 SLOWER = 2.0  # an activation dtype this much slower at one row is not timed at a decode batch
@@ -87,7 +87,7 @@ class Route:
     """How a unit multiplies at one weight format, and what each way measured (µs per call)."""
 
     bits: int
-    act: str | None  # dtype the kernel is fed; None: dense layers, in the model's dtype
+    act: str | None  # dtype the kernel is fed, or "int8" (an LM head on FBGEMM); None: dense layers, as the model
     dense: str | None  # dtype of the copy dequantized for many rows; None: the kernel
     us: dict[str, float] = field(default_factory=dict)  # "1", "16", "256" rows → µs for the route chosen
     held: str | None = None  # dtype of the copy a long prompt's chunks share (dequantized once); None: as `dense`
@@ -211,10 +211,12 @@ def calibrate(
     identity: dict[str, Any] | None = None,
     forced: str = "",
     fixed: int | None = None,
+    int8_head: bool = False,
 ) -> Plan:
     """Measure (or read from `cache`) every unit at each candidate width, and choose each unit's (or serve every
-    unit at `fixed`, measuring the rest only to say how it compares)."""
-    key = _key(shapes, candidates, dtype, acts, identity or {})
+    unit at `fixed`, measuring the rest only to say how it compares). `int8_head`: the LM head may take int8
+    inputs."""
+    key = _key(shapes, candidates, dtype, acts, {**(identity or {}), "int8_head": int8_head})
     path = None if cache is None else cache / "calibration" / f"{key}.json"
     plan = None if path is None else _read(path)
     if plan is None:
@@ -224,7 +226,7 @@ def calibrate(
         with torch.inference_mode():
             for shape in shapes:
                 for bits in sorted({shape.format(b) for b in candidates}):
-                    routes.setdefault(shape.key, {})[bits] = _measure(shape, bits, dtype, acts)
+                    routes.setdefault(shape.key, {})[bits] = _measure(shape, bits, dtype, acts, int8_head)
         uniform = _plan(shapes, candidates, routes, {}, 0.0).step_us
         bits = choose({int(b): step for b, step in uniform.items() if b != "chosen"})
         choice = {s.key: s.format(bits) for s in shapes}
@@ -295,8 +297,8 @@ def choose_act(tried: dict[str, dict[int, float]]) -> str:
 # ---- measuring ---------------------------------------------------------------------------------
 
 
-def _measure(shape: Shape, bits: int, dtype: torch.dtype, acts: list[torch.dtype]) -> Route:
-    """Time one unit at one weight format: its kernel's activation dtype, then how it takes many rows."""
+def _measure(shape: Shape, bits: int, dtype: torch.dtype, acts: list[torch.dtype], int8_head: bool = False) -> Route:
+    """Time one unit at one weight format: what its kernel is fed, then how it takes many rows."""
     layers = sample_layers(shape.inputs, shape.outputs, shape.count, bits, dtype)
     generator = torch.Generator().manual_seed(0)
     inputs = {r: torch.randn(r, shape.inputs, generator=generator).to(dtype) for r in _all_rows()}
@@ -308,23 +310,24 @@ def _measure(shape: Shape, bits: int, dtype: torch.dtype, acts: list[torch.dtype
     quantized = [m for m in layers if isinstance(m, QuantizedLinear)]
     for m in quantized:
         m.set_dense(None)
+        if shape.head:
+            m.keep_top_exact()  # as served: either way pays for its exact top logits
+    ways = [_name(a) for a in acts]
+    if shape.head and int8_head and all(m.set_int8_inputs() for m in quantized):
+        ways.append(INT8_INPUTS)
     timed: dict[str, dict[int, float]] = {}
-    for act in acts:
-        for m in quantized:
-            m.set_act(act)
-        timed[_name(act)] = {1: time_layers(layers, inputs[1])}
+    for way in ways:
+        _feed(quantized, way)
+        timed[way] = {1: time_layers(layers, inputs[1])}
     fastest = min(t[1] for t in timed.values())
-    for act in acts:
-        if timed[_name(act)][1] <= SLOWER * fastest:
-            for m in quantized:
-                m.set_act(act)
+    for way in ways:
+        if timed[way][1] <= SLOWER * fastest:
+            _feed(quantized, way)
             for r in DECODE_ROWS[1:]:
-                timed[_name(act)][r] = time_layers(layers, inputs[r], reuse=r >= PREFILL_ROWS)
+                timed[way][r] = time_layers(layers, inputs[r], reuse=r >= PREFILL_ROWS)
     tried.update({f"{a}@{r}": t for a, rows in timed.items() for r, t in rows.items()})
     act_name = choose_act({a: rows for a, rows in timed.items() if all(r in rows for r in DECODE_ROWS)})
-    act = getattr(torch, act_name)
-    for m in quantized:
-        m.set_act(act)
+    _feed(quantized, act_name)
     us = {str(r): timed[act_name][r] for r in DECODE_ROWS}
     dense: str | None = None
     if not shape.head:  # the LM head sees one row a prompt, never a chunk's
@@ -339,6 +342,15 @@ def _measure(shape: Shape, bits: int, dtype: torch.dtype, acts: list[torch.dtype
         dense = None if way == "kernel" else way
         us[str(PREFILL_ROWS)] = many[way]
     return Route(bits, act_name, dense, us, tried=tried)
+
+
+def _feed(layers: list[QuantizedLinear], way: str) -> bool:
+    """Feed the layers' kernels a dtype (its name), or int8 inputs (INT8_INPUTS); whether they all can."""
+    if way == INT8_INPUTS:
+        return all([m.set_int8_inputs() for m in layers])
+    for m in layers:
+        m.set_act(getattr(torch, way))
+    return True
 
 
 def _measure_held(shape: Shape, route: Route, dtype: torch.dtype, acts: list[torch.dtype]) -> Route:
@@ -379,7 +391,8 @@ def apply(model: nn.Module, plan: Plan) -> None:
         route = plan.route(key)
         if not isinstance(module, QuantizedLinear) or route is None or route.act is None or route.bits != module.bits:
             continue
-        module.set_act(getattr(torch, route.act))
+        if not _feed([module], route.act):  # measured on this CPU and torch, so not expected
+            log.warning("%s: int8 inputs measured fastest but unavailable now; fed as loaded", name)
         held = route.held or route.dense
         module.set_dense(
             None if route.dense is None else getattr(torch, route.dense), None if held is None else getattr(torch, held)

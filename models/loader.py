@@ -183,7 +183,8 @@ def preflight(config: ModelConfig) -> tuple[Path, list[str]]:
 
 def weight_bytes(model: Any) -> int:
     """Bytes of the model's parameters and buffers, each storage counted once (tied weights share one, and so do
-    layers whose weights are views of one fused tensor, see models/fusion.py)."""
+    layers whose weights are views of one fused tensor, see models/fusion.py), and what layers hold beside them
+    (`extra_bytes`: FBGEMM's copy of an LM head fed int8 inputs)."""
     seen: set[int] = set()
     total = 0
     for tensor in (*model.parameters(), *model.buffers()):
@@ -192,7 +193,7 @@ def weight_bytes(model: Any) -> int:
             continue
         seen.add(storage.data_ptr())
         total += storage.nbytes()
-    return total
+    return total + sum(getattr(m, "extra_bytes", 0) for m in model.modules())
 
 
 def load(config: ModelConfig) -> LoadedModel:
@@ -331,7 +332,15 @@ def _calibrate(
     forced = " ".join(flag for flag, given in flags if given)
     identity = calibrate.model_identity(path)
     plan = calibrate.calibrate(
-        shapes, candidates, dtype, acts, config.cache_dir, identity, forced, fixed=bits if fixed else None
+        shapes,
+        candidates,
+        dtype,
+        acts,
+        config.cache_dir,
+        identity,
+        forced,
+        fixed=bits if fixed else None,
+        int8_head=not forced_dtype,  # `--dtype` fixes what every kernel is fed, the LM head's too
     )
     if fixed:
         if (slower := plan.slower_than_best()) > 1.5:

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models import int8_inputs
 from models.packing import int4_cpu_layout, int8_rows, pack_int4, quantize_groups, read_int4_cpu, unpack_int4
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,9 @@ INT4_GROUP = 32  # columns per int4 (scale, zero): GGUF's own block size, so a Q
 DENSE_ROWS = 128  # rows from which a CPU layer is dequantized for the call rather than run on its kernel
 # the LM head's top logits recomputed in float32 from its int8 rows where its kernel is fed bf16 (see `exact_top`)
 EXACT_TOP = 16
+# the same where its inputs are int8 (`set_int8_inputs`): the rest of its logits are a little rougher there
+EXACT_TOP_INT8 = 64
+INT8_INPUTS = "int8"  # the route that feeds an LM head int8 inputs (models/int8_inputs.py), beside the dtypes
 
 # tokens from which a layer whose dequantized copy is held multiplies by it: AVX-512, 1536x576 (ms: 16 rows int4
 # kernel 0.24, int8 0.23, held bf16 0.14); AVX2, int4 fed bf16 against a float32 copy, each layer shape of the bundled
@@ -100,11 +104,12 @@ class QuantizedLinear(nn.Module):
         self.bias: nn.Parameter | None = None
         self._few: Callable[[torch.Tensor], torch.Tensor] | None = None  # see `few_rows`
         self.exact_top = 0  # an LM head: its top logits recomputed in float32 (see `_exact`)
+        self.int8: int8_inputs.Int8Inputs | None = None  # an LM head fed int8 inputs (see `set_int8_inputs`)
 
     def extra_repr(self) -> str:
         return (
             f"in={self.in_features}, out={self.out_features}, bits={self.bits}, kernel={self.kernel}, "
-            f"act={_name(self.act)}, dense={_name(self.dense)}"
+            f"act={INT8_INPUTS if self.int8 is not None else _name(self.act)}, dense={_name(self.dense)}"
         )
 
     @property
@@ -116,6 +121,7 @@ class QuantizedLinear(nn.Module):
 
     def set_act(self, dtype: torch.dtype) -> None:
         """Feed the kernel `dtype` from now on (its scales are converted once: the kernels take them in it)."""
+        self.int8 = None
         if self.kernel in ("int8pack", "int4pack_cpu"):
             for name in ("scale", "scales_zeros"):
                 if (t := self._buffers.get(name)) is not None:
@@ -133,11 +139,27 @@ class QuantizedLinear(nn.Module):
             self.register_buffer("scale32", scale.float())  # [V]: the scales as computed, before any cast
             self._few = None
 
-    def _exact(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Logits y [M, V] with each row's top `exact_top` recomputed in float32 from x [M, in]; float32."""
+    def set_int8_inputs(self) -> bool:
+        """For an LM head keeping its top logits exact: multiply its rows by int8 inputs from now on
+        (models/int8_inputs.py), where this PyTorch can; whether it does."""
+        weight, scale = self._buffers.get("weight"), self._buffers.get("scale32")
+        if not self.exact_top or weight is None or scale is None:
+            return False
+        self.int8 = int8_inputs.pack(weight, scale)
+        self._few = None
+        return self.int8 is not None
+
+    @property
+    def extra_bytes(self) -> int:
+        """Memory this layer holds outside its buffers (FBGEMM's copy of an LM head's rows)."""
+        return 0 if self.int8 is None else self.int8.nbytes
+
+    def _exact(self, x: torch.Tensor, y: torch.Tensor, k: int | None = None) -> torch.Tensor:
+        """Logits y [M, V] with each row's top `k` (default `exact_top`) recomputed in float32 from x [M, in];
+        float32."""
         weight, scale = self._buffers["weight"], self._buffers["scale32"]
         assert weight is not None and scale is not None
-        top = y.topk(self.exact_top, dim=-1).indices  # [M, k]
+        top = y.topk(k or self.exact_top, dim=-1).indices  # [M, k]
         rows = weight[top].float()  # [M, k, in]
         # a product and a sum over each row's own values: a row sums the same alone as beside others (bmm may not)
         exact = (rows * x.float()[:, None, :]).sum(-1) * scale[top]  # [M, k]
@@ -224,6 +246,7 @@ class QuantizedLinear(nn.Module):
             self._buffers.pop(name, None)
         self.kernel = kernel
         self._few = None
+        self.int8 = None
         if kernel == "int8pack":
             self.register_buffer("weight", first.contiguous())  # int8 [out, in]
             self.register_buffer("scale", second)  # [out]
@@ -307,7 +330,7 @@ class QuantizedLinear(nn.Module):
 
     def _bind(self) -> Callable[[torch.Tensor], torch.Tensor]:
         b, act, out, bias = self._buffers, self.act, self.out_features, self.bias
-        if self.exact_top and act in (torch.bfloat16, torch.float16):
+        if self.exact_top and (self.int8 is not None or act in (torch.bfloat16, torch.float16)):
             return self.forward  # the LM head, once a step: its bookkeeping does not count
         args: tuple[Any, ...]
         if self.kernel == "int8pack":
@@ -329,6 +352,11 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         rows = x.reshape(-1, self.in_features)
+        if self.int8 is not None:
+            y = self.int8(rows)
+            if self.bias is not None:
+                y = y + self.bias.float()
+            return self._exact(rows, y, EXACT_TOP_INT8).reshape(*shape[:-1], self.out_features)  # float32 logits
         # which way a call goes depends on each sequence's tokens, never on how many sequences share it: a prompt
         # prefilled beside others takes the way it takes alone (a 2-D input is one sequence of rows)
         tokens = shape[-2] if x.dim() >= 3 else rows.shape[0]

@@ -19,7 +19,7 @@ from generation import lean
 from generation.batch import KVBatch, decode_step, prefill
 from generation.prepare import load_model
 from generation.threads import ThreadTuner, candidates
-from models import devices, packing, quantize
+from models import devices, int8_inputs, packing, quantize
 from models.loader import LoadedModel, ModelConfig, weight_bytes
 from models.quantize import QuantizedLinear
 from tests.conftest import MakeClient, build_tiny_gguf
@@ -40,6 +40,12 @@ def slowed(kernel: str, when: Callable[[torch.Tensor], bool] = lambda x: True) -
         return original(x, *args)
 
     return slow
+
+
+def slow_product(x: torch.Tensor, packed: Any) -> torch.Tensor:
+    """The LM head's int8 × int8 product, 2 ms slower a call."""
+    time.sleep(0.002)
+    return int8_inputs._product(x, packed)
 
 
 def is_dtype(dtype: torch.dtype, x: torch.Tensor) -> bool:
@@ -68,6 +74,7 @@ def test_a_slow_activation_dtype_is_not_chosen(q4_gguf: Path, tmp_path: Path, mo
     for slow_dtype, fast_dtype in ((torch.bfloat16, "float32"), (torch.float32, "bfloat16")):
         for kernel in ("int4pack_cpu", "int8pack"):
             monkeypatch.setitem(quantize.KERNELS, kernel, slowed(kernel, partial(is_dtype, slow_dtype)))
+        monkeypatch.setitem(int8_inputs.KERNELS, "int8x8", slow_product)  # the LM head's int8 inputs: test_int8_inputs
         lm = load_model(ModelConfig(path=q4_gguf, device="cpu", cache_dir=None, quantize=4))
         assert lm.kernels is not None and lm.bits == 4
         assert {layer["act"] for layer in lm.kernels["layers"].values()} == {fast_dtype}

@@ -321,7 +321,8 @@ def _measure(shape: Shape, bits: int, dtype: torch.dtype, acts: list[torch.dtype
         timed[way] = {1: time_layers(layers, inputs[1])}
     fastest = min(t[1] for t in timed.values())
     for way in ways:
-        if timed[way][1] <= SLOWER * fastest:
+        # the head's ways are all timed at a batch: int8 inputs scale with rows unlike the weight-only kernel
+        if timed[way][1] <= SLOWER * fastest or shape.head:
             _feed(quantized, way)
             for r in DECODE_ROWS[1:]:
                 timed[way][r] = time_layers(layers, inputs[r], reuse=r >= PREFILL_ROWS)
@@ -392,7 +393,14 @@ def apply(model: nn.Module, plan: Plan) -> None:
         if not isinstance(module, QuantizedLinear) or route is None or route.act is None or route.bits != module.bits:
             continue
         if not _feed([module], route.act):  # measured on this CPU and torch, so not expected
-            log.warning("%s: int8 inputs measured fastest but unavailable now; fed as loaded", name)
+            fallback = min(
+                (k.split("@")[0] for k in route.tried if k.endswith("@1") and not k.startswith(INT8_INPUTS)),
+                key=lambda a: route.tried[f"{a}@1"],
+                default=None,
+            )
+            log.warning("%s: int8 inputs measured fastest but are unavailable now; fed %s", name, fallback)
+            if fallback is not None:
+                _feed([module], fallback)
         held = route.held or route.dense
         module.set_dense(
             None if route.dense is None else getattr(torch, route.dense), None if held is None else getattr(torch, held)

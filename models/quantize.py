@@ -159,7 +159,7 @@ class QuantizedLinear(nn.Module):
         float32."""
         weight, scale = self._buffers["weight"], self._buffers["scale32"]
         assert weight is not None and scale is not None
-        top = y.topk(k or self.exact_top, dim=-1).indices  # [M, k]
+        top = y.topk(min(k or self.exact_top, y.shape[-1]), dim=-1).indices  # [M, k]
         rows = weight[top].float()  # [M, k, in]
         # a product and a sum over each row's own values: a row sums the same alone as beside others (bmm may not)
         exact = (rows * x.float()[:, None, :]).sum(-1) * scale[top]  # [M, k]

@@ -4,6 +4,7 @@ calibration feeds the head int8 only where that measures faster, and never under
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,10 @@ from models.loader import LoadedModel, ModelConfig
 from models.quantize import QuantizedLinear, quantize_linear
 from tests.conftest import build_tiny_gguf
 from tests.models.test_kernels import slow_product, slowed
+
+pytestmark = pytest.mark.skipif(
+    "fbgemm" not in torch.backends.quantized.supported_engines, reason="this PyTorch has no FBGEMM (not x86)"
+)
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +41,7 @@ def hidden_states(rows: int, hidden: int = 256) -> torch.Tensor:
     """Rows of different sizes with a few large columns, as a final norm's output has."""
     x = torch.randn(rows, hidden, generator=torch.Generator().manual_seed(2))
     x[:, 3] *= 20
-    x[:, 77] *= 8
+    x[:, hidden // 3] *= 8
     return x * torch.linspace(0.2, 5, rows)[:, None]
 
 
@@ -118,3 +123,31 @@ def test_the_calibration_feeds_the_head_int8_only_where_faster(q4_gguf: Path, mo
     lm = load_model(ModelConfig(path=q4_gguf, device="cpu", cache_dir=None, quantize=4, dtype="float32"))
     head, route = head_of(lm)
     assert route["act"] == "float32" and head.int8 is None
+
+
+def test_a_vocabulary_smaller_than_the_exact_top_is_recomputed_whole() -> None:
+    head = lm_head(hidden=64, vocab=40)
+    assert head.set_int8_inputs()
+    x = hidden_states(3, hidden=64)
+    assert torch.allclose(head(x), x @ head.dense_weight().t(), rtol=1e-5, atol=1e-4)
+
+
+def test_a_kept_choice_of_int8_inputs_that_cannot_be_had_now_falls_back_to_a_dtype(
+    q4_gguf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The calibration kept per CPU says int8 inputs, but this start's product disagrees (a changed FBGEMM): the head
+    is fed the fastest dtype measured instead, says so, and answers as before."""
+    config = ModelConfig(path=q4_gguf, device="cpu", cache_dir=tmp_path, quantize=4)
+    monkeypatch.setitem(quantize.KERNELS, "int8pack", slowed("int8pack"))
+    first = load_model(config)
+    assert head_of(first)[0].int8 is not None
+    answer = greedy_tokens(first)
+    monkeypatch.undo()
+    monkeypatch.setitem(int8_inputs.KERNELS, "int8x8", lambda x, packed: int8_inputs._product(x, packed) * 1.4)
+    with caplog.at_level(logging.WARNING, logger="models.calibrate"):
+        again = load_model(config)
+    head, route = head_of(again)
+    assert again.kernels is not None and again.kernels["cached"] and route["act"] == "int8"
+    assert head.int8 is None and head.act in (torch.float32, torch.bfloat16)
+    assert "int8 inputs measured fastest but are unavailable now" in caplog.text
+    assert torch.equal(greedy_tokens(again), answer)

@@ -6,6 +6,7 @@ and optionally next to llama.cpp's `llama-server` on the same GGUF file with the
     .venv/bin/python bench/serve_bench.py --against-llama-server /path/to/llama-server --quantize-sweep
     .venv/bin/python bench/serve_bench.py --url http://127.0.0.1:8000/v1 --model NAME   # any OpenAI-compatible server
     .venv/bin/python bench/serve_bench.py --closed-only --quantize-sweep --against-llama-server PATH   # the ISA table
+    .venv/bin/python bench/serve_bench.py --closed-only --against-llama-server PATH --rounds 3   # alternated
 
 It records the instruction set PyTorch dispatches to (`AVX512`, or `AVX2` on a CPU without AVX-512 or under the
 emulation in bench/README.md) and writes bench/results/serve_bench_<instruction set>.json and .png.
@@ -81,6 +82,14 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
+def client() -> aiohttp.ClientSession:
+    """The benchmark's client: a new connection per request, for every server alike (llama-server, 0.3.36's
+    sources, drops a request that follows a finished stream at once on the same connection; bench/multiturn.py)."""
+    return aiohttp.ClientSession(
+        timeout=aiohttp.ClientTimeout(total=1800), connector=aiohttp.TCPConnector(force_close=True)
+    )
+
+
 async def one_request(session: aiohttp.ClientSession, url: str, model: str, prompt: str, tokens: int) -> Result:
     body = {
         "model": model,
@@ -120,7 +129,7 @@ async def one_request(session: aiohttp.ClientSession, url: str, model: str, prom
 
 async def closed_loop(url: str, model: str, concurrency: int, tokens: int, name: str, rounds: int = 1) -> Run:
     """`concurrency` identical requests at once, `rounds` times in a row."""
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1800)) as session:
+    async with client() as session:
         await one_request(session, url, model, PROMPT, 4)  # warm-up
         results: list[Result] = []
         start = time.perf_counter()
@@ -138,7 +147,7 @@ DOCUMENT = "The lighthouse keeper counted the ships that passed the rocky cape e
 async def poisson(url: str, model: str, rate: float, count: int, seed: int = 0) -> Run:
     """Requests of mixed prompt and output lengths arriving at `rate` per second; one in six pastes a long document."""
     rng = random.Random(seed)
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1800)) as session:
+    async with client() as session:
         tasks = []
         start = time.perf_counter()
         for _ in range(count):
@@ -153,7 +162,7 @@ async def poisson(url: str, model: str, rate: float, count: int, seed: int = 0) 
 
 async def late_joiner(url: str, model: str, running: int, tokens: int) -> dict[str, float]:
     """TTFT of one request sent while `running` others are decoding, and their step time."""
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1800)) as session:
+    async with client() as session:
         background = [asyncio.create_task(one_request(session, url, model, PROMPT, tokens * 4)) for _ in range(running)]
         await asyncio.sleep(0)
         # let all of them finish their prefill and decode for a while
@@ -312,6 +321,13 @@ def main() -> None:
     p.add_argument(
         "--closed-only", action="store_true", help="only the closed-loop runs (no Poisson, late joiner or batch 1)"
     )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="with --closed-only and --against-llama-server: ours and llama-server alternated this many times, each "
+        "started afresh; the ratios of every round and their medians",
+    )
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"command": " ".join(sys.argv), "device": args.device, "cpu": cpu_report()}
@@ -346,6 +362,9 @@ def main() -> None:
                 report["late_joiner"] = await late_joiner(url, model, top - 1, args.tokens)
                 print(json.dumps(report["late_joiner"]), flush=True)
 
+        if args.rounds > 1 and args.closed_only and args.against_llama_server:
+            alternated(report, args, base, top, defaults)
+            return
         served([*base, "--max-queue", "256"], defaults)
         print(json.dumps({"chosen": report["health"].get("kernels", {}).get("bits")}), flush=True)
 
@@ -385,6 +404,31 @@ def main() -> None:
     (args.out / f"serve_bench_{isa}.json").write_text(json.dumps(report, indent=1))
     chart(report, args.out / f"serve_bench_{isa}.png")
     print(f"wrote {args.out / f'serve_bench_{isa}.json'} and {args.out / f'serve_bench_{isa}.png'}")
+
+
+def alternated(report: dict[str, Any], args: argparse.Namespace, base: list[str], top: int, defaults: Any) -> None:
+    """Ours then llama-server, `args.rounds` times: this machine's speed drifts by 15% and more within minutes, so
+    one pair of runs can say either; each round's ratios, and the medians, are written."""
+    from models.loader import bundled_model_path
+
+    gguf = args.model_path or bundled_model_path()
+
+    async def peer(url: str, model: str) -> list[dict[str, Any]]:
+        return await measure(url, model, args, poisson_run=False)
+
+    rounds = []
+    for i in range(args.rounds):
+        served([*base, "--max-queue", "256"], defaults)
+        report["llama_server"] = served([], peer, llama_server(args.against_llama_server, gguf, top))
+        pair = {k: report[k] for k in ("server", "llama_server")}
+        rounds.append({**pair, "ratios": ratios(report, top)})
+        print(json.dumps({"round": i + 1, "ratios": rounds[-1]["ratios"]}), flush=True)
+    report["rounds"] = rounds
+    report["median_ratios"] = {k: statistics.median(r["ratios"][k] for r in rounds) for k in rounds[0]["ratios"]}
+    print(json.dumps({"median_ratios": report["median_ratios"]}, indent=1), flush=True)
+    isa = report["cpu"]["capability"].lower()
+    (args.out / f"serve_bench_{isa}_rounds.json").write_text(json.dumps(report, indent=1))
+    print(f"wrote {args.out / f'serve_bench_{isa}_rounds.json'}")
 
 
 def cpu_report() -> dict[str, Any]:

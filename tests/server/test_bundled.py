@@ -83,9 +83,10 @@ async def test_greedy_answers_do_not_depend_on_batching(bundled_fp32: LoadedMode
 
 
 # schemas of bench/schemas.json whose greedy answers finished in bench/structured_bench.py's runs when prefilled
-# with nothing cached (below); on the others the 135M model can repeat inside an unbounded array or string until
-# max_tokens ("length"; bench/README.md)
-FINISHING = {"person_flat", "weather_report", "sentiment", "nullable_names", "chinese_grocery", "emoji_reaction"}
+# with nothing cached (below), on AVX-512 and on AVX2; on the others the 135M model can repeat inside an unbounded
+# array or string until max_tokens ("length"; bench/README.md). `chinese_grocery` finished on AVX-512 but loops on
+# AVX2's float32 numerics ("茹茹茹…"), as it does on AVX-512 after a prefix-cache hit: `--loop-guard on` ends it.
+FINISHING = {"person_flat", "weather_report", "sentiment", "nullable_names", "emoji_reaction"}
 SCHEMA_SET = [e for e in json.loads((ROOT / "bench" / "schemas.json").read_text()) if e["name"] in FINISHING]
 
 

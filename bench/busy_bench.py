@@ -21,13 +21,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import aiohttp
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT))
 
-from serve_bench import PROMPT, Result, llama_server, one_request, served  # noqa: E402
+from serve_bench import PROMPT, Result, client, llama_server, one_request, served  # noqa: E402
 
 
 def rate(result: Result) -> float:
@@ -39,7 +37,7 @@ def rate(result: Result) -> float:
 
 
 async def quiet_then_busy(url: str, model: str, tokens: int, busy: int) -> dict[str, Any]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1800)) as session:
+    async with client() as session:
         await one_request(session, url, model, PROMPT, 8)  # warm-up
         quiet = [rate(await one_request(session, url, model, PROMPT, tokens)) for _ in range(2)]
         loops = [await asyncio.create_subprocess_exec(sys.executable, "-c", "while True: pass") for _ in range(busy)]

@@ -390,15 +390,7 @@ def main() -> None:
                 report["quantize"][bits] = served([*base, "--quantize", bits, "--max-queue", "256"], sweep)
                 print(json.dumps({"quantize": bits, "runs": report["quantize"][bits]}), flush=True)
         if args.against_llama_server:
-            from models.loader import bundled_model_path
-
-            gguf = args.model_path or bundled_model_path()
-
-            async def peer(url: str, model: str) -> list[dict[str, Any]]:
-                return await measure(url, model, args, poisson_run=not args.closed_only)
-
-            command = llama_server(args.against_llama_server, gguf, top)
-            report["llama_server"] = served([], peer, command)
+            report["llama_server"] = peer_runs(args, top)
         report["ratios"] = ratios(report, top)
         print(json.dumps(report["ratios"], indent=1))
     (args.out / f"serve_bench_{isa}.json").write_text(json.dumps(report, indent=1))
@@ -406,20 +398,26 @@ def main() -> None:
     print(f"wrote {args.out / f'serve_bench_{isa}.json'} and {args.out / f'serve_bench_{isa}.png'}")
 
 
-def alternated(report: dict[str, Any], args: argparse.Namespace, base: list[str], top: int, defaults: Any) -> None:
-    """Ours then llama-server, `args.rounds` times: this machine's speed drifts by 15% and more within minutes, so
-    one pair of runs can say either; each round's ratios, and the medians, are written."""
+def peer_runs(args: argparse.Namespace, top: int) -> list[dict[str, Any]]:
+    """llama-server (`--against-llama-server`) on the same GGUF, through the same runs as ours."""
     from models.loader import bundled_model_path
 
     gguf = args.model_path or bundled_model_path()
 
     async def peer(url: str, model: str) -> list[dict[str, Any]]:
-        return await measure(url, model, args, poisson_run=False)
+        return await measure(url, model, args, poisson_run=not args.closed_only)
 
+    result: list[dict[str, Any]] = served([], peer, llama_server(args.against_llama_server, gguf, top))
+    return result
+
+
+def alternated(report: dict[str, Any], args: argparse.Namespace, base: list[str], top: int, defaults: Any) -> None:
+    """Ours then llama-server, `args.rounds` times: this machine's speed drifts by 15% and more within minutes, so
+    one pair of runs can say either; each round's ratios, and the medians, are written."""
     rounds = []
     for i in range(args.rounds):
         served([*base, "--max-queue", "256"], defaults)
-        report["llama_server"] = served([], peer, llama_server(args.against_llama_server, gguf, top))
+        report["llama_server"] = peer_runs(args, top)
         pair = {k: report[k] for k in ("server", "llama_server")}
         rounds.append({**pair, "ratios": ratios(report, top)})
         print(json.dumps({"round": i + 1, "ratios": rounds[-1]["ratios"]}), flush=True)

@@ -312,17 +312,16 @@ def _measure(shape: Shape, bits: int, dtype: torch.dtype, acts: list[torch.dtype
         m.set_dense(None)
         if shape.head:
             m.keep_top_exact()  # as served: either way pays for its exact top logits
-    ways = [_name(a) for a in acts]
-    if shape.head and int8_head and all(m.set_int8_inputs() for m in quantized):
-        ways.append(INT8_INPUTS)
+    ways = [_name(a) for a in acts] + ([INT8_INPUTS] if shape.head and int8_head else [])
     timed: dict[str, dict[int, float]] = {}
     for way in ways:
-        _feed(quantized, way)
-        timed[way] = {1: time_layers(layers, inputs[1])}
-    fastest = min(t[1] for t in timed.values())
-    for way in ways:
-        # the head's ways are all timed at a batch: int8 inputs scale with rows unlike the weight-only kernel
-        if timed[way][1] <= SLOWER * fastest or shape.head:
+        if _feed(quantized, way):  # int8 inputs may be unavailable here
+            timed[way] = {1: time_layers(layers, inputs[1])}
+    fastest = min(t[1] for way, t in timed.items() if way != INT8_INPUTS)
+    for way in timed:
+        # dtypes are compared with each other only, and int8 inputs always timed at a batch: they slow with rows
+        # unlike the weight-only kernel, so neither side's one-row time says how the other fares at 16
+        if timed[way][1] <= SLOWER * fastest or way == INT8_INPUTS:
             _feed(quantized, way)
             for r in DECODE_ROWS[1:]:
                 timed[way][r] = time_layers(layers, inputs[r], reuse=r >= PREFILL_ROWS)
@@ -393,11 +392,7 @@ def apply(model: nn.Module, plan: Plan) -> None:
         if not isinstance(module, QuantizedLinear) or route is None or route.act is None or route.bits != module.bits:
             continue
         if not _feed([module], route.act):  # measured on this CPU and torch, so not expected
-            fallback = min(
-                (k.split("@")[0] for k in route.tried if k.endswith("@1") and not k.startswith(INT8_INPUTS)),
-                key=lambda a: route.tried[f"{a}@1"],
-                default=None,
-            )
+            fallback = _fastest_dtype(route)
             log.warning("%s: int8 inputs measured fastest but are unavailable now; fed %s", name, fallback)
             if fallback is not None:
                 _feed([module], fallback)
@@ -405,6 +400,17 @@ def apply(model: nn.Module, plan: Plan) -> None:
         module.set_dense(
             None if route.dense is None else getattr(torch, route.dense), None if held is None else getattr(torch, held)
         )
+
+
+def _fastest_dtype(route: Route) -> str | None:
+    """The dtype `choose_act` would have chosen from the route's timings without int8 inputs (None: none timed)."""
+    by_dtype: dict[str, dict[int, float]] = {}
+    for key, us in route.tried.items():
+        way, _, rows = key.partition("@")
+        if rows.isdigit() and int(rows) in DECODE_ROWS and isinstance(getattr(torch, way, None), torch.dtype):
+            by_dtype.setdefault(way, {})[int(rows)] = us
+    timed = {way: rows for way, rows in by_dtype.items() if all(r in rows for r in DECODE_ROWS)}  # as `_measure`
+    return choose_act(timed) if timed else None
 
 
 def layer_bits(model: nn.Module, plan: Plan) -> dict[str, int]:

@@ -50,9 +50,8 @@ KERNELS: dict[str, Callable[[torch.Tensor, Any], torch.Tensor]] = {"int8x8": _pr
 class Int8Inputs:
     """`x·Wᵀ` for int8 rows W [out, in] with a float scale each, the inputs quantized to int8 as above."""
 
-    def __init__(self, packed: Any, out_features: int, nbytes: int) -> None:
+    def __init__(self, packed: Any, nbytes: int) -> None:
         self.packed = packed
-        self.out_features = out_features
         self.nbytes = nbytes  # FBGEMM's own copy of the rows, beside the layer's
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -73,7 +72,7 @@ def pack(weight: torch.Tensor, scale: torch.Tensor) -> Int8Inputs | None:
                 weight.contiguous(), scale.double(), torch.zeros(out, dtype=torch.long), 0
             )
             packed = torch.ops.quantized.linear_prepack(rows, None)
-        product = Int8Inputs(packed, out, weight.numel() + 4 * out)
+        product = Int8Inputs(packed, weight.numel() + 4 * out)
         x = torch.randn(3, inputs, generator=torch.Generator().manual_seed(0))
         some = min(out, 1024)  # enough rows to see a broken product, without a float copy of a big head
         want = x @ (weight[:some].float() * scale[:some].float()[:, None]).t()

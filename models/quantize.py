@@ -141,7 +141,9 @@ class QuantizedLinear(nn.Module):
 
     def set_int8_inputs(self) -> bool:
         """For an LM head keeping its top logits exact: multiply its rows by int8 inputs from now on
-        (models/int8_inputs.py), where this PyTorch can; whether it does."""
+        (models/int8_inputs.py), where this PyTorch can; whether it does. Packed once until the route changes."""
+        if self.int8 is not None:
+            return True
         weight, scale = self._buffers.get("weight"), self._buffers.get("scale32")
         if not self.exact_top or weight is None or scale is None:
             return False

@@ -7,6 +7,7 @@ and optionally next to llama.cpp's `llama-server` on the same GGUF file with the
     .venv/bin/python bench/serve_bench.py --url http://127.0.0.1:8000/v1 --model NAME   # any OpenAI-compatible server
     .venv/bin/python bench/serve_bench.py --closed-only --quantize-sweep --against-llama-server PATH   # the ISA table
     .venv/bin/python bench/serve_bench.py --closed-only --against-llama-server PATH --rounds 3   # alternated
+    .venv/bin/python bench/serve_bench.py --closed-only --temperature 0.95 --top-p 0.7   # sampled, not greedy
 
 It records the instruction set PyTorch dispatches to (`AVX512`, or `AVX2` on a CPU without AVX-512 or under the
 emulation in bench/README.md) and writes bench/results/serve_bench_<instruction set>.json and .png.
@@ -90,6 +91,10 @@ def client() -> aiohttp.ClientSession:
     )
 
 
+# how every request samples (greedy unless --temperature/--top-p say otherwise)
+SAMPLING: dict[str, float] = {"temperature": 0.0}
+
+
 async def one_request(session: aiohttp.ClientSession, url: str, model: str, prompt: str, tokens: int) -> Result:
     body = {
         "model": model,
@@ -97,7 +102,7 @@ async def one_request(session: aiohttp.ClientSession, url: str, model: str, prom
         "max_tokens": tokens,
         "min_tokens": tokens,
         "ignore_eos": True,
-        "temperature": 0,
+        **SAMPLING,
         "stream": True,
         "stream_options": {"include_usage": True},
     }
@@ -328,7 +333,10 @@ def main() -> None:
         help="with --closed-only and --against-llama-server: ours and llama-server alternated this many times, each "
         "started afresh; the ratios of every round and their medians",
     )
+    p.add_argument("--temperature", type=float, default=0.0, help="every request's temperature (default: greedy)")
+    p.add_argument("--top-p", type=float, help="every request's top_p (default: none sent)")
     args = p.parse_args()
+    SAMPLING.update(temperature=args.temperature, **({} if args.top_p is None else {"top_p": args.top_p}))
     args.out.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"command": " ".join(sys.argv), "device": args.device, "cpu": cpu_report()}
     isa = report["cpu"]["capability"].lower()
@@ -348,7 +356,8 @@ def main() -> None:
         return
     if args.url:
         model = args.model or served_model(args.url)
-        report.update(model=model, url=args.url, server=asyncio.run(measure(args.url, model, args)))
+        runs = asyncio.run(measure(args.url, model, args, poisson_run=not args.closed_only))
+        report.update(model=model, url=args.url, server=runs)
     else:
         report["in_process"] = in_process(args.model_path, args.device, args.tokens, sorted({1, top}))
         print(json.dumps(report["in_process"]), flush=True)

@@ -56,9 +56,13 @@ def main() -> None:
     eos = frozenset({2})
     print(json.dumps({"cpu": torch.backends.cpu.get_cpu_capability(), "threads": args.threads}))
     times: dict[str, list[float]] = {name: [] for name in CASES}
+
+    def one(params: SamplingParams) -> Callable[[], object]:
+        return lambda: sample(logits, params, history, eos)
+
     for _ in range(args.rounds):
         for name, params in CASES.items():
-            times[name].append(us_per_call(lambda params=params: sample(logits, params, history, eos)))
+            times[name].append(us_per_call(one(params)))
     for name, t in times.items():
         print(json.dumps({"case": name, "us_median": round(statistics.median(t), 1), "us": [round(x, 1) for x in t]}))
 

@@ -94,11 +94,22 @@ def pick(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator) ->
     logits = logits.float() / p.temperature
     ids: torch.Tensor | None = None  # the candidates' token ids, likeliest first (None: every token, in id order)
     if 0 < p.top_k < logits.shape[-1]:
-        logits, ids = torch.topk(logits, p.top_k)  # [k], sorted
+        logits, ids = top_k(logits, p.top_k)
     probs = torch.softmax(logits, dim=-1)
     if p.top_p < 1.0:
         probs, ids = nucleus(probs, ids, p.top_p)
     return draw(probs, ids, generator)
+
+
+def top_k(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest logits [n] and their ids [n], largest first, with every token tied with the k-th (n ≥ k: a cut
+    at the k-th logit keeps them all, as transformers' and gpt-fast's do; bf16 logits tie often). Ties at -inf are
+    left out: they could never be drawn."""
+    values, ids = torch.topk(logits, k)
+    kth = values[-1]
+    if bool(kth > float("-inf")) and (tied := int((logits >= kth).sum())) > k:
+        values, ids = torch.topk(logits, tied)
+    return values, ids
 
 
 # how many of the likeliest tokens top-p looks among, in turn, before it sorts the whole distribution: a partial
@@ -132,14 +143,25 @@ def _kept(ordered: torch.Tensor, top_p: float) -> int:
 
 def draw(probs: torch.Tensor, ids: torch.Tensor | None, generator: torch.Generator) -> int:
     """A token drawn from (unnormalised) probabilities [n] over `ids` (None: token i is id i): the first whose
-    cumulative mass passes a uniform draw. Zero-probability tokens are never drawn. NaN or infinite logits raise."""
-    cdf = torch.cumsum(probs, dim=-1)
+    cumulative mass passes a uniform draw from the request's generator. A zero-probability token is never drawn; NaN
+    or infinite logits raise."""
+    u = float(torch.rand((), generator=generator, device=probs.device))
+    # summed on the CPU, where the sum runs in order: a token of probability 0 ends exactly where the one before it
+    # does, so no draw lands on it (a GPU's parallel scan may round it a step higher)
+    cdf = torch.cumsum(probs.float().cpu(), dim=-1)
     total = float(cdf[-1])
     if not math.isfinite(total) or total <= 0.0:
         raise ValueError(f"cannot sample: the token probabilities sum to {total} (NaN or infinite logits)")
-    u = torch.rand((), generator=generator, device=probs.device, dtype=cdf.dtype) * total
-    i = min(int(torch.searchsorted(cdf, u, right=True)), cdf.shape[-1] - 1)
+    i = passed(cdf, u * total)
     return i if ids is None else int(ids[i])
+
+
+def passed(cdf: torch.Tensor, mass: float) -> int:
+    """The first index whose cumulative probability `cdf` [n] is above `mass`; where rounding puts `mass` at the
+    total, the last token with a probability of its own (the first that reaches the total), never a zero one after
+    it."""
+    i = int(torch.searchsorted(cdf, cdf.new_tensor(mass), right=True))
+    return i if i < cdf.shape[-1] else int(torch.searchsorted(cdf, cdf[-1]))
 
 
 def sample(logits: torch.Tensor, p: SamplingParams, history: History, eos: frozenset[int]) -> Sampled:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from generation.sampling import NUCLEUS_STAGES, History, SamplingParams, draw, nucleus, pick, sample
+from generation.sampling import NUCLEUS_STAGES, History, SamplingParams, draw, nucleus, passed, pick, sample, top_k
 
 VOCAB = 49152  # the bundled model's
 
@@ -92,3 +92,30 @@ def test_ignore_eos_still_ends_where_nothing_else_is_allowed() -> None:
     only_end = torch.full((VOCAB,), float("-inf"))
     only_end[2] = 0.0  # a grammar that is complete allows only the end
     assert sample(only_end, params, history, eos).token == 2
+
+
+def test_top_k_keeps_every_token_tied_with_the_kth() -> None:
+    # bf16 logits tie often: a cut at the k-th logit keeps all of its ties, as transformers' top-k does
+    logits = torch.tensor([5.0, 4.0, 3.0, 3.0, 3.0, 1.0, 0.5])
+    values, ids = top_k(logits, 3)
+    assert sorted(ids.tolist()) == [0, 1, 2, 3, 4] and values.tolist() == [5.0, 4.0, 3.0, 3.0, 3.0]
+    generator = torch.Generator().manual_seed(0)
+    params = SamplingParams(temperature=1.0, top_k=3)
+    assert {pick(logits, params, generator) for _ in range(400)} == {0, 1, 2, 3, 4}
+
+
+def test_top_k_beyond_what_a_grammar_allows_draws_only_allowed_tokens() -> None:
+    logits = torch.full((VOCAB,), float("-inf"))
+    allowed = [7, 300, 40000]  # fewer than top_k: the -inf ties are not widened into a sort of everything
+    logits[allowed] = torch.tensor([1.0, 0.5, 0.2])
+    values, _ = top_k(logits, 40)
+    assert len(values) == 40
+    generator = torch.Generator().manual_seed(0)
+    params = SamplingParams(temperature=0.8, top_p=0.95, top_k=40)
+    assert {pick(logits, params, generator) for _ in range(300)} == set(allowed)
+
+
+def test_a_draw_at_the_very_top_takes_the_last_possible_token_not_a_zero_one_after_it() -> None:
+    cdf = torch.cumsum(torch.tensor([0.25, 0.5, 0.25, 0.0, 0.0]), dim=-1)
+    assert passed(cdf, 0.0) == 0 and passed(cdf, 0.25) == 1 and passed(cdf, 0.9) == 2
+    assert passed(cdf, 1.0) == 2  # rounding can bring the draw up to the total itself

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from generation.sampling import NUCLEUS_STAGES, History, SamplingParams, draw, nucleus, passed, pick, sample, top_k
+from generation.sampling import NUCLEUS_STAGES, History, SamplingParams, draw, nucleus, pick, sample, top_k
 
 VOCAB = 49152  # the bundled model's
 
@@ -44,11 +44,11 @@ def test_the_cases_above_end_inside_each_stage_and_past_them() -> None:
 def test_draws_follow_the_probabilities_and_never_take_an_impossible_token() -> None:
     probs = torch.tensor([0.5, 0.0, 0.3, 0.2, 0.0])
     generator = torch.Generator().manual_seed(0)
-    counts = torch.bincount(torch.tensor([draw(probs, None, generator) for _ in range(20000)]), minlength=5)
+    counts = torch.bincount(torch.tensor([draw(probs, None, 5, generator) for _ in range(20000)]), minlength=5)
     assert counts[1] == counts[4] == 0
     assert torch.allclose(counts.float() / 20000, probs, atol=0.015)
     ids = torch.tensor([40, 41, 42, 43, 44])
-    assert {draw(probs, ids, generator) for _ in range(200)} == {40, 42, 43}
+    assert {draw(probs, ids, 45, generator) for _ in range(200)} == {40, 42, 43}
 
 
 def test_a_seed_draws_the_same_tokens_again() -> None:
@@ -115,7 +115,15 @@ def test_top_k_beyond_what_a_grammar_allows_draws_only_allowed_tokens() -> None:
     assert {pick(logits, params, generator) for _ in range(300)} == set(allowed)
 
 
-def test_a_draw_at_the_very_top_takes_the_last_possible_token_not_a_zero_one_after_it() -> None:
-    cdf = torch.cumsum(torch.tensor([0.25, 0.5, 0.25, 0.0, 0.0]), dim=-1)
-    assert passed(cdf, 0.0) == 0 and passed(cdf, 0.25) == 1 and passed(cdf, 0.9) == 2
-    assert passed(cdf, 1.0) == 2  # rounding can bring the draw up to the total itself
+def test_a_seed_mostly_draws_the_same_token_from_slightly_different_logits() -> None:
+    # a prompt served from the prefix cache computes its logits a little differently: a seeded request should
+    # still give the same answer almost always (inverting the sorted cumulative distribution kept 81% here)
+    logits = torch.randn(VOCAB, generator=torch.Generator().manual_seed(0)) * 3
+    moved = logits + torch.randn(VOCAB, generator=torch.Generator().manual_seed(1)) * 0.02
+    params = SamplingParams(temperature=0.7)
+    same = sum(
+        pick(logits, params, torch.Generator().manual_seed(seed))
+        == pick(moved, params, torch.Generator().manual_seed(seed))
+        for seed in range(300)
+    )
+    assert same >= 0.95 * 300

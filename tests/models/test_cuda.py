@@ -79,3 +79,21 @@ async def test_the_prefix_cache_on_the_gpu(dtype: str, make_client: MakeClient, 
     else:  # half precision: a chunk's sums differ in the last bits from a whole prompt's; the first round has no hit
         assert rounds[0][0] == without[0][0] and all(a for a, _, _ in rounds)
     assert (await (await client.get("/health")).json())["prefix_cache"]["bytes"] > 0
+
+
+def test_sampling_on_the_gpu_keeps_to_its_candidates_and_its_seed() -> None:
+    from generation.sampling import SamplingParams, pick
+
+    logits = torch.randn(49152, generator=torch.Generator().manual_seed(0)) * 4
+    logits[:1000] = float("-inf")  # a grammar's mask: these can never be drawn
+    on_gpu = logits.to("cuda:0", torch.bfloat16)
+    kth = float(torch.topk(on_gpu.float(), 50).values[-1])  # top-k keeps what ties with it too
+    params = SamplingParams(temperature=0.8, top_p=0.9, top_k=50)
+
+    def tokens(seed: int) -> list[int]:
+        generator = torch.Generator(device="cuda:0").manual_seed(seed)
+        return [pick(on_gpu, params, generator) for _ in range(200)]
+
+    drawn = tokens(1)
+    assert drawn == tokens(1) != tokens(2)
+    assert min(drawn) >= 1000 and all(float(on_gpu[t]) >= kth for t in drawn) and len(set(drawn)) > 1

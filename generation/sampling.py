@@ -93,7 +93,7 @@ def pick(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator) ->
     vocab = logits.shape[-1]
     logits = logits.float() / p.temperature
     ids: torch.Tensor | None = None  # the candidates' token ids, likeliest first (None: every token, in id order)
-    if 0 < p.top_k < logits.shape[-1]:
+    if 0 < p.top_k < vocab:
         logits, ids = top_k(logits, p.top_k)
     probs = torch.softmax(logits, dim=-1)
     if p.top_p < 1.0:

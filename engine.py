@@ -24,7 +24,7 @@ from generation.batch import KVBatch, batchable, decode_step, prefill, prefill_c
 from generation.constraints import Matcher, apply_masks
 from generation.events import Delta, Failed, Finished, Outbox, RequestHandle, TokenLogprob
 from generation.logprobs import TokenTexts
-from generation.loop_guard import LoopGuard, repeat_penalties
+from generation.loop_guard import LATE, LoopGuard, repeat_penalties
 from generation.output import Output
 from generation.prefix_cache import PrefixCache, prefix_cache_for, restored, row_kv, tokens_in
 from generation.sampling import History, Sampled, SamplingParams, sample
@@ -55,9 +55,9 @@ class EngineConfig:
     # the memory left after the weights and the batch's cache at full context; 0: no prefix cache
     prefix_cache_mb: float | None = None
     # JSON answers: lower the tokens that would repeat a span of the answer once more, so that a small model ends its
-    # JSON instead of looping until max_tokens (generation/loop_guard.py); None (the default): off, as it also ends
-    # lists that repeat on purpose (ten numbers, records that differ only in their numbers) early
-    loop_guard: LoopGuard | None = None
+    # JSON instead of looping until max_tokens (generation/loop_guard.py); the default acts only once an answer has
+    # used half its budget, so lists that repeat on purpose and end before are left alone; None: off
+    loop_guard: LoopGuard | None = LATE
 
 
 class QueueFull(Exception):
@@ -581,8 +581,8 @@ class Engine:
                     found = [
                         (i, token, amount)
                         for i, matcher in zip(constrained, matchers, strict=True)
-                        if matcher.guarded
-                        for token, amount in repeat_penalties(seqs[i].tokens, guard).items()
+                        if matcher.symbols is not None and guard.acts(len(seqs[i].tokens), self._answer_budget(seqs[i]))
+                        for token, amount in repeat_penalties(seqs[i].tokens, guard, matcher.symbols).items()
                     ]
                     if found:  # one indexed update for the whole batch, not one per row
                         rows, ids, amounts = zip(*found, strict=True)
@@ -603,6 +603,10 @@ class Engine:
                 self._end(seq.handle, Failed(f"generation failed: {exc}"))
         return keep
 
+    def _answer_budget(self, seq: _Sequence) -> int:
+        """The most tokens the sequence's answer may have: its max_new_tokens, or what the context leaves."""
+        return min(seq.params.max_new_tokens, self.model.context_length - len(seq.prompt))
+
     def _advance(self, seq: _Sequence, sampled: Sampled) -> bool:
         """Record a sampled token and stream its text; False once the sequence has finished."""
         lm = self.model
@@ -618,9 +622,7 @@ class Engine:
                 raise RuntimeError(f"the constraint refused a token: {error}")
             if seq.matcher.done:  # the grammar is complete: the answer is whole
                 reason = "stop"
-        if reason is None and (
-            len(seq.tokens) >= seq.params.max_new_tokens or len(seq.prompt) + len(seq.tokens) >= lm.context_length
-        ):
+        if reason is None and len(seq.tokens) >= self._answer_budget(seq):
             reason = "length"
         if seq.params.logprobs is not None and not is_eos:
             seq.pending.append(self._token_texts().entry(sampled))

@@ -204,10 +204,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     a(
         "--loop-guard",
-        choices=("on", "off"),
+        choices=("late", "on", "off"),
         help="structured output: lower the tokens that would repeat a span of a JSON answer once more, so that a "
-        "small model ends its JSON instead of looping until max_tokens; it also ends lists that repeat on purpose "
-        "early (default: off)",
+        "small model ends its JSON instead of looping until max_tokens. late (the default): only once the answer "
+        "has used half its max_tokens, counting numbers as repeats; on: from the first token, word for word (also "
+        "ends lists that repeat on purpose early); off",
     )
     a("--threads", type=int, help="torch compute threads (default: measured while serving, at most the cores)")
     a("--queue-timeout", type=float, default=600.0, help="seconds a request may wait for a slot before 503")
@@ -323,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
         backend = UpstreamBackend(UpstreamConfig(args.upstream, args.upstream_api_key, args.upstream_model))
     else:  # loads on the worker: /health says 503 meanwhile
         from engine import Engine, EngineConfig
-        from generation.loop_guard import LoopGuard
+        from generation.loop_guard import FROM_THE_START, LATE
         from generation.prepare import load_model
 
         engine_config = EngineConfig(
@@ -334,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
             prefill_seconds=args.prefill_seconds,
             threads=args.threads,
             prefix_cache_mb=args.prefix_cache_mb,
-            loop_guard=LoopGuard() if args.loop_guard == "on" else None,
+            loop_guard={"on": FROM_THE_START, "off": None}.get(args.loop_guard, LATE),
         )
         backend = engine = Engine(lambda: load_model(model_config), engine_config)
     app = create_app(config, backend)

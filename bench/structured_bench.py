@@ -9,7 +9,7 @@ Validity: every schema of bench/schemas.json, greedy and at temperature 0.7, str
 time and eight at once (one batch); each answer parsed and checked with `jsonschema`. Overhead: the time between
 tokens of a stream held inside a JSON string (constrained) against a free stream of the same length (`ignore_eos`),
 alone and 16 at once (8 constrained, 8 free) against 16 free; rounds alternate, medians reported. Writes
-bench/results/structured_bench.json.
+bench/results/structured_bench.json (or `--out`).
 """
 
 from __future__ import annotations
@@ -190,6 +190,9 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--validity-only", action="store_true")
     p.add_argument("--overhead-only", action="store_true")
+    p.add_argument(
+        "--out", type=Path, default=ROOT / "bench" / "results" / "structured_bench.json", help="the report's file"
+    )
     args = p.parse_args()
     if args.url:
         report = asyncio.run(main_async(args.url, args))
@@ -200,8 +203,8 @@ def main() -> None:
         finally:
             proc.terminate()
             proc.wait(30)
-    out = ROOT / "bench" / "results" / "structured_bench.json"
-    out.parent.mkdir(exist_ok=True)
+    out: Path = args.out
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1, ensure_ascii=False))
     print(json.dumps(report, indent=1, ensure_ascii=False))
 

@@ -21,6 +21,7 @@ import llguidance.torch
 import numpy as np
 import torch
 
+from generation.loop_guard import token_symbols
 from generation.schema_closing import closed
 from generation.structured import Constraint
 
@@ -58,10 +59,11 @@ def grammar_of(constraint: Constraint) -> str:
 class Matcher:
     """One sequence's place in its grammar."""
 
-    def __init__(self, matcher: llguidance.LLMatcher, vocab: int, guarded: bool) -> None:
+    def __init__(self, matcher: llguidance.LLMatcher, vocab: int, symbols: np.ndarray | None) -> None:
         self.ll = matcher
         self.vocab = vocab  # the tokenizer's tokens, the width of its masks
-        self.guarded = guarded  # a JSON answer: the loop guard may lower its repeats
+        # a JSON answer, which the loop guard may keep from repeating: each token's symbol [V] (digits one); None: not
+        self.symbols = symbols
 
     def consume(self, token: int) -> None:
         self.ll.consume_token(token)
@@ -79,15 +81,15 @@ class Matcher:
 class CompiledConstraint:
     """A constraint compiled for one tokenizer; `matcher()` is a fresh one for each sequence (a cheap copy)."""
 
-    def __init__(self, template: llguidance.LLMatcher, vocab: int, guarded: bool) -> None:
+    def __init__(self, template: llguidance.LLMatcher, vocab: int, symbols: np.ndarray | None) -> None:
         self._template = template
         self._vocab = vocab
-        self._guarded = guarded
+        self._symbols = symbols
         self._lock = threading.Lock()  # copied from the prompt threads and the engine's
 
     def matcher(self) -> Matcher:
         with self._lock:
-            return Matcher(self._template.deep_copy(), self._vocab, self._guarded)
+            return Matcher(self._template.deep_copy(), self._vocab, self._symbols)
 
 
 class Grammars:
@@ -98,6 +100,14 @@ class Grammars:
         self.tokenizer = ll_tokenizer(tokenizer, eos)
         self._cache: OrderedDict[Constraint, CompiledConstraint] = OrderedDict()
         self._lock = threading.Lock()
+        self._symbols: np.ndarray | None = None
+
+    def symbols(self) -> np.ndarray:
+        """Each token's symbol for the loop guard [V] (digits one), read from the vocabulary on first use."""
+        if self._symbols is None:
+            pieces = [self.tokenizer.decode_bytes([i]) for i in range(self.tokenizer.vocab_size)]
+            self._symbols = token_symbols(pieces)
+        return self._symbols
 
     def compile(self, constraint: Constraint) -> CompiledConstraint:
         """The compiled constraint, from the cache when it was compiled before. Raises ConstraintError."""
@@ -129,7 +139,7 @@ class Grammars:
             raise ConstraintError(constraint.param, f"'{constraint.param}' cannot be used: {template.get_error()}")
         # JSON must come to an end; a regex or grammar may ask for repetition, so only JSON answers are guarded
         guarded = constraint.kind in ("json_schema", "json_object")
-        return CompiledConstraint(template, self.tokenizer.vocab_size, guarded)
+        return CompiledConstraint(template, self.tokenizer.vocab_size, self.symbols() if guarded else None)
 
 
 class _Vocabulary:

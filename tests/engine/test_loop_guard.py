@@ -1,7 +1,8 @@
-"""The loop guard on a model taught to loop: held to a schema with an open array, it writes `7,` for ever and its
-answer is cut by max_tokens (the default, no guard); with `--loop-guard on` the same model closes the array and its
-JSON validates, and a free row beside it answers as alone. A regex answer is not guarded: repetition may be what it
-asks for."""
+"""The loop guard on a model taught to loop: held to a schema with an open array, it writes `7,` for ever. With the
+guard off its answer is cut by max_tokens; by default the guard lets the loop run until half the budget, then the
+model closes the array and its JSON validates; `--loop-guard on` closes it within a few tokens. A list that ends
+before half the budget is the model's own with the default guard, and a free row beside a guarded one answers as
+alone. A regex answer is not guarded: repetition may be what it asks for."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import pytest
 from engine import Engine, EngineConfig
 from generation.constraints import grammars_for
 from generation.events import Delta, Failed, Finished
-from generation.loop_guard import LoopGuard
+from generation.loop_guard import FROM_THE_START
 from generation.prepare import load_model
 from generation.sampling import SamplingParams
 from generation.structured import Constraint
@@ -80,7 +81,8 @@ def answer(lm: LoadedModel, prompt: list[int], params: SamplingParams, config: E
     return result
 
 
-GUARDED = EngineConfig(loop_guard=LoopGuard())
+OFF = EngineConfig(loop_guard=None)
+FROM_START = EngineConfig(loop_guard=FROM_THE_START)
 
 
 def constrained(lm: LoadedModel, kind: str, source: str, max_tokens: int) -> SamplingParams:
@@ -92,36 +94,60 @@ def constrained(lm: LoadedModel, kind: str, source: str, max_tokens: int) -> Sam
 
 def test_without_the_guard_the_taught_loop_runs_until_max_tokens(looping: tuple[LoadedModel, list[int]]) -> None:
     lm, prompt = looping
-    text, reason = answer(
-        lm,
-        prompt,
-        constrained(lm, "json_schema", json.dumps(SCHEMA), 60),
-        EngineConfig(),  # the default: off
-    )
+    text, reason = answer(lm, prompt, constrained(lm, "json_schema", json.dumps(SCHEMA), 60), OFF)
     assert reason == "length" and text.startswith('{"xs":[7,7,7,7,7,')
     with pytest.raises(ValueError):
         json.loads(text)
 
 
+def sevens(lm: LoadedModel, text: str) -> int:
+    """How many of the answer's tokens were written before the array closed."""
+    return len(lm.tokenizer.encode(text[: text.index("]")], add_special_tokens=False))
+
+
 @pytest.mark.parametrize("temperature", [0.0, 0.7])
-def test_with_the_guard_the_same_model_closes_its_json(
+def test_by_default_the_loop_runs_to_half_the_budget_then_the_json_closes(
     looping: tuple[LoadedModel, list[int]], temperature: float
 ) -> None:
     lm, prompt = looping
     free = SamplingParams(20, 0.0, ignore_eos=True)
-    (alone,) = answers(lm, prompt, [free], EngineConfig())
+    (alone,) = answers(lm, prompt, [free], OFF)
     job = replace(constrained(lm, "json_schema", json.dumps(SCHEMA), 60), temperature=temperature, seed=3)
-    guarded, beside = answers(lm, prompt, [job, free], GUARDED)
+    guarded, beside = answers(lm, prompt, [job, free], EngineConfig())  # the default guard
     assert beside == alone  # the penalties land on the guarded row only
     text, reason = guarded
     assert reason == "stop", text
     document: dict[str, Any] = json.loads(text)
     jsonschema.validate(document, SCHEMA)
-    assert document["xs"][:3] == [7, 7, 7]  # the model's own answer, until it would go round again
+    assert text == LOOP[: text.index("]")] + text[text.index("]") :]  # the model's own answer until then
+    assert sevens(lm, text) >= 30  # untouched for the first half of its 60 tokens
+
+
+def test_from_the_start_the_guard_closes_the_loop_within_a_few_tokens(
+    looping: tuple[LoadedModel, list[int]],
+) -> None:
+    lm, prompt = looping
+    text, reason = answer(lm, prompt, constrained(lm, "json_schema", json.dumps(SCHEMA), 60), FROM_START)
+    assert reason == "stop", text
+    jsonschema.validate(json.loads(text), SCHEMA)
+    assert json.loads(text)["xs"][:3] == [7, 7, 7] and sevens(lm, text) < 20
+
+
+def test_a_list_that_ends_before_half_the_budget_is_the_models_own(looping: tuple[LoadedModel, list[int]]) -> None:
+    # twelve sevens asked for (maxItems): the default guard leaves them be, as guard off does; from the start, the
+    # guard takes the repeats for a loop and ends the list early
+    lm, prompt = looping
+    bounded = {**SCHEMA, "properties": {"xs": {"type": "array", "items": {"const": 7}, "maxItems": 12}}}
+    job = constrained(lm, "json_schema", json.dumps(bounded), 200)
+    off = answer(lm, prompt, job, OFF)
+    assert off == ('{"xs":[' + ",".join(["7"] * 12) + "]}", "stop")
+    assert answer(lm, prompt, job, EngineConfig()) == off
+    early, reason = answer(lm, prompt, job, FROM_START)
+    assert reason == "stop" and len(json.loads(early)["xs"]) < 12
 
 
 def test_a_regex_answer_may_repeat(looping: tuple[LoadedModel, list[int]]) -> None:
     lm, prompt = looping
     regex = r'\{"xs":\[(7,)*'  # as long as the budget lets it
-    text, reason = answer(lm, prompt, constrained(lm, "regex", regex, 30), GUARDED)
+    text, reason = answer(lm, prompt, constrained(lm, "regex", regex, 30), FROM_START)
     assert reason == "length" and text == LOOP[: len(text)] and text.count("7,") >= 10

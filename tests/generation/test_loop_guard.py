@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from generation.loop_guard import LoopGuard, repeat_penalties
+from dataclasses import replace
 
-GUARD = LoopGuard(multiplier=1.0, base=2.0, allowed=3)
+from generation.loop_guard import DIGITS, FROM_THE_START, LATE, LoopGuard, repeat_penalties, token_symbols
+
+GUARD = LoopGuard(multiplier=1.0, base=2.0, allowed=3)  # word for word unless given symbols
 
 
 def penalties(tokens: list[int], guard: LoopGuard = GUARD) -> dict[int, float]:
@@ -46,3 +48,24 @@ def test_no_span_longer_than_longest_is_compared() -> None:
     # the span matches 10 tokens back, but its penalty is that of `longest` tokens (and so is the work)
     tokens = [*range(10), 99, *range(10)]
     assert penalties(tokens, guard) == {99: 2.0 ** (4 - 3)}
+
+
+def test_with_digits_as_one_symbol_counting_is_a_loop() -> None:
+    # {"x": 1 } , {"x": 2 } , {"x": 3 } → once digits are one symbol, "{"x": N }" repeats, and the comma that would
+    # start a fourth record carries the span `{"x": N } ,` (4 symbols), preceded by `}` …: it is lowered
+    pieces = [b"0", b"1", b"2", b"3", b" 42", b"{", b'"x":', b"}", b",", b"1a"]
+    symbols = token_symbols(pieces)
+    assert symbols.tolist() == [DIGITS] * 5 + [5, 6, 7, 8, 9]  # "1a" is not digits alone
+    brace, key, close, comma = 5, 6, 7, 8
+    answer = [brace, key, 1, close, comma, brace, key, 2, close, comma, brace, key, 3, close]
+    counting = repeat_penalties(answer, GUARD, symbols)
+    assert counting == {comma: 2.0 ** (9 - 3)}
+    # word for word (no symbols, or a guard that does not count digits as one) it is left alone
+    assert repeat_penalties(answer, GUARD) == {}
+    assert repeat_penalties(answer, replace(GUARD, digits=False), symbols) == {}
+
+
+def test_the_default_guard_waits_for_half_the_budget() -> None:
+    assert not LATE.acts(199, 400) and LATE.acts(200, 400)
+    assert FROM_THE_START.acts(0, 400)
+    assert LATE.digits and not FROM_THE_START.digits

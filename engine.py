@@ -578,12 +578,9 @@ class Engine:
                 matchers = [m for i in constrained if (m := seqs[i].matcher) is not None]
                 apply_masks(logits, constrained, matchers)
                 if (guard := self.config.loop_guard) is not None:
-                    found = [
-                        (i, token, amount)
-                        for i, matcher in zip(constrained, matchers, strict=True)
-                        if matcher.symbols is not None and guard.acts(len(seqs[i].tokens), self._answer_budget(seqs[i]))
-                        for token, amount in repeat_penalties(seqs[i].tokens, guard, matcher.symbols).items()
-                    ]
+                    found = self._guard_penalties(
+                        guard, [(i, seqs[i], m) for i, m in zip(constrained, matchers, strict=True)]
+                    )
                     if found:  # one indexed update for the whole batch, not one per row
                         rows, ids, amounts = zip(*found, strict=True)
                         logits[list(rows), list(ids)] -= torch.tensor(amounts, dtype=logits.dtype, device=logits.device)
@@ -602,6 +599,18 @@ class Engine:
                 log.exception("sampling failed for request %s", seq.handle.id)
                 self._end(seq.handle, Failed(f"generation failed: {exc}"))
         return keep
+
+    def _guard_penalties(
+        self, guard: LoopGuard, rows: list[tuple[int, _Sequence, Matcher]]
+    ) -> list[tuple[int, int, float]]:
+        """(row, token id, amount) for each token the loop guard lowers in the guarded rows it acts on by now (JSON
+        answers, by default from half their budget: generation/loop_guard.py)."""
+        return [
+            (i, token, amount)
+            for i, seq, matcher in rows
+            if matcher.symbols is not None and guard.acts(len(seq.tokens), self._answer_budget(seq))
+            for token, amount in repeat_penalties(seq.tokens, guard, matcher.symbols).items()
+        ]
 
     def _answer_budget(self, seq: _Sequence) -> int:
         """The most tokens the sequence's answer may have: its max_new_tokens, or what the context leaves."""

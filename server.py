@@ -207,8 +207,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=("late", "on", "off"),
         help="structured output: lower the tokens that would repeat a span of a JSON answer once more, so that a "
         "small model ends its JSON instead of looping until max_tokens. late (the default): only once the answer "
-        "has used half its max_tokens, counting numbers as repeats; on: from the first token, word for word (also "
-        "ends lists that repeat on purpose early); off",
+        "has used half its token budget, digits counting as one symbol so that counting is a repeat too; on: from "
+        "the first token, word for word (also ends lists that repeat on purpose early); off. Digits are never "
+        "lowered",
     )
     a("--threads", type=int, help="torch compute threads (default: measured while serving, at most the cores)")
     a("--queue-timeout", type=float, default=600.0, help="seconds a request may wait for a slot before 503")
@@ -335,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
             prefill_seconds=args.prefill_seconds,
             threads=args.threads,
             prefix_cache_mb=args.prefix_cache_mb,
-            loop_guard={"on": FROM_THE_START, "off": None}.get(args.loop_guard, LATE),
+            loop_guard={"late": LATE, "on": FROM_THE_START, "off": None}[args.loop_guard or "late"],
         )
         backend = engine = Engine(lambda: load_model(model_config), engine_config)
     app = create_app(config, backend)

@@ -103,11 +103,14 @@ class Grammars:
         self._symbols: np.ndarray | None = None
 
     def symbols(self) -> np.ndarray:
-        """Each token's symbol for the loop guard [V] (digits one), read from the vocabulary on first use."""
-        if self._symbols is None:
-            pieces = [self.tokenizer.decode_bytes([i]) for i in range(self.tokenizer.vocab_size)]
-            self._symbols = token_symbols(pieces)
-        return self._symbols
+        """Each token's symbol for the loop guard [V] (digits one), read from the vocabulary on first use (tens of
+        milliseconds); shared by every JSON answer, so read-only."""
+        with self._lock:
+            if self._symbols is None:
+                pieces = [self.tokenizer.decode_bytes([i]) for i in range(self.tokenizer.vocab_size)]
+                self._symbols = token_symbols(pieces)
+                self._symbols.flags.writeable = False
+            return self._symbols
 
     def compile(self, constraint: Constraint) -> CompiledConstraint:
         """The compiled constraint, from the cache when it was compiled before. Raises ConstraintError."""

@@ -12,9 +12,14 @@ allows, and the answer stays valid whatever the penalty does.
 A guard cannot tell a loop from a list that repeats on purpose (ten numbers asked for, three users all "active"). So
 by default (`LATE`) it waits until the answer has used half of its token budget: an answer that gets there while
 repeating itself is on its way to being cut by `max_tokens`, and one that ends before is never touched. From there,
-digits count as one symbol, so that counting (`{"x":1,"y":1},{"x":2,"y":2},…`, `27. Add 28. Add …`, a string of
-digits) is a loop too. `FROM_THE_START` guards every token and compares spans word for word, so that lists that
-count are left alone; it still ends lists of records alike after their first field early (bench/README.md)."""
+digits count as one symbol, so that counting (`{"x":1,"y":1},{"x":2,"y":2},…`, `27. Add 28. Add …`) is a loop too.
+`FROM_THE_START` guards every token and compares spans word for word, so that lists that count are left alone; it
+still ends lists of records alike after their first field early (bench/README.md).
+
+Either way a digit is never lowered: a loop is left by what comes between its numbers (the `,{"` of one record more,
+the ` Add` of one step more), and lowering digits would only change the numbers an answer gives (a timestamp's
+zeros, a record's id like the one before it) while it still says `stop`. A string of digits that goes on for ever
+is cut by `max_tokens`, as it would be with the guard off."""
 
 from __future__ import annotations
 
@@ -63,7 +68,8 @@ def token_symbols(pieces: Sequence[bytes]) -> np.ndarray:
 
 def repeat_penalties(answer: Sequence[int], guard: LoopGuard, symbols: np.ndarray | None = None) -> dict[int, float]:
     """token id → how much its logit is lowered, for an answer of `answer`'s tokens (its last `window` looked at);
-    `symbols` [V]: each token's symbol (`token_symbols`) when `guard.digits`, else unused.
+    `symbols` [V]: each token's symbol (`token_symbols`): spans are compared by them when `guard.digits`, and a digit
+    is never lowered. Without `symbols`, spans are compared word for word and every token may be lowered.
 
     Every earlier place where the answer's last symbols occurred before is a candidate; the token that followed there
     would repeat the span once more. The candidates are narrowed one symbol further back at a time, so each pass is
@@ -72,17 +78,20 @@ def repeat_penalties(answer: Sequence[int], guard: LoopGuard, symbols: np.ndarra
     if len(answer) < max(guard.allowed, 2):
         return found
     tokens = np.asarray(answer[-guard.window :], dtype=np.int64)  # [T]
-    seen = tokens
-    if guard.digits and symbols is not None:
+    seen, lowered = tokens, np.ones(len(tokens), dtype=np.bool_)  # [T] what is compared; who may be lowered
+    if symbols is not None:
         # (an id past the tokenizer's, a model's padding, is never allowed by the mask; clipped rather than trusted)
-        seen = symbols[np.minimum(tokens, len(symbols) - 1)]  # [T]
+        classes = symbols[np.minimum(tokens, len(symbols) - 1)]  # [T]
+        lowered = classes != DIGITS
+        seen = classes if guard.digits else tokens
     n = len(seen)
     ends = np.flatnonzero(seen[:-1] == seen[-1])  # [K] earlier positions of the last symbol
     length = 1
     while ends.size and length <= guard.longest:
         if length >= guard.allowed:
             penalty = guard.multiplier * guard.base ** (length - guard.allowed)
-            for token in tokens[ends + 1].tolist():  # a longer match is met later and raises the penalty
+            follow = ends + 1
+            for token in tokens[follow[lowered[follow]]].tolist():  # a longer match is met later, raising it
                 found[token] = penalty
         back = ends - length  # one symbol further back in each candidate span
         ends = ends[back >= 0]

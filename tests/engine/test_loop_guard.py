@@ -26,8 +26,8 @@ from generation.structured import Constraint
 from models.loader import LoadedModel, ModelConfig
 from tests.training import learned, teach
 
-# an open array of sevens: after each 7 the model chooses between "," (once more) and "]" (done); a free integer
-# would let this over-taught model slip past the guard by writing 77, 97, … (word-for-word spans only are repeats)
+# an open array of sevens: after each 7 the model chooses between "," (once more) and "]" (done); the guard lowers
+# the "," (a digit it never lowers), and `const` keeps the over-taught model from writing 77, 97, … instead
 SCHEMA = {"type": "object", "properties": {"xs": {"type": "array", "items": {"const": 7}}}, "required": ["xs"]}
 LOOP = '{"xs":[' + "7," * 40
 
@@ -119,7 +119,7 @@ def test_by_default_the_loop_runs_to_half_the_budget_then_the_json_closes(
     assert reason == "stop", text
     document: dict[str, Any] = json.loads(text)
     jsonschema.validate(document, SCHEMA)
-    assert text == LOOP[: text.index("]")] + text[text.index("]") :]  # the model's own answer until then
+    assert text.startswith(LOOP[: text.index("]")])  # the model's own answer until then
     assert sevens(lm, text) >= 30  # untouched for the first half of its 60 tokens
 
 

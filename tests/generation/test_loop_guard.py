@@ -33,7 +33,7 @@ def test_each_continuation_is_penalised_by_its_own_longest_match() -> None:
     assert penalties(tokens) == {4: 1.0, 5: 2.0}
 
 
-def test_counting_is_not_a_loop() -> None:
+def test_word_for_word_counting_is_not_a_loop() -> None:
     # {"x": 1 } , {"x": 2 } , {"x": 3 } → no span of 3 tokens was written before: a list that counts is left alone
     brace, key, close, comma = 100, 101, 102, 103
     answer = [brace, key, 1, close, comma, brace, key, 2, close, comma, brace, key, 3, close]
@@ -50,11 +50,13 @@ def test_no_span_longer_than_longest_is_compared() -> None:
     assert penalties(tokens, guard) == {99: 2.0 ** (4 - 3)}
 
 
+PIECES = [b"0", b"1", b"2", b"3", b" 42", b"{", b'"x":', b"}", b",", b"1a"]
+
+
 def test_with_digits_as_one_symbol_counting_is_a_loop() -> None:
-    # {"x": 1 } , {"x": 2 } , {"x": 3 } → once digits are one symbol, "{"x": N }" repeats, and the comma that would
-    # start a fourth record carries the span `{"x": N } ,` (4 symbols), preceded by `}` …: it is lowered
-    pieces = [b"0", b"1", b"2", b"3", b" 42", b"{", b'"x":', b"}", b",", b"1a"]
-    symbols = token_symbols(pieces)
+    # {"x": 1 } , {"x": 2 } , {"x": 3 } → once digits are one symbol, the answer's last 9 symbols `{"x": N } , {"x":
+    # N }` were written before, followed by the comma: the comma that would start a fourth record is lowered
+    symbols = token_symbols(PIECES)
     assert symbols.tolist() == [DIGITS] * 5 + [5, 6, 7, 8, 9]  # "1a" is not digits alone
     brace, key, close, comma = 5, 6, 7, 8
     answer = [brace, key, 1, close, comma, brace, key, 2, close, comma, brace, key, 3, close]
@@ -69,3 +71,21 @@ def test_the_default_guard_waits_for_half_the_budget() -> None:
     assert not LATE.acts(199, 400) and LATE.acts(200, 400)
     assert FROM_THE_START.acts(0, 400)
     assert LATE.digits and not FROM_THE_START.digits
+
+
+def test_digits_are_never_lowered() -> None:
+    # a timestamp's zeros, and records whose numbers match earlier ones digit for digit: the guard could only change
+    # the numbers, which ends no loop; what it lowers is the structure between them (here the comma)
+    symbols = token_symbols(PIECES)
+    zero, one, brace, key, close, comma = 0, 1, 5, 6, 7, 8
+    stamp = [key, one, *[zero] * 9]
+    for guard in (LATE, FROM_THE_START):
+        assert repeat_penalties(stamp, guard, symbols) == {}
+    # word for word, without symbols to say which tokens are digits, the zeros would be lowered
+    assert zero in repeat_penalties(stamp, FROM_THE_START)
+    records = [brace, key, one, zero, close, comma, brace, key, one, zero, close, comma, brace, key, one]
+    for guard in (LATE, FROM_THE_START):
+        lowered = repeat_penalties(records, guard, symbols)
+        assert zero not in lowered and one not in lowered
+    same = [*records, zero, close]  # a third record like the others: the comma of a fourth is lowered
+    assert comma in repeat_penalties(same, LATE, symbols) and comma in repeat_penalties(same, FROM_THE_START, symbols)

@@ -150,7 +150,8 @@ async def test_a_prefill_cancelled_midway_leaves_its_finished_chunks(
     await wait_until(lambda: (s := engine._sched.chunking) is not None and s.prefilled >= 3 * BLOCK)
     request.cancel()
     await wait_until(lambda: engine.counts == (0, 0))
-    assert engine.prefix is not None and len(engine.prefix) >= 3
+    # the worker copies the finished chunks into the cache after it ends the request, block by block
+    await wait_until(lambda: engine.prefix is not None and len(engine.prefix) >= 3)
     answer, usage = await ask(client, messages, 8)
     assert answer == expected and cached(usage) >= 3 * BLOCK
 

@@ -77,25 +77,27 @@ def prepare(model: Any, fuse: bool = True, bind: bool = True) -> None:
     layers = []
     for layer in model.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
-        qkv = fuse_outputs([attn.q_proj, attn.k_proj, attn.v_proj]) if fuse else None
+        # q, k, v, o and down keep their kernel's dtype (see `step`); gate and up are cast back for the activation
+        qkv = fuse_outputs([attn.q_proj, attn.k_proj, attn.v_proj], cast_back=False) if fuse else None
         gate_up = fuse_outputs([mlp.gate_proj, mlp.up_proj]) if qkv is not None else None
         if gate_up is None:
             qkv = None
-        q, k, v, o = (_linear(getattr(attn, n), bind) for n in _ATTENTION)
-        gate, up, down = (_linear(getattr(mlp, n), bind) for n in _MLP)
+        q, k, v, o = (_linear(getattr(attn, n), bind, cast_back=False) for n in _ATTENTION)
+        gate, up = (_linear(getattr(mlp, n), bind) for n in _MLP[:2])
+        down = _linear(mlp.down_proj, bind, cast_back=False)
         norm, post = _norm_of(layer.input_layernorm), _norm_of(layer.post_attention_layernorm)
         layers.append(_Layer(norm, qkv, q, k, v, o, post, gate_up, gate, up, down, attn.scaling, attn.head_dim))
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     _PLANS[model] = _Plan(layers, _norm_of(model.model.norm), _linear(model.lm_head, bind), heads, kv_heads)
 
 
-def _linear(module: Any, bind: bool = True) -> Linear:
-    """A layer as a plain function: a quantized one's bound kernel, else the matmul on its own weights (or, with
-    `bind` off, the module itself)."""
+def _linear(module: Any, bind: bool = True, cast_back: bool = True) -> Linear:
+    """A layer as a plain function: a quantized one's bound kernel (`cast_back`: see QuantizedLinear.few_rows),
+    else the matmul on its own weights (or, with `bind` off, the module itself)."""
     if not bind:
         return cast(Linear, module)
     if type(module) is QuantizedLinear:
-        return module.few_rows()
+        return module.few_rows(cast_back)
     return partial(F.linear, weight=module.weight, bias=module.bias)
 
 
@@ -115,10 +117,17 @@ def _norm(x: torch.Tensor, norm: tuple[torch.Tensor, float]) -> torch.Tensor:
     return out
 
 
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding, rotating halves ([B, H, 1, D] with cos/sin [B, 1, 1, D])."""
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+def _signed(sin: torch.Tensor) -> torch.Tensor:
+    """sin [..., D] with its first half negated, once a step: with it, rotating halves is a roll (see `_rope`)."""
+    half = sin.shape[-1] // 2
+    return torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding, rotating halves ([B, H, 1, D] with cos and `_signed(sin)` [B, 1, 1, D]): x·cos + (−x₂, x₁)·sin
+    is x·cos + roll(x)·(−sin₁, sin₂), the same products, in three operations instead of six. x may be in the
+    kernel's dtype: the float32 factors promote it, exactly."""
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * signed_sin
 
 
 def step(
@@ -138,7 +147,7 @@ def step(
     b, heads, kv_heads = input_ids.shape[0], plan.heads, plan.kv_heads
     x = inner.embed_tokens(input_ids)  # [B, 1, hidden]
     cos, sin = inner.rotary_emb(x, position_ids)  # [B, 1, D]
-    cos, sin = cos[:, None], sin[:, None]  # [B, 1, 1, D]
+    cos, signed = cos[:, None], _signed(sin[:, None])  # [B, 1, 1, D]
     lengths = _mostly_padding(attention_mask)
     mask = None if attention_mask is None or lengths else attention_mask.bool()[:, None, None, :]  # [B, 1, 1, T]
     for layer, kv in zip(plan.layers, cache.layers, strict=True):
@@ -146,22 +155,27 @@ def step(
         h = _norm(x, layer.norm)
         if layer.qkv is not None:  # one call for q, k and v; one rotary embedding for q and k
             qkv = layer.qkv(h).view(b, 1, heads + 2 * kv_heads, dim).transpose(1, 2)  # [B, H + 2·Hkv, 1, D]
-            qk = _rope(qkv[:, : heads + kv_heads], cos, sin)
+            qk = _rope(qkv[:, : heads + kv_heads], cos, signed)
             q, k, v = qk[:, :heads], qk[:, heads:], qkv[:, heads + kv_heads :]
         else:
-            q = _rope(layer.q(h).view(b, 1, heads, dim).transpose(1, 2), cos, sin)  # [B, H, 1, D]
-            k = _rope(layer.k(h).view(b, 1, kv_heads, dim).transpose(1, 2), cos, sin)
+            q = _rope(layer.q(h).view(b, 1, heads, dim).transpose(1, 2), cos, signed)  # [B, H, 1, D]
+            k = _rope(layer.k(h).view(b, 1, kv_heads, dim).transpose(1, 2), cos, signed)
             v = layer.v(h).view(b, 1, kv_heads, dim).transpose(1, 2)
+        # q and k come out of the rotation in x's dtype or float32 (float32 factors), v in the kernel's: a float32
+        # cache takes them as they are, another in x's dtype
+        if not fp32:
+            k, v = k.to(x.dtype), v.to(x.dtype)
         keys, values = kv.update(k, v)  # [B, Hkv, T, D]
-        query = q.float() if fp32 else q
-        keys, values = keys.to(query.dtype), values.to(query.dtype)
+        query = q.float() if fp32 else q.to(x.dtype)
+        if keys.dtype != query.dtype:
+            keys, values = keys.to(query.dtype), values.to(query.dtype)
         if lengths:
             a = _attend_rows(query, keys, values, lengths, layer.scaling).to(x.dtype)
         else:
             a = F.scaled_dot_product_attention(
                 query, keys, values, attn_mask=mask, scale=layer.scaling, enable_gqa=True
             ).to(x.dtype)
-        x = x + layer.o(a.transpose(1, 2).reshape(b, 1, heads * dim))
+        x = x + layer.o(a.transpose(1, 2).reshape(b, 1, heads * dim))  # promoted to x's dtype
         h = _norm(x, layer.post)
         if layer.gate_up is not None:
             gate, up = layer.gate_up(h).chunk(2, dim=-1)

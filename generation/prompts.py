@@ -36,9 +36,11 @@ def fit_chat(
     Returns the ids and how many leading non-system messages were dropped. The system message
     and the last message are never dropped; if they alone exceed the context, PromptTooLong.
 
-    The result is the fewest rounds dropped, found without encoding the conversation once per round: after the
-    whole conversation, the kept part doubles from the newest round back until it no longer fits, then a binary
-    search, so every encoding after the first is at most about twice what fits (O(n + c log n) for n messages).
+    The result is the fewest rounds dropped, found without encoding the conversation once per round, nor all of
+    it when it does not fit: the kept part doubles from the newest round back until it no longer fits, then a
+    binary search, so no encoding is much more than twice what fits (O(c log n) for n messages of which c fit). A
+    3000-round history whose newest 2048 tokens are kept took 0.27 s when the whole conversation was encoded first,
+    nearly all of it that one encoding (bench/README.md).
     """
     system = [m for m in messages[:1] if m.role == "system"]
     rest = list(messages[len(system) :])
@@ -51,17 +53,18 @@ def fit_chat(
         within = budget is None or len(encoded[k]) <= budget or k == last  # the query stays anyway
         return within and len(encoded[k]) + reserve <= context_length
 
-    if fits(0) or last == 0:
-        best = 0
-    elif not fits(last):
-        best = last
+    if last == 0 or not fits(last):
+        best = last  # nothing to drop, or the query alone leaves no room (PromptTooLong below where it does not fit)
     else:
-        # counts[last] fits and counts[0] does not: gallop towards fewer dropped, then bisect
-        fit, step = last, 1
-        while fit - step > 0 and fits(fit - step):
-            fit, step = fit - step, step * 2
-        lo = max(fit - step, 0)  # does not fit
-        while fit - lo > 1:
+        # counts[last] fits: gallop towards fewer dropped until one does not fit, then bisect between the two
+        fit, step, lo = last, 1, -1
+        while fit > 0:
+            k = max(fit - step, 0)
+            if not fits(k):
+                lo = k
+                break
+            fit, step = k, step * 2
+        while lo >= 0 and fit - lo > 1:
             mid = (lo + fit) // 2
             if fits(mid):
                 fit = mid

@@ -14,12 +14,13 @@ from models.packing import int4_cpu_layout
 from models.quantize import QuantizedLinear
 
 
-def fuse_outputs(layers: Sequence[nn.Module]) -> Callable[[torch.Tensor], torch.Tensor] | None:
+def fuse_outputs(layers: Sequence[nn.Module], cast_back: bool = True) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """One function for layers that read the same input, their outputs side by side [..., Σ out]: one kernel call
     and one pair of casts instead of one each (q/k/v and gate/up of a decode step: `bench/lean_decode.py`). The fused
     weights are the layers' own: each layer's weights become a view of the fused copy, so nothing is held twice; an
     int4 layer's scales become a view too, which its own kernel calls copy whole (only prefill calls them then). None
-    where the layers differ in kernel, dtype, width or group, or an int4 layer's rows do not fill whole tiles."""
+    where the layers differ in kernel, dtype, width or group, or an int4 layer's rows do not fill whole tiles.
+    `cast_back`: as `QuantizedLinear.few_rows` has it."""
     if all(type(m) is nn.Linear for m in layers):
         return _fuse_dense([m for m in layers if isinstance(m, nn.Linear)])
     quantized = [m for m in layers if isinstance(m, QuantizedLinear)]
@@ -46,7 +47,7 @@ def fuse_outputs(layers: Sequence[nn.Module]) -> Callable[[torch.Tensor], torch.
             start += m.out_features
     if first.bias is not None:
         fused.bias = nn.Parameter(torch.cat([m.bias.data for m in quantized if m.bias is not None]), False)
-    return fused.few_rows()
+    return fused.few_rows(cast_back)
 
 
 def _fuse_dense(layers: list[nn.Linear]) -> Callable[[torch.Tensor], torch.Tensor] | None:

@@ -102,7 +102,8 @@ class QuantizedLinear(nn.Module):
         # made once, so it pays where a dense matmul beats the kernel even if dequantizing each time does not
         self.held: torch.dtype | None = None
         self.bias: nn.Parameter | None = None
-        self._few: Callable[[torch.Tensor], torch.Tensor] | None = None  # see `few_rows`
+        # see `few_rows`: the bound function, casting back and not (None: bind again)
+        self._few: tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]] | None = None
         self.exact_top = 0  # an LM head: its top logits recomputed in float32 (see `_exact`)
         self.int8: int8_inputs.Int8Inputs | None = None  # an LM head fed int8 inputs (see `set_int8_inputs`)
 
@@ -322,34 +323,42 @@ class QuantizedLinear(nn.Module):
             self.out_features, self.in_features
         )
 
-    def few_rows(self) -> Callable[[torch.Tensor], torch.Tensor]:
+    def few_rows(self, cast_back: bool = True) -> Callable[[torch.Tensor], torch.Tensor]:
         """This layer for the few rows of a decode step, as one function with the kernel, its buffers and the casts
         bound once: a step calls some 200 layers, and a module call's bookkeeping costs about a tenth of a small
-        kernel's time (`bench/lean_decode.py`). Made again when the weights or the route change."""
+        kernel's time (`bench/lean_decode.py`). With `cast_back` off the output stays in the dtype the kernel
+        computes in: a caller that adds it to a float32 residual or multiplies it by float32 rotary factors gets the
+        same numbers by type promotion, without a cast of its own (a tenth of a small kernel's time again, three
+        times a layer). Made again when the weights or the route change."""
         if self._few is None:
             self._few = self._bind()
-        return self._few
+        return self._few[0 if cast_back else 1]
 
-    def _bind(self) -> Callable[[torch.Tensor], torch.Tensor]:
+    def _bind(
+        self,
+    ) -> tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]:
         b, act, out, bias = self._buffers, self.act, self.out_features, self.bias
         if self.exact_top and (self.int8 is not None or act in (torch.bfloat16, torch.float16)):
-            return self.forward  # the LM head, once a step: its bookkeeping does not count
+            return self.forward, self.forward  # the LM head, once a step: its bookkeeping does not count
         args: tuple[Any, ...]
         if self.kernel == "int8pack":
             kernel, args = KERNELS["int8pack"], (b["weight"], b["scale"])
         elif self.kernel == "int4pack_cpu" and b["scales_zeros"] is not None and b["scales_zeros"].is_contiguous():
             kernel, args = KERNELS["int4pack_cpu"], (b["packed"], self.group, b["scales_zeros"])
         else:  # the plain path, or a fused layer's part whose scales are a view
-            return self.forward
+            return self.forward, self.forward
         assert act is not None
 
-        def few(x: torch.Tensor) -> torch.Tensor:
+        def raw(x: torch.Tensor) -> torch.Tensor:
             y = kernel(x.reshape(-1, x.shape[-1]).to(act).contiguous(), *args)
             if bias is not None:
                 y = y + bias.to(y.dtype)
-            return y.to(x.dtype).view(*x.shape[:-1], out)
+            return y.view(*x.shape[:-1], out)
 
-        return few
+        def few(x: torch.Tensor) -> torch.Tensor:
+            return raw(x).to(x.dtype)
+
+        return few, raw
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape

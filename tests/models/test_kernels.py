@@ -220,6 +220,25 @@ def test_quantized_rows_alone_and_together(act: torch.dtype, q4_gguf: Path) -> N
         assert torch.equal(alone, m(x)), m
 
 
+def test_a_bound_kernel_left_in_its_own_dtype_holds_the_same_numbers(q4_gguf: Path) -> None:
+    """The decode step's q/k/v, o and down projections skip the cast back to float32 (`few_rows(cast_back=False)`):
+    their outputs stay in the dtype the kernel computes in, and widen to exactly what the layer answers."""
+    lm = load_model(ModelConfig(path=q4_gguf, device="cpu", dtype="float32", quantize=4))
+    torch.manual_seed(0)
+    layers = [m for m in quantized_layers(lm) if not m.exact_top]
+    assert layers
+    for m in layers:
+        m.set_act(torch.bfloat16)
+        x = torch.randn(2, 1, m.in_features)
+        kept, cast = m.few_rows(cast_back=False)(x), m.few_rows()(x)
+        assert (
+            kept.dtype == torch.bfloat16
+            and cast.dtype == torch.float32
+            and kept.shape == cast.shape == (2, 1, m.out_features)
+        )
+        assert torch.equal(kept.float(), cast) and torch.equal(cast, m(x)), m
+
+
 # ---- fused projections -------------------------------------------------------------------------------------------
 
 

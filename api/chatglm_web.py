@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Sequence
+from functools import partial
 from typing import Any
 
 from aiohttp import web
 
 from api.config import BACKEND, CONFIG
 from api.errors import failure_response
-from api.http import answer_stream, events_of, read_body, usage
+from api.http import answer_stream, events_of, json_off_loop, off_loop, read_body, usage
 from api.schema import ChatRequest, parse_chat
 from backends.base import ChatJob, Delta, Event, Failed, Finished, KeepAlive, Message, SamplingDefaults, Stream
-from sse import EventStream, dumps
+from sse import EventStream, dumps, format_event
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +32,9 @@ def chatglm_messages(system: str | None, history: Sequence[tuple[str, str]], que
 
 
 async def start_chat(request: web.Request, req: ChatRequest) -> Stream:
-    """History rounds as messages, fitted into the context by the backend (oldest rounds go first)."""
-    messages = tuple(chatglm_messages(req.system, req.history, req.query))
+    """History rounds as messages, fitted into the context by the backend (oldest rounds go first). A history may
+    hold tens of thousands of rounds within the body limit: its messages are made off the event loop."""
+    messages = await off_loop(request, lambda: tuple(chatglm_messages(req.system, req.history, req.query)))
     job = ChatJob(
         messages,
         req.sampling,
@@ -48,6 +50,8 @@ async def start_chat(request: web.Request, req: ChatRequest) -> Stream:
 
 
 def final_frame(req: ChatRequest, response: str, done: Finished) -> dict[str, Any]:
+    """The finished answer's fields. They send the whole history back, so they are made and encoded off the event
+    loop (`chat_answer`, `last_delta`)."""
     frame: dict[str, Any] = {
         "query": req.query,
         "response": response,
@@ -57,6 +61,16 @@ def final_frame(req: ChatRequest, response: str, done: Finished) -> dict[str, An
     if (counts := usage(done)) is not None:
         frame["usage"] = counts
     return frame
+
+
+def chat_answer(req: ChatRequest, response: str, done: Finished) -> dict[str, Any]:
+    """/chat's answer."""
+    return {**final_frame(req, response, done), "success": True}
+
+
+def last_delta(req: ChatRequest, response: str, done: Finished) -> bytes:
+    """/stream's last `event: delta` frame, whole history included, as bytes on the wire."""
+    return format_event(dumps({"delta": "", **final_frame(req, response, done), "finished": True}), "delta")
 
 
 async def chat(request: web.Request) -> web.Response:
@@ -71,7 +85,7 @@ async def chat(request: web.Request) -> web.Response:
             elif isinstance(event, Failed):
                 return failure_response(request, event)
             elif isinstance(event, Finished):
-                return web.json_response({**final_frame(req, "".join(text), event), "success": True}, dumps=dumps)
+                return await json_off_loop(request, partial(chat_answer, req, "".join(text), event))
     finally:
         handle.cancel()
     raise AssertionError("a generation's events end with Finished or Failed")
@@ -93,8 +107,7 @@ async def stream(request: web.Request) -> web.StreamResponse:
                 response += event.text
                 await out.send_json({"delta": event.text, "response": response, "finished": False}, "delta")
             elif isinstance(event, Finished):
-                frame = {"delta": "", **final_frame(req, response, event), "finished": True}
-                await out.send_json(frame, "delta")
+                await out.write(await off_loop(request, partial(last_delta, req, response, event)))
             else:
                 error = {"message": event.message, "type": event.type}
                 frame = {"delta": "", "response": response, "finished": True, "finish_reason": "error", "error": error}

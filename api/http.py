@@ -25,7 +25,7 @@ from backends.base import (
     Tool,
     ToolChoice,
 )
-from sse import ClientGone
+from sse import ClientGone, dumps
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -59,6 +59,13 @@ async def off_loop(request: web.Request, work: Callable[[], T]) -> T:
     """Run work whose cost grows with the request (decoding and checking a body) on the app's threads, so
     the event loop only does I/O. A client that leaves meanwhile cancels the wait; the result is dropped."""
     return await asyncio.get_running_loop().run_in_executor(request.app[PROMPTS], work)
+
+
+async def json_off_loop(request: web.Request, make: Callable[[], Any]) -> web.Response:
+    """A JSON answer made and encoded off the event loop (`off_loop`): for answers that grow with the request (a
+    huge prompt's ids, a history of thousands of rounds sent back), which would keep every other request waiting."""
+    text = await off_loop(request, lambda: dumps(make()))
+    return web.Response(text=text, content_type="application/json")
 
 
 def is_json(content_type: str) -> bool:

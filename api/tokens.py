@@ -8,7 +8,7 @@ from aiohttp import web
 
 from api.completions_schema import raw_job
 from api.config import BACKEND, CONFIG
-from api.http import chat_job, off_loop, read_body, served_model
+from api.http import chat_job, json_off_loop, read_body, served_model
 from api.tokens_schema import TokenizeRequest, parse_detokenize, parse_tokenize
 from backends.base import ChatJob
 from sse import dumps
@@ -29,9 +29,10 @@ async def tokenize(request: web.Request) -> web.Response:
     if isinstance(refused := served_model(request, req.model), web.Response):
         return refused
     tokens = await request.app[BACKEND].tokenize(job_of(request, req))
-    body = {"count": len(tokens.ids), "max_model_len": tokens.context_length, "tokens": list(tokens.ids)}
-    text = await off_loop(request, lambda: dumps(body))  # a huge prompt's ids: long enough to stall every request
-    return web.Response(text=text, content_type="application/json")
+    # a huge prompt's ids: long enough to stall every request
+    return await json_off_loop(
+        request, lambda: {"count": len(tokens.ids), "max_model_len": tokens.context_length, "tokens": list(tokens.ids)}
+    )
 
 
 async def detokenize(request: web.Request) -> web.Response:

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from hypothesis import strategies as st
 
-import api.tokens
+import api.http
 from api.completions_schema import raw_job
 from api.config import BACKEND, CONFIG
 from backends.base import ChatJob, Sampling
@@ -91,7 +91,7 @@ async def test_a_huge_answer_is_written_off_the_event_loop(
         writers.append(threading.current_thread())
         return dumps(obj)
 
-    monkeypatch.setattr(api.tokens, "dumps", written)
+    monkeypatch.setattr(api.http, "dumps", written)  # what api.http.json_off_loop encodes with
     resp = await client.post("/tokenize", json={"prompt": PROMPT * 50})
     assert resp.status == 200 and resp.content_type == "application/json"
     answer = await resp.json()

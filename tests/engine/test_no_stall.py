@@ -9,12 +9,15 @@ import json
 import math
 import socket
 import statistics
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any
 
 import pytest
 
+import api.chatglm_web
+import api.http
 from api.config import BACKEND
 from backends.base import Limits
 from generation.prepare import load_model
@@ -23,6 +26,7 @@ from generation.scheduler import chunk_size
 from models.chat_format import ChatFormat, Message, SamplingDefaults, TextStream
 from models.loader import LoadedModel, ModelConfig
 from models.tools.base import Tool, ToolFormat
+from sse import dumps
 from tests.conftest import MakeClient, Wrapped, build_tiny_model
 from tests.helpers import wait_until
 from tests.server.test_cli import run_cli
@@ -185,6 +189,37 @@ async def test_a_huge_conversation_does_not_stall_other_clients(route: str, make
     times = await stream
     gaps = [b - a for a, b in itertools.pairwise(times)]
     assert max(gaps) < max(1.0, 20 * statistics.median(gaps))
+
+
+@pytest.mark.parametrize("route", ["/chat", "/stream"])
+async def test_a_history_is_made_into_messages_and_sent_back_off_the_event_loop(
+    route: str, make_client: MakeClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # within the 1 MiB body limit a history holds some 45,000 rounds: its messages and the answer that sends it back
+    # took about 0.1 s each on the event loop, keeping every other request waiting meanwhile
+    client = await make_client()
+    loop_thread, made, encoded = threading.current_thread(), [], []
+    messages = api.chatglm_web.chatglm_messages
+
+    def made_on_a_thread(*args: Any) -> Any:
+        made.append(threading.current_thread())
+        return messages(*args)
+
+    def encoded_on_a_thread(obj: Any) -> str:
+        if isinstance(obj, dict) and "history" in obj:
+            encoded.append(threading.current_thread())
+        return dumps(obj)
+
+    monkeypatch.setattr(api.chatglm_web, "chatglm_messages", made_on_a_thread)
+    monkeypatch.setattr(api.chatglm_web, "dumps", encoded_on_a_thread)
+    monkeypatch.setattr(api.http, "dumps", encoded_on_a_thread)
+    history = [[f"q{i}", f"a{i}"] for i in range(50)]
+    resp = await client.post(route, json={"query": "hi", "history": history, "max_tokens": 2})
+    assert resp.status == 200
+    text = await resp.text()
+    last = json.loads(text if route == "/chat" else text.strip().split("data: ")[-1])
+    assert last["history"][:50] == history and last["history"][-1][0] == "hi"
+    assert made and encoded and loop_thread not in made + encoded
 
 
 # ---- chunked prefill ------------------------------------------------------------------------------
